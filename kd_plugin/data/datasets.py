@@ -1,0 +1,288 @@
+"""Identity-labelled face datasets: insightface RecordIO, image folders and `label.txt` lists.
+
+Every dataset yields `(image, label, index)`: a uint8 (3, H, W) RGB tensor, an int64 label and the int64 sample
+index. An item is either an index or an `(index, flip)` pair: flipping is decided by whoever draws the indices
+(the sampler), never inside the dataset, so a sample is fully named by (index, flip).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from kd_plugin.data.images import decode_image, hwc_to_chw
+from kd_plugin.data.recordio import RecordIOReader, unpack_payload
+from kd_plugin.errors import DataFormatError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+Item = int | tuple[int, bool]
+_REPACK = "re-pack the data (kd-plugin pack) or pass skip_bad_records=True to skip and count bad records"
+
+
+def split_item(item: Item) -> tuple[int, bool]:
+    """Normalise a dataset item to (index, flip)."""
+    if isinstance(item, (tuple, list)):
+        index, flip = item
+        return int(index), bool(flip)
+    return int(item), False
+
+
+class FaceDataset(torch.utils.data.Dataset):
+    """Base class: subclasses provide `labels`, `read_bytes(index)` and `where(index)`."""
+
+    labels: np.ndarray
+    num_classes: int
+
+    def __init__(self, source: str, image_size: tuple[int, int] = (112, 112), skip_bad_records: bool = False) -> None:
+        self.source = source
+        self.image_size = tuple(image_size)
+        self.skip_bad_records = skip_bad_records
+        self.skipped: list[str] = []  # structurally bad records left out when opening (skip mode)
+        self.bad_images = 0  # undecodable images replaced while reading, in this process (skip mode)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def read_bytes(self, index: int) -> bytes:
+        """The encoded image of sample `index`."""
+        raise NotImplementedError
+
+    def where(self, index: int) -> str:
+        """Where sample `index` lives, for error messages."""
+        raise NotImplementedError
+
+    def load_image(self, index: int) -> np.ndarray:
+        """Decode sample `index` to (H, W, 3) uint8 RGB."""
+        return decode_image(self.read_bytes(index), self.where(index), self.image_size)
+
+    def __getitem__(self, item: Item) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        index, flip = split_item(item)
+        if not 0 <= index < len(self):
+            raise IndexError(f"{self.source}: sample index {index} out of range 0..{len(self) - 1}")
+        try:
+            rgb = self.load_image(index)
+        except DataFormatError:
+            if not self.skip_bad_records:
+                raise
+            rgb = self._replacement_image(index)
+        return (torch.from_numpy(hwc_to_chw(rgb, flip)), torch.tensor(int(self.labels[index]), dtype=torch.int64),
+                torch.tensor(index, dtype=torch.int64))
+
+    def _replacement_image(self, index: int) -> np.ndarray:
+        """Skip mode: stand in the next decodable image of the same identity, so the label stays right."""
+        self.bad_images += 1
+        warnings.warn(f"{self.where(index)}: undecodable image skipped ({self.bad_images} so far in this process)")
+        same = np.flatnonzero(self.labels == self.labels[index])
+        start = int(np.searchsorted(same, index))
+        for other in np.roll(same, -start)[1:]:
+            try:
+                return self.load_image(int(other))
+            except DataFormatError:
+                continue
+        raise DataFormatError(f"{self.where(index)}: no decodable image left for identity {int(self.labels[index])}")
+
+    def _finish_labels(self, labels: Sequence[int], num_classes: int | None) -> None:
+        """Store labels and check that every class in 0..C-1 has at least one image."""
+        self.labels = np.asarray(labels, dtype=np.int64)
+        if len(self.labels) == 0:
+            raise DataFormatError(f"{self.source}: no images found")
+        if self.labels.min() < 0:
+            raise DataFormatError(f"{self.source}: negative label {int(self.labels.min())}; labels must be 0..C-1")
+        counts = np.bincount(self.labels)
+        self.num_classes = int(num_classes if num_classes is not None else len(counts))
+        if len(counts) > self.num_classes:
+            raise DataFormatError(f"{self.source}: label {len(counts) - 1} found but the dataset declares "
+                                  f"{self.num_classes} classes (property file); fix the property file or the labels")
+        empty = np.flatnonzero(np.bincount(self.labels, minlength=self.num_classes) == 0)
+        if len(empty):
+            msg = (f"{self.source}: {len(empty)} of {self.num_classes} classes have no image (first: class "
+                   f"{int(empty[0])}); labels must be 0..C-1 with every class present — re-pack the data")
+            if not self.skip_bad_records:
+                raise DataFormatError(msg)
+            warnings.warn(msg + " (kept: skip_bad_records=True)")
+
+    def class_counts(self) -> np.ndarray:
+        """Number of images per class."""
+        return np.bincount(self.labels, minlength=self.num_classes)
+
+
+def read_property(path: str) -> tuple[int, int, int]:
+    """Parse an insightface `property` file: `num_classes,height,width`."""
+    with open(path, "r", encoding="ascii") as f:
+        text = f.read().strip()
+    try:
+        num_classes, height, width = (int(v) for v in text.split(","))
+    except ValueError:
+        raise DataFormatError(f"{path}: expected 'num_classes,height,width' (e.g. '93431,112,112'), got {text!r}") from None
+    return num_classes, height, width
+
+
+class RecordDataset(FaceDataset):
+    """An insightface `train.rec/train.idx`, with or without the header record (im2rec output)."""
+
+    def __init__(self, rec_path: str, idx_path: str | None = None, skip_bad_records: bool = False,
+                 image_size: tuple[int, int] | None = None) -> None:
+        self.reader = RecordIOReader(rec_path, idx_path)
+        folder = os.path.dirname(os.path.abspath(rec_path))
+        prop_path = os.path.join(folder, "property")
+        # insightface's `property` describes the folder's train.rec only (a val.rec beside it has other classes)
+        is_train = os.path.basename(self.reader.rec_path) == "train.rec"
+        prop = read_property(prop_path) if is_train and os.path.isfile(prop_path) else None
+        if image_size is None:
+            image_size = prop[1:] if prop else (112, 112)
+        super().__init__(self.reader.rec_path, image_size, skip_bad_records)
+        self.has_header = False
+        self.identity_ranges: list[tuple[int, int]] = []
+        keys = self._image_keys()
+        labels = []
+        self.keys: list[int] = []
+        for key in keys:
+            try:
+                header, has_image = self.reader.read_header(key)
+                if not has_image:
+                    raise DataFormatError(f"{self.reader.where(key)}: record holds no image bytes; {_REPACK}")
+            except DataFormatError as exc:
+                if not skip_bad_records:
+                    raise
+                self.skipped.append(str(exc))
+                continue
+            self.keys.append(key)
+            labels.append(int(header.class_label))
+        if self.skipped:
+            warnings.warn(f"{self.source}: skipped {len(self.skipped)} bad records; first: {self.skipped[0]}")
+        self._finish_labels(labels, prop[0] if prop else None)
+        self._check_identity_ranges()
+
+    def _image_keys(self) -> list[int]:
+        """Keys of the image records: 1..first_non_image_key-1 with the insightface header, else every key."""
+        first = self.reader.keys[0] if self.reader.keys else None
+        if first is None:
+            raise DataFormatError(f"{self.source}: the index lists no records")
+        header, has_image = self.reader.read_header(first)
+        if header.flag > 0 and not has_image:
+            self.has_header = True
+            end_images, end_ranges = (int(v) for v in header.labels[:2])
+            for key in range(end_images, end_ranges):
+                if key in self.reader.offsets:
+                    rng, _ = unpack_payload(self.reader.read(key), self.reader.where(key))
+                    self.identity_ranges.append((int(rng.labels[0]), int(rng.labels[1])))
+            keys = []
+            for key in range(first + 1, end_images):
+                if key in self.reader.offsets:
+                    keys.append(key)
+                    continue
+                msg = f"{self.source}: image record key {key} (below the header's first_non_image_key {end_images}) " \
+                      f"is missing from {self.reader.idx_path}; {_REPACK}"
+                if not self.skip_bad_records:
+                    raise DataFormatError(msg)
+                self.skipped.append(msg)
+            return keys
+        return list(self.reader.keys)
+
+    def _check_identity_ranges(self) -> None:
+        """Empty identity ranges in the header layout mean an identity without images."""
+        for cls, (start, end) in enumerate(self.identity_ranges):
+            if end <= start:
+                msg = f"{self.source}: identity range record for class {cls} is empty ([{start}, {end})); {_REPACK}"
+                if not self.skip_bad_records:
+                    raise DataFormatError(msg)
+                warnings.warn(msg)
+
+    def read_bytes(self, index: int) -> bytes:
+        key = self.keys[index]
+        _, data = unpack_payload(self.reader.read(key), self.reader.where(key))
+        return data
+
+    def where(self, index: int) -> str:
+        return self.reader.where(self.keys[index])
+
+
+
+class FileListDataset(FaceDataset):
+    """Images on disk given as (path, label) pairs; base of the folder and list layouts."""
+
+    def __init__(self, source: str, paths: Sequence[str], labels: Sequence[int], num_classes: int | None = None,
+                 image_size: tuple[int, int] = (112, 112), skip_bad_records: bool = False) -> None:
+        super().__init__(source, image_size, skip_bad_records)
+        self.paths = list(paths)
+        self._finish_labels(labels, num_classes)
+
+    def read_bytes(self, index: int) -> bytes:
+        try:
+            with open(self.paths[index], "rb") as f:
+                return f.read()
+        except OSError as exc:
+            raise DataFormatError(f"{self.where(index)}: cannot read ({exc})") from None
+
+    def where(self, index: int) -> str:
+        return f"{self.paths[index]} (sample {index})"
+
+
+def list_image_folder(root: str, skip_bad_records: bool = False) -> tuple[list[str], list[int], list[str]]:
+    """arcface_torch/torchvision ImageFolder layout: root/<identity>/<image>; classes sorted by folder name."""
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataFormatError(f"{root}: no identity sub-folders; expected ROOT/<identity>/<image>.jpg")
+    paths, labels, kept = [], [], []
+    for name in classes:
+        folder = os.path.join(root, name)
+        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+        if not files:
+            msg = f"{folder}: identity folder holds no image ({', '.join(IMAGE_EXTENSIONS)}); remove it or add images"
+            if not skip_bad_records:
+                raise DataFormatError(msg)
+            warnings.warn(msg + " (skipped)")
+            continue
+        paths += [os.path.join(folder, f) for f in files]
+        labels += [len(kept)] * len(files)
+        kept.append(name)
+    return paths, labels, kept
+
+
+def read_label_list(list_path: str) -> tuple[list[str], list[int]]:
+    """`label.txt` lines `relative/path label`, or im2rec `.lst` lines `index<TAB>label<TAB>path`."""
+    root = os.path.dirname(os.path.abspath(list_path))
+    paths, labels = [], []
+    with open(list_path, "r", encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            fields = line.strip().split("\t") if "\t" in line else line.split()
+            if not fields or not line.strip():
+                continue
+            try:
+                if len(fields) == 2:
+                    path, label = fields[0], int(fields[1])
+                elif len(fields) == 3:
+                    path, label = fields[2], int(float(fields[1]))
+                else:
+                    raise ValueError
+            except ValueError:
+                raise DataFormatError(f"{list_path}, line {line_no}: expected 'path label' (label.txt) or "
+                                      f"'index<TAB>label<TAB>path' (.lst), got {line.rstrip()!r}") from None
+            paths.append(os.path.join(root, path))
+            labels.append(label)
+    return paths, labels
+
+
+def open_dataset(path: str, skip_bad_records: bool = False) -> FaceDataset:
+    """Open a face dataset, recognising its layout: a `.rec` file or a folder holding `train.rec`, a `label.txt`
+    or `.lst` list (or a folder holding `label.txt`), or an ImageFolder tree."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "train.rec")):
+            return RecordDataset(os.path.join(path, "train.rec"), skip_bad_records=skip_bad_records)
+        if os.path.isfile(os.path.join(path, "label.txt")):
+            path = os.path.join(path, "label.txt")
+        else:
+            paths, labels, _ = list_image_folder(path, skip_bad_records)
+            return FileListDataset(path, paths, labels, skip_bad_records=skip_bad_records)
+    if path.endswith(".rec"):
+        return RecordDataset(path, skip_bad_records=skip_bad_records)
+    if path.endswith((".txt", ".lst")) and os.path.isfile(path):
+        paths, labels = read_label_list(path)
+        return FileListDataset(path, paths, labels, skip_bad_records=skip_bad_records)
+    raise DataFormatError(f"{path}: not a face dataset; expected a train.rec (with train.idx), a folder holding "
+                          f"train.rec, a label.txt / .lst list, or an ImageFolder tree ROOT/<identity>/<image>.jpg")

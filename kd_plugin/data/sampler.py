@@ -1,0 +1,112 @@
+"""Identity-balanced distributed batch sampler.
+
+Each rank's batch is `R` random samples followed by `P` identities x `K` images, `R + P*K = batch_size` on every rank
+and every step (arcface_torch asserts a fixed per-rank batch). The random part is a seeded permutation of the whole
+dataset per epoch, split across ranks and steps like `DistributedSampler`, so it covers every sample once per epoch
+(the last global step wraps around to the start of the permutation). The balanced part gives every batch positive
+pairs, which EKD needs. Batches are pure functions of (seed, epoch, step, rank), so resuming from (epoch, position)
+is exact. Items are `(index, flip)` pairs: the horizontal flip is decided here, seeded, so a teacher-embedding cache
+can be keyed by them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from kd_plugin.distributed import get_rank, get_world_size
+
+
+class IdentityBalancedBatchSampler(torch.utils.data.Sampler):
+    """Yields per-rank batches of `(index, flip)`; use as `DataLoader(dataset, batch_sampler=...)`."""
+
+    def __init__(self, labels: Sequence[int], batch_size: int, identities_per_batch: int = 0,
+                 images_per_identity: int = 4, seed: int = 2048, rank: int | None = None,
+                 world_size: int | None = None, flip: bool = True) -> None:
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.batch_size = int(batch_size)
+        self.num_identities = int(identities_per_batch)
+        self.images_per_identity = int(images_per_identity)
+        self.random_size = self.batch_size - self.num_identities * self.images_per_identity
+        self.seed = int(seed)
+        self.rank = get_rank() if rank is None else int(rank)
+        self.world_size = get_world_size() if world_size is None else int(world_size)
+        self.flip = flip
+        self.epoch = 0
+        self._start = 0
+        self._orders: tuple[int, np.ndarray, np.ndarray] | None = None
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
+        if self.random_size < 0 or self.batch_size <= 0:
+            raise ValueError(f"batch_size {batch_size} must be positive and at least identities_per_batch x "
+                             f"images_per_identity = {self.num_identities} x {self.images_per_identity}")
+        if len(self.labels) == 0:
+            raise ValueError("the sampler got an empty dataset")
+        order = np.argsort(self.labels, kind="stable")
+        classes, starts, counts = np.unique(self.labels[order], return_index=True, return_counts=True)
+        self._members = order
+        eligible = counts >= 2  # an identity with one image gives no positive pair
+        self._id_start, self._id_count = starts[eligible], counts[eligible]
+        if self.num_identities:
+            if self.images_per_identity < 2:
+                raise ValueError(f"images_per_identity must be >= 2 to form positive pairs, got {images_per_identity}")
+            if len(self._id_count) < self.num_identities:
+                raise ValueError(f"identities_per_batch={self.num_identities} but only {len(self._id_count)} "
+                                 f"identities have 2 or more images; lower identities_per_batch")
+        per_step = self.world_size * (self.random_size or self.num_identities * self.images_per_identity)
+        self.steps_per_epoch = math.ceil(len(self.labels) / per_step)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self._start
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (as `DistributedSampler.set_epoch`); iteration restarts at its first batch."""
+        self.epoch = int(epoch)
+        self._start = 0
+
+    def state_dict(self, position: int = 0) -> dict[str, int]:
+        """The resumable state: the epoch and the number of its batches already consumed (`position`)."""
+        return {"epoch": self.epoch, "position": int(position), "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume: the next iteration yields batches `position ..` of `epoch`."""
+        if int(state.get("seed", self.seed)) != self.seed:
+            raise ValueError(f"sampler state was saved with seed {state['seed']}, this sampler uses {self.seed}")
+        if not 0 <= int(state["position"]) <= self.steps_per_epoch:
+            raise ValueError(f"sampler position {state['position']} outside 0..{self.steps_per_epoch}")
+        self.epoch, self._start = int(state["epoch"]), int(state["position"])
+
+    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
+        start, self._start = self._start, 0
+        for step in range(start, self.steps_per_epoch):
+            yield self.batch(self.epoch, step)
+
+    def _epoch_orders(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """This epoch's sample permutation (wrapped to fill every step) and identity order, cached per epoch."""
+        if self._orders is None or self._orders[0] != epoch:
+            total = self.steps_per_epoch * self.world_size * self.random_size
+            samples = np.resize(np.random.default_rng([self.seed, epoch, 0]).permutation(len(self.labels)), total)
+            identities = np.random.default_rng([self.seed, epoch, 1]).permutation(len(self._id_count))
+            self._orders = (epoch, samples, identities)
+        return self._orders[1], self._orders[2]
+
+    def batch(self, epoch: int, step: int) -> list[tuple[int, bool]]:
+        """The batch this rank draws at (epoch, step)."""
+        rng = np.random.default_rng([self.seed, epoch, step + 1, self.rank])
+        samples, id_order = self._epoch_orders(epoch)
+        first = (step * self.world_size + self.rank) * self.random_size
+        indices = list(samples[first:first + self.random_size])
+        if self.num_identities:
+            slot = (step * self.world_size + self.rank) * self.num_identities
+            for ident in id_order[(slot + np.arange(self.num_identities)) % len(id_order)]:
+                start, count = self._id_start[ident], self._id_count[ident]
+                k = self.images_per_identity
+                picks = rng.permutation(count)[:k]
+                if count < k:  # too few images: all of them, then repeats
+                    picks = np.concatenate([picks, rng.integers(0, count, k - count)])
+                indices.extend(self._members[start + picks])
+        flips = rng.random(len(indices)) < 0.5 if self.flip else np.zeros(len(indices), dtype=bool)
+        return [(int(i), bool(f)) for i, f in zip(indices, flips)]
