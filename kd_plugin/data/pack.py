@@ -21,7 +21,7 @@ def pack_dataset(dataset: FaceDataset, out_dir: str, progress: bool = True) -> d
 
     Record 0 is the header (flag=2, label=[first_non_image_key, end_of_ranges]); records 1..N are the images sorted by
     label (flag=0, label=class, id=key), JPEG bytes kept as they are; then one record per identity (flag=2,
-    label=[first_key, end_key)). Files are written under temporary names and renamed at the end, so an interrupted
+    label=[first_key, end_key), id=key). Files are written under temporary names and renamed at the end, so an interrupted
     run leaves no half-written train.rec behind."""
     os.makedirs(out_dir, exist_ok=True)
     n, num_classes = len(dataset), dataset.num_classes
@@ -46,7 +46,8 @@ def pack_dataset(dataset: FaceDataset, out_dir: str, progress: bool = True) -> d
         ends = np.cumsum(counts) + 1
         for cls in range(num_classes):
             bounds = (float(ends[cls] - counts[cls]), float(ends[cls]))
-            writer.write(first_range_key + cls, pack_payload(RecordHeader(flag=2, label=0.0, labels=bounds)))
+            key = first_range_key + cls
+            writer.write(key, pack_payload(RecordHeader(flag=2, label=0.0, id=key, labels=bounds)))
     with open(os.path.join(out_dir, "property.tmp"), "w", encoding="ascii") as f:
         f.write(f"{num_classes},{dataset.image_size[0]},{dataset.image_size[1]}")
     for name in ("train.rec", "train.idx", "property"):

@@ -50,6 +50,14 @@ def _checked_scalar(path: str) -> Callable[..., Any]:
     return scalar
 
 
+def _checked_latin1(path: str) -> Callable[..., bytes]:
+    def encode(text: Any, encoding: Any = "latin1") -> bytes:  # how protocol-2 pickles from python 3 store bytes
+        if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+            raise UnsafePickleError(f"{path}: pickle asks for _codecs.encode with {encoding!r}; only latin1 is allowed")
+        return text.encode("latin1")
+    return encode
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that resolves only the numpy globals needed for uint8/bool arrays; everything else is refused."""
 
@@ -63,6 +71,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             ("numpy._core.multiarray", "scalar"): _checked_scalar(path),
             ("numpy", "ndarray"): _NDARRAY_TOKEN,
             ("numpy", "dtype"): _checked_dtype(path),
+            ("_codecs", "encode"): _checked_latin1(path),
         }
 
     def find_class(self, module: str, name: str) -> Any:
