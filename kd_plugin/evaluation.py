@@ -89,8 +89,9 @@ def best_threshold(scores: np.ndarray, issame: np.ndarray) -> float:
 
 
 def _score_bins(scores: np.ndarray) -> np.ndarray:
-    bins = np.floor((scores.astype(np.float64) + 1.0) * (HISTOGRAM_BINS / 2)).astype(np.int64)
-    return np.clip(bins, 0, HISTOGRAM_BINS - 1)
+    """Histogram bin of each score; float32 arithmetic, identical in both passes (scaling by 2^19 is exact)."""
+    bins = ((np.asarray(scores, np.float32) + np.float32(1.0)) * np.float32(HISTOGRAM_BINS / 2)).astype(np.int32)
+    return np.clip(bins, 0, HISTOGRAM_BINS - 1, out=bins)  # truncation is floor here: s + 1 >= 0 up to rounding
 
 
 ScorePass = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
@@ -150,7 +151,7 @@ def pair_score_blocks(query: np.ndarray, labels: np.ndarray, gallery: np.ndarray
     g = q if gallery is None else torch.from_numpy(l2_normalize(gallery))
     if len(g) != len(q):
         raise ValueError(f"query has {len(q)} embeddings, gallery {len(g)}; both must embed the same images")
-    lab = torch.from_numpy(np.asarray(labels, np.int64))
+    lab = np.asarray(labels, np.int64)
     n = len(q)
     starts = list(range(0, n, block))
     bar = Progress(len(starts) * (len(starts) + 1) // 2 if gallery is None else len(starts) ** 2,
@@ -159,11 +160,14 @@ def pair_score_blocks(query: np.ndarray, labels: np.ndarray, gallery: np.ndarray
         i1 = min(n, i0 + block)
         for j0 in (starts if gallery is not None else [j for j in starts if j >= i0]):
             j1 = min(n, j0 + block)
-            scores = q[i0:i1] @ g[j0:j1].T
+            scores = (q[i0:i1] @ g[j0:j1].T).numpy()  # numpy's boolean indexing is about 2x torch's here
             same = lab[i0:i1, None] == lab[None, j0:j1]
-            rows, cols = torch.arange(i0, i1)[:, None], torch.arange(j0, j1)[None, :]
-            keep = cols > rows if gallery is None else cols != rows
-            yield scores[keep & same].numpy(), scores[keep & ~same].numpy()
+            if i0 == j0:  # only diagonal blocks hold excluded pairs (i >= j, or i == j across models)
+                rows, cols = np.arange(i0, i1)[:, None], np.arange(j0, j1)[None, :]
+                keep = cols > rows if gallery is None else cols != rows
+                yield scores[keep & same], scores[keep & ~same]
+            else:
+                yield scores[same], scores[~same]
             bar.update()
 
 

@@ -55,6 +55,16 @@ def test_payload_header_scalar_and_array_labels():
     assert h.labels == (5.0, 1.5, 2.0) and h.class_label == 5.0 and rest == b"jpg"
 
 
+def test_headerless_records_with_array_labels(tmp_path):
+    """im2rec with several labels per image: flag = number of labels, the class is the first one."""
+    with RecordIOWriter(str(tmp_path / "train.rec")) as w:
+        for key, cls in enumerate([1, 0, 1]):
+            w.write(key, pack_payload(RecordHeader(flag=2, label=0.0, id=key, labels=(float(cls), 0.25)), jpeg_bytes(key)))
+    ds = open_dataset(str(tmp_path))
+    assert not ds.has_header and list(ds.labels) == [1, 0, 1] and ds.num_classes == 2
+    assert ds[2][0].shape == (3, 112, 112)
+
+
 def _raw_image_bytes(rec_path, idx_path, key):
     """Independent reader: locate a record by .idx offset and strip the 24-byte IRHeader (+ labels)."""
     offsets = dict(tuple(map(int, line.split())) for line in open(idx_path) if line.strip())
@@ -135,3 +145,12 @@ def test_label_list_and_image_folder_layouts(tmp_path, image_folder):
     assert ds[(0, False)][0].shape == (3, 112, 112)
     folder = open_dataset(str(image_folder))
     assert list(folder.labels) == [0, 0, 1, 1, 1, 2, 2, 2, 2]
+
+
+def test_decoding_matches_opencv_like_arcface_torch():
+    """arcface_torch decodes with mxnet/OpenCV; our PIL decoding must give the same pixels on the real files."""
+    cv2 = pytest.importorskip("cv2", reason="opencv-python-headless (the test extra) is not installed")
+    ds = open_dataset(str(shared("celeba", "val.rec")))
+    for index in range(0, len(ds), 7):
+        bgr = cv2.imdecode(np.frombuffer(ds.read_bytes(index), np.uint8), cv2.IMREAD_COLOR)
+        assert np.array_equal(ds[index][0].numpy(), bgr[:, :, ::-1].transpose(2, 0, 1)), index

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO
 
 import numpy as np
 
@@ -265,9 +265,3 @@ class RecordIOWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def iter_records(reader: RecordIOReader, keys: Sequence[int] | None = None) -> Iterator[tuple[int, bytes]]:
-    """Yield (key, payload) for the given keys (default: all keys in index order)."""
-    for key in reader.keys if keys is None else keys:
-        yield key, reader.read(key)
