@@ -17,6 +17,7 @@ import torch
 from kd_plugin.data.images import decode_image, hwc_to_chw
 from kd_plugin.data.recordio import RecordIOReader, unpack_payload
 from kd_plugin.errors import DataFormatError
+from kd_plugin.progress import Progress
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 Item = int | tuple[int, bool]
@@ -140,7 +141,9 @@ class RecordDataset(FaceDataset):
         keys = self._image_keys()
         labels = []
         self.keys: list[int] = []
+        bar = Progress(len(keys), f"reading labels of {self.source}", "records", enabled=len(keys) >= 200_000)
         for key in keys:
+            bar.update()
             try:
                 header, has_image = self.reader.read_header(key)
                 if not has_image:
