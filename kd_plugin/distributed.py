@@ -1,7 +1,16 @@
-"""Rank and world-size helpers that work with or without an initialised torch.distributed process group."""
+"""torch.distributed helpers: rank/world with or without a process group, the class-range sharding math, and gathers
+of per-rank batches (sizes may differ between ranks) with and without gradient.
+
+Gradient convention: `gather_with_grad`'s backward sums, over ranks, the gradients each rank computed for a row and
+hands the row's owner that sum. For a loss that is split across ranks (the class-sharded softmax) this gives every
+rank exactly the gradient one process would compute on the concatenated batch. DDP then averages parameter gradients
+over ranks, so a trainer running under DDP multiplies by the world size once (arcface_torch's PartialFC_V2 folds that
+factor into its gather instead).
+"""
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 
 
@@ -18,3 +27,68 @@ def get_rank() -> int:
 def get_world_size() -> int:
     """Number of processes (1 without a process group)."""
     return dist.get_world_size() if is_distributed() else 1
+
+
+def class_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
+    """(class_start, num_local) of a rank: contiguous slices, the first C % W ranks one class larger (PartialFC_V2's)."""
+    base, extra = divmod(int(num_classes), int(world_size))
+    return base * rank + min(rank, extra), base + int(rank < extra)
+
+
+def gather_sizes(local_size: int, device: torch.device | str = "cpu") -> list[int]:
+    """Every rank's batch size, in rank order."""
+    if not is_distributed():
+        return [int(local_size)]
+    mine = torch.tensor([int(local_size)], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(mine) for _ in range(get_world_size())]
+    dist.all_gather(sizes, mine)
+    return [int(s.item()) for s in sizes]
+
+
+def _padded(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    if tensor.shape[0] == rows:
+        return tensor.contiguous()
+    pad = tensor.new_zeros((rows - tensor.shape[0], *tensor.shape[1:]))
+    return torch.cat([tensor, pad])
+
+
+def gather_no_grad(tensor: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+    """Concatenate every rank's `tensor` (first dimensions may differ) in rank order, without gradient."""
+    if not is_distributed():
+        return tensor.detach()
+    sizes = sizes or gather_sizes(tensor.shape[0], tensor.device)
+    rows = max(sizes)
+    parts = [tensor.new_empty((rows, *tensor.shape[1:])) for _ in sizes]
+    dist.all_gather(parts, _padded(tensor.detach(), rows))
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        ctx.sizes = sizes
+        return gather_no_grad(tensor, sizes)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        sizes = ctx.sizes
+        rows, rank = max(sizes), get_rank()
+        segments = torch.split(grad.contiguous(), sizes)
+        stacked = torch.cat([_padded(s, rows) for s in segments])
+        mine = grad.new_empty((rows, *grad.shape[1:]))
+        dist.reduce_scatter_tensor(mine, stacked, op=dist.ReduceOp.SUM)
+        return mine[:sizes[rank]], None
+
+
+def gather_with_grad(tensor: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+    """Concatenate every rank's `tensor` in rank order; gradients flow back to each row's owner, summed over ranks."""
+    if not is_distributed():
+        return tensor
+    return _GatherWithGrad.apply(tensor, sizes or gather_sizes(tensor.shape[0], tensor.device))
+
+
+def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (`sum` or `max`); a no-op without a process group."""
+    if is_distributed():
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return tensor

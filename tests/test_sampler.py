@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-
+from distributed_helpers import run_ranks
 from kd_plugin.data.sampler import IdentityBalancedBatchSampler
 
 # 40 identities with 1..6 images each (identities with one image cannot give positives)
@@ -74,24 +71,12 @@ def test_invalid_settings_are_explained():
         _sampler(0, batch_size=200, identities_per_batch=34)
 
 
-def _worker(rank, world, port, out):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        sampler = IdentityBalancedBatchSampler(LABELS, batch_size=20, identities_per_batch=3, images_per_identity=4, seed=7)
-        out[rank] = (sampler.rank, sampler.world_size, list(sampler))
-    finally:
-        dist.destroy_process_group()
+def _ranked_sampler(rank, world):
+    sampler = IdentityBalancedBatchSampler(LABELS, batch_size=20, identities_per_batch=3, images_per_identity=4, seed=7)
+    return sampler.rank, sampler.world_size, list(sampler)
 
 
 def test_rank_and_world_come_from_the_process_group():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    manager = mp.Manager()
-    out = manager.dict()
-    mp.spawn(_worker, args=(2, port, out), nprocs=2, join=True)
-    for rank in range(2):
-        got_rank, world, batches = out[rank]
+    for rank, (got_rank, world, batches) in enumerate(run_ranks(_ranked_sampler, 2)):
         assert (got_rank, world) == (rank, 2)
         assert batches == list(_sampler(rank))  # same as the explicitly ranked single-process sampler

@@ -1,0 +1,236 @@
+"""The margin-softmax classifier: arcface_torch's combined margin, a class-sharded distributed cross-entropy and the
+partial-FC head in two modes — *inherited* (ProxylessKD: the teacher's class centres, frozen buffers) and *trainable*
+(the no-distillation baseline, PartialFC_V2's behaviour).
+
+Differences from arcface_torch, on purpose:
+- the margin's gradient is the true derivative of cos(m1*theta + m2) - m3 (upstream modifies the logits in place under
+  no_grad, so its gradient passes the margin as if it were the identity); and a combined margin with m3 > 0 keeps m1
+  and m2 (upstream applies only m3 then);
+- with sample_rate < 1 each negative centre is kept with probability sample_rate, decided by one random number per
+  class drawn from (seed, step), so the same classes are sampled whatever the number of GPUs (PartialFC_V2 keeps a
+  fixed int(sample_rate * num_local) centres per rank, which depends on the sharding);
+- the per-rank batch may change from step to step and differ between ranks;
+- gradients are exact (see kd_plugin.distributed): under DDP, scale by the world size once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd_plugin.distributed import (all_reduce_, class_range, gather_no_grad, gather_sizes, gather_with_grad, get_rank,
+                                   get_world_size)
+from kd_plugin.errors import KDPluginError
+
+_SIN_FLOOR = 1e-6  # below this sin(theta) the margin's derivative is capped; only cos = +-1 exactly reaches it
+
+
+class _AngularMargin(torch.autograd.Function):
+    """cos(m1 * acos(c) + m2), with an exact backward that stays finite at c = +-1."""
+
+    @staticmethod
+    def forward(ctx, cos: torch.Tensor, m1: float, m2: float) -> torch.Tensor:
+        theta = torch.acos(cos.clamp(-1.0, 1.0))
+        ctx.save_for_backward(cos, theta)
+        ctx.m1, ctx.m2 = m1, m2
+        return torch.cos(m1 * theta + m2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        cos, theta = ctx.saved_tensors
+        sin_theta = torch.sqrt((1.0 - cos * cos).clamp_min(0.0)).clamp_min(_SIN_FLOOR)
+        return grad * ctx.m1 * torch.sin(ctx.m1 * theta + ctx.m2) / sin_theta, None, None
+
+
+class CombinedMarginLoss(nn.Module):
+    """arcface_torch's margin: target logit cos(m1*theta + m2) - m3, every logit times s.
+
+    `margin_list=(1.0, 0.5, 0.0)` is ArcFace m=0.5, `(1.0, 0.0, 0.4)` CosFace m=0.4. With
+    `interclass_filtering_threshold > 0`, non-target cosines above it are set to 0 (noisy-label filtering)."""
+
+    def __init__(self, s: float = 64.0, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0,
+                 interclass_filtering_threshold: float = 0.0) -> None:
+        super().__init__()
+        self.s, self.m1, self.m2, self.m3 = float(s), float(m1), float(m2), float(m3)
+        self.interclass_filtering_threshold = float(interclass_filtering_threshold)
+        if self.m1 <= 0:
+            raise ValueError(f"margin m1 must be positive, got {m1}")
+
+    def target_logit(self, cos: torch.Tensor) -> torch.Tensor:
+        """The margin applied to target cosines (before scaling)."""
+        if self.m1 == 1.0 and self.m2 == 0.0:
+            return cos - self.m3
+        return _AngularMargin.apply(cos, self.m1, self.m2) - self.m3
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """`logits`: cosines (N, K); `labels`: (N,) column of each row's class, -1 where its class is not in K."""
+        labels = labels.view(-1)
+        rows = torch.nonzero(labels >= 0).squeeze(1)
+        cols = labels[rows]
+        if self.interclass_filtering_threshold > 0:
+            dirty = logits > self.interclass_filtering_threshold
+            dirty[rows, cols] = False
+            logits = logits.masked_fill(dirty, 0.0)
+        target = self.target_logit(logits[rows, cols])
+        return logits.index_put((rows, cols), target) * self.s
+
+
+class _DistributedCrossEntropy(torch.autograd.Function):
+    """Softmax cross-entropy over classes sharded across ranks; mean over the (global) rows."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        rows = torch.nonzero(labels >= 0).squeeze(1)
+        top = logits.max(dim=1, keepdim=True).values if logits.shape[1] else logits.new_full((len(logits), 1), -math.inf)
+        all_reduce_(top, "max")
+        prob = torch.exp(logits - top)
+        total = all_reduce_(prob.sum(dim=1, keepdim=True), "sum")
+        prob /= total
+        target = logits.new_zeros(len(logits))
+        target[rows] = logits[rows, labels[rows]]
+        all_reduce_(target, "sum")
+        ctx.save_for_backward(prob, labels, rows)
+        # log-sum-exp form: exact even where the target probability underflows (upstream clamps it at 1e-30)
+        return (torch.log(total.squeeze(1)) + top.squeeze(1) - target).mean()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        prob, labels, rows = ctx.saved_tensors
+        prob[rows, labels[rows]] -= 1.0  # the saved buffer is ours alone: reuse it as the gradient
+        return prob * (grad / len(prob)), None
+
+
+class _FrozenCosine(torch.autograd.Function):
+    """normalized embeddings @ frozen centres^T: backward gives the embedding gradient only (no weight-gradient
+    product). Low-precision centres are upcast in class chunks on the CPU, so no full fp32 copy is ever made."""
+
+    CHUNK = 1 << 16
+
+    @staticmethod
+    def forward(ctx, emb: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(centres)
+        if centres.dtype == torch.float32 or emb.is_cuda:
+            return (emb.to(centres.dtype) @ centres.T).float()
+        return torch.cat([emb @ centres[a:a + _FrozenCosine.CHUNK].float().T
+                          for a in range(0, len(centres), _FrozenCosine.CHUNK)], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (centres,) = ctx.saved_tensors
+        if centres.dtype == torch.float32 or grad.is_cuda:
+            return (grad.to(centres.dtype) @ centres).float(), None
+        out = grad.new_zeros((grad.shape[0], centres.shape[1]))
+        for a in range(0, len(centres), _FrozenCosine.CHUNK):
+            out += grad[:, a:a + _FrozenCosine.CHUNK] @ centres[a:a + _FrozenCosine.CHUNK].float()
+        return out, None
+
+
+def load_centres_file(path: str) -> torch.Tensor:
+    """A (C, d) centre matrix from a `torch.save` dict with key "weight" (or a bare tensor), read weights_only."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise KDPluginError(f"{path}: cannot read class centres safely ({type(exc).__name__}: {exc}); expected a "
+                            f"torch.save'd dict with a (num_classes, embedding_size) tensor under \"weight\"") from None
+    weight = obj.get("weight") if isinstance(obj, dict) else obj
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise KDPluginError(f"{path}: expected a 2-D tensor under \"weight\" (num_classes x embedding_size), found "
+                            f"{type(weight).__name__}")
+    return weight
+
+
+def class_draw(seed: int, step: int, num_classes: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """One uniform number per class for negative sampling at `step`: the same on every rank, whatever the sharding."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 0x9E3779B1 + step) % (1 << 63))
+    return torch.rand(num_classes, generator=generator, device=device)
+
+
+class PartialFCHead(nn.Module):
+    """Class-sharded margin-softmax classifier, a drop-in for arcface_torch's `PartialFC_V2`.
+
+    `centres` (a (C, d) tensor or a file) makes it *inherited*: each rank keeps its class slice, L2-normalised once,
+    as a buffer (never a Parameter, no gradient, nothing for the optimizer, optionally fp16/bf16 via `centre_dtype`).
+    Without centres it is *trainable* like PartialFC_V2 (weights drawn from N(0, 0.01)). `forward(local_embeddings,
+    local_labels)` gathers the global batch across ranks and returns the mean loss over it (the same on every rank)."""
+
+    def __init__(self, margin_loss: nn.Module, embedding_size: int, num_classes: int, sample_rate: float = 1.0,
+                 fp16: bool = False, centres: torch.Tensor | str | None = None, *,
+                 centre_dtype: torch.dtype = torch.float32, trainable: bool | None = None, seed: int = 0,
+                 rank: int | None = None, world_size: int | None = None) -> None:
+        super().__init__()
+        self.margin_softmax = margin_loss
+        self.embedding_size, self.num_classes = int(embedding_size), int(num_classes)
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        self.sample_rate, self.fp16, self.seed = float(sample_rate), bool(fp16), int(seed)
+        self.rank = get_rank() if rank is None else int(rank)
+        self.world_size = get_world_size() if world_size is None else int(world_size)
+        self.class_start, self.num_local = class_range(self.num_classes, self.rank, self.world_size)
+        self.trainable = centres is None if trainable is None else bool(trainable)
+        if centres is None:
+            if not self.trainable:
+                raise ValueError("an inherited (frozen) head needs `centres`")
+            local = torch.normal(0.0, 0.01, (self.num_local, self.embedding_size))
+        else:
+            local = self._local_slice(centres)
+        if self.trainable:
+            self.weight = nn.Parameter(local.float())
+        else:
+            self.register_buffer("weight", F.normalize(local.float(), dim=1).to(centre_dtype))
+        self.register_buffer("sample_step", torch.zeros((), dtype=torch.int64))
+
+    def _local_slice(self, centres: torch.Tensor | str) -> torch.Tensor:
+        source = os.fspath(centres) if isinstance(centres, (str, os.PathLike)) else "the centres tensor"
+        full = load_centres_file(source) if isinstance(centres, (str, os.PathLike)) else centres
+        if tuple(full.shape) != (self.num_classes, self.embedding_size):
+            raise KDPluginError(f"{source}: class centres are {tuple(full.shape)} (classes x dim) but the head expects "
+                                f"({self.num_classes}, {self.embedding_size}) (num_classes, embedding_size); check "
+                                f"config.num_classes / config.embedding_size, or re-estimate the centres for this dataset")
+        return full[self.class_start:self.class_start + self.num_local].detach().clone()
+
+    def extra_repr(self) -> str:
+        mode = "trainable" if self.trainable else f"inherited ({self.weight.dtype})"
+        return (f"{mode}, classes {self.class_start}..{self.class_start + self.num_local - 1} of {self.num_classes}, "
+                f"embedding_size={self.embedding_size}, sample_rate={self.sample_rate}")
+
+    def _sample(self, labels: torch.Tensor, owned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep every positive centre and each negative with probability sample_rate; remap labels to the subset."""
+        draw = class_draw(self.seed, int(self.sample_step), self.num_classes, self.weight.device)
+        keep = draw[self.class_start:self.class_start + self.num_local] < self.sample_rate
+        keep[labels[owned]] = True
+        index = torch.nonzero(keep).squeeze(1)
+        labels = labels.clone()
+        labels[owned] = torch.searchsorted(index, labels[owned])
+        self.sample_step += 1
+        return index, labels
+
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        """Mean margin-softmax loss over the global batch; gradients reach only the embeddings in inherited mode."""
+        local_labels = local_labels.reshape(-1).long()
+        if local_embeddings.shape != (len(local_labels), self.embedding_size):
+            raise ValueError(f"embeddings {tuple(local_embeddings.shape)} do not match {len(local_labels)} labels x "
+                             f"embedding_size {self.embedding_size}")
+        sizes = gather_sizes(len(local_labels), local_embeddings.device)
+        embeddings = gather_with_grad(local_embeddings, sizes)
+        labels = gather_no_grad(local_labels, sizes) - self.class_start
+        owned = (labels >= 0) & (labels < self.num_local)
+        labels[~owned] = -1
+        weight = self.weight
+        if self.sample_rate < 1.0:
+            index, labels = self._sample(labels, owned)
+            weight = weight[index]
+        norm_emb = F.normalize(embeddings.float(), dim=1)
+        if self.trainable:
+            with torch.autocast("cuda", enabled=self.fp16 and norm_emb.is_cuda):
+                logits = F.linear(norm_emb, F.normalize(weight, dim=1)).float()
+        else:
+            logits = _FrozenCosine.apply(norm_emb.half() if self.fp16 and norm_emb.is_cuda else norm_emb, weight)
+        logits = self.margin_softmax(logits.clamp(-1.0, 1.0), labels)
+        return _DistributedCrossEntropy.apply(logits, labels)
