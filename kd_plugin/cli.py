@@ -1,4 +1,4 @@
-"""`kd-plugin` command line: `eval` (face verification of a model) and `pack` (write insightface RecordIO)."""
+"""`kd-plugin` command line: `eval` (face verification), `pack` (write insightface RecordIO), `bench` (figures)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     try:
         fprs = [float(f) for f in args.fprs.split(",") if f]
     except ValueError:
-        raise KDPluginError(f"--fprs: expected comma-separated numbers like 1e-2,1e-3, got {args.fprs!r}") from None
+        fprs = []
+    if not fprs or not all(0.0 < f < 1.0 for f in fprs):
+        raise KDPluginError(f"--fprs: expected comma-separated false-positive rates between 0 and 1 (exclusive) like "
+                            f"1e-2,1e-3, got {args.fprs!r}")
     model = load_embedder(args.model, InputNormalization(args.mean, args.std, args.bgr), args.batch_size)
     gallery = None
     if args.gallery_model:
@@ -83,9 +86,24 @@ def _run_pack(args: argparse.Namespace) -> int:
 
     dataset = open_dataset(args.source, skip_bad_records=args.skip_bad_records)
     result = pack_dataset(dataset, args.out_dir)
+    notes = [f"{result['re_encoded']} non-JPEG images re-encoded as JPEG"] if result["re_encoded"] else []
+    notes += [f"{result['skipped']} undecodable images left out"] if result["skipped"] else []
     print(f"packed {result['images']} images of {result['identities']} identities into {args.out_dir}"
-          + (f" ({result['re_encoded']} non-JPEG images re-encoded as JPEG)" if result["re_encoded"] else ""))
+          + (f" ({'; '.join(notes)})" if notes else ""))
     return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks that print figures: `kd-plugin bench head --json`", add_help=False)
+    p.add_argument("name", choices=["head"], help="head: inherited vs trainable classifier, time and memory")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see kd-plugin bench NAME --help)")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from kd_plugin.benchmarks import head
+
+    return {"head": head.main}[args.name](args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_eval(sub)
     _add_pack(sub)
+    _add_bench(sub)
     return parser
 
 

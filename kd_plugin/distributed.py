@@ -63,6 +63,10 @@ def gather_no_grad(tensor: torch.Tensor, sizes: list[int] | None = None) -> torc
     return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
 
+# torch 2.13 renamed reduce_scatter_tensor (same signature); older releases only have the old name
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -76,7 +80,7 @@ class _GatherWithGrad(torch.autograd.Function):
         segments = torch.split(grad.contiguous(), sizes)
         stacked = torch.cat([_padded(s, rows) for s in segments])
         mine = grad.new_empty((rows, *grad.shape[1:]))
-        dist.reduce_scatter_tensor(mine, stacked, op=dist.ReduceOp.SUM)
+        _reduce_scatter(mine, stacked, op=dist.ReduceOp.SUM)
         return mine[:sizes[rank]], None
 
 

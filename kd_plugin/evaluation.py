@@ -63,6 +63,8 @@ def kfold_accuracy(scores: np.ndarray, issame: np.ndarray, folds: int = 10) -> t
 
     Folds are contiguous, in file order (as arcface_torch's unshuffled KFold). Returns (mean, std, per-fold)."""
     scores, issame = np.asarray(scores, np.float64), np.asarray(issame, bool)
+    if len(scores) < folds:
+        raise ValueError(f"{folds}-fold accuracy needs at least {folds} pairs, got {len(scores)}")
     parts = np.array_split(np.arange(len(scores)), folds)
     accuracies = []
     for test in parts:
@@ -102,6 +104,8 @@ def roc_summary(score_pass: ScorePass, fprs: Sequence[float] = DEFAULT_FPRS) -> 
 
     Positives are kept exactly; negatives are histogrammed, then a second pass collects the negatives that fall
     in the bins holding each threshold, so thresholds are exact. AUC uses the histogram (bin width 2/2^20)."""
+    if not all(0.0 < f < 1.0 for f in fprs):
+        raise ValueError(f"false-positive rates must lie strictly between 0 and 1, got {list(fprs)}")
     positives, hist, num_neg = [], np.zeros(HISTOGRAM_BINS, np.int64), 0
     for pos, neg in score_pass():
         positives.append(np.asarray(pos, np.float32))
@@ -176,6 +180,8 @@ def evaluate_bin(path: str, model: Embedder, gallery_model: Embedder | None = No
     """10-fold accuracy (and pair TPR@FPR, AUC) on an arcface_torch `.bin`; with `gallery_model`, the first image
     of each pair is embedded by `model` and the second by `gallery_model`."""
     images, issame = load_bin(path)
+    if len(issame) < folds:
+        raise ValueError(f"{path}: {len(issame)} pairs; {folds}-fold accuracy needs at least {folds}")
     first = l2_normalize(embed_with_flip(model, images[0::2]))
     second = l2_normalize(embed_with_flip(gallery_model or model, images[1::2]))
     scores = np.sum(first * second, axis=1)

@@ -121,6 +121,16 @@ def test_cross_model_bin_evaluation():
     assert mismatched["accuracy"] < cross["accuracy"] - 0.05
 
 
+def test_bad_fprs_and_too_few_pairs_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        roc_summary(lambda: [(np.ones(3), np.zeros(3))], fprs=(1.0,))
+    with pytest.raises(ValueError, match="at least 10 pairs"):
+        kfold_accuracy(np.ones(8), np.ones(8, bool))
+    proc = subprocess.run([sys.executable, "-m", "kd_plugin", "eval", "--model", "m.onnx", "--bin", "x.bin",
+                           "--fprs", "1"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--fprs" in proc.stderr
+
+
 def test_eval_refuses_non_onnx_models_clearly(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "kd_plugin", "eval", "--model", "r100:backbone.pth",
                            "--bin", "x.bin"], capture_output=True, text=True)

@@ -159,3 +159,15 @@ def test_sharded_head_equals_one_process(world):
                 if config[1]:  # trainable: each rank's weight gradient is its slice of the full one
                     c0, nc = class_range(23, rank, world)
                     assert torch.allclose(grads[1], ref_grads[1][c0:c0 + nc], atol=1e-5), (config, rank)
+
+
+def test_bench_counts_classifier_memory_of_each_mode():
+    """The benchmark's accounting (figures are printed by `kd-plugin bench head`, not asserted on timing here)."""
+    from kd_plugin.benchmarks.head import run_one
+    runs = {(m, s): run_one(m, 2000, s, 1.0, 64, 16, 1, "cpu") for m, s in
+            (("trainable", "fp32"), ("inherited", "fp32"), ("inherited", "fp16"))}
+    elements = 2000 * 64
+    assert runs["trainable", "fp32"]["classifier_bytes"] == 3 * 4 * elements  # weight + grad + momentum
+    assert runs["inherited", "fp32"]["classifier_bytes"] == 4 * elements  # the buffer only
+    assert runs["inherited", "fp16"]["classifier_bytes"] == 2 * elements
+    assert all(r["step_seconds"] > 0 and r["peak_bytes"] >= 0 for r in runs.values())

@@ -154,3 +154,32 @@ def test_decoding_matches_opencv_like_arcface_torch():
     for index in range(0, len(ds), 7):
         bgr = cv2.imdecode(np.frombuffer(ds.read_bytes(index), np.uint8), cv2.IMREAD_COLOR)
         assert np.array_equal(ds[index][0].numpy(), bgr[:, :, ::-1].transpose(2, 0, 1)), index
+
+
+def test_dataset_reads_records_split_around_the_magic(tmp_path):
+    """A JPEG comment holding the magic at an aligned payload offset makes the writer split the record (cflag 1/3)."""
+    jpeg = jpeg_bytes(5)
+    comment = b"xx" + MAGIC_BYTES + b"yy"  # payload offset 24 (IRHeader) + 2 (SOI) + 4 (COM marker+length) + 2 = 32
+    tricky = jpeg[:2] + b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment + jpeg[2:]
+    with RecordIOWriter(str(tmp_path / "train.rec")) as w:
+        w.write(0, pack_payload(RecordHeader(flag=0, label=0.0, id=0), jpeg))
+        w.write(1, pack_payload(RecordHeader(flag=0, label=1.0, id=1), tricky))
+    offset = RecordIOReader(str(tmp_path / "train.rec")).offsets[1]
+    lrec = struct.unpack_from("<I", (tmp_path / "train.rec").read_bytes(), offset + 4)[0]
+    assert lrec >> 29 == 1  # really split
+    ds = open_dataset(str(tmp_path))
+    assert list(ds.labels) == [0, 1] and ds.read_bytes(1) == tricky
+    assert np.array_equal(ds[1][0].numpy(), ds[0][0].numpy())  # the comment changes no pixel
+
+
+def test_exif_orientation_is_applied_like_opencv(tmp_path):
+    cv2 = pytest.importorskip("cv2", reason="opencv-python-headless (the test extra) is not installed")
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (112, 112, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 3  # rotate 180
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif.tobytes(), quality=95)
+    from kd_plugin.data.images import decode_image
+    ours = decode_image(buf.getvalue(), "test")
+    ref = cv2.imdecode(np.frombuffer(buf.getvalue(), np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+    assert np.array_equal(ours, ref)

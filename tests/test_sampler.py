@@ -58,6 +58,14 @@ def test_resume_from_epoch_and_position():
     assert len(resumed) == len(expected) - 2
     assert list(resumed) == expected[2:]
     assert list(resumed) == expected  # the next pass starts the epoch from its first batch
+    # arcface_torch calls set_epoch at the top of every epoch: it must not lose a loaded position
+    again = _sampler(1)
+    again.load_state_dict({"epoch": 3, "position": 2, "seed": 7})
+    again.set_epoch(3)
+    assert len(again) == len(expected) - 2 and list(again) == expected[2:]
+    again.load_state_dict({"epoch": 3, "position": 2, "seed": 7})
+    again.set_epoch(4)  # another epoch starts from its beginning
+    assert len(again) == len(expected)
     with pytest.raises(ValueError, match="seed"):
         _sampler(1, seed=8).load_state_dict({"epoch": 0, "position": 0, "seed": 7})
 

@@ -15,15 +15,24 @@ from kd_plugin.data.verification_bin import load_bin, load_bin_raw
 from kd_plugin.errors import DataFormatError, UnsafePickleError
 
 
-def test_real_bins_both_image_forms():
-    images, issame = load_bin(str(shared("formats", "lfw_excerpt.bin")))  # numpy uint8 (N,1) arrays of JPEG bytes
-    assert images.shape == (20, 3, 112, 112) and images.dtype == np.uint8
-    assert issame.shape == (10,) and issame.all()
-    images, issame = load_bin(str(shared("celeba", "celeba_val.bin")))  # python bytes
-    assert images.shape == (1200, 3, 112, 112) and issame.sum() == 300 and len(issame) == 600
-    raw, _ = load_bin_raw(str(shared("celeba", "celeba_val.bin")))
-    ref = np.asarray(Image.open(io.BytesIO(raw[7])).convert("RGB")).transpose(2, 0, 1)
-    assert np.array_equal(images[7], ref)
+def _trusted_reference(path):
+    """Our own shared test file, trusted: plain pickle gives the independent reference."""
+    with open(path, "rb") as f:
+        images, issame = pickle.load(f, encoding="bytes")
+    return [np.asarray(i).tobytes() if isinstance(i, np.ndarray) else i for i in images], list(issame)
+
+
+@pytest.mark.parametrize("parts,pairs", [(("formats", "lfw_excerpt.bin"), 10), (("celeba", "celeba_val.bin"), 600)])
+def test_real_bins_both_image_forms(parts, pairs):
+    """lfw_excerpt holds numpy uint8 (N,1) arrays of JPEG bytes, celeba_val python bytes."""
+    path = str(shared(*parts))
+    images, issame = load_bin(path)
+    ref_bytes, ref_issame = _trusted_reference(path)
+    assert images.shape == (2 * pairs, 3, 112, 112) and images.dtype == np.uint8
+    assert issame.tolist() == [bool(v) for v in ref_issame]
+    for i in range(0, 2 * pairs, max(1, pairs // 10)):
+        ref = np.asarray(Image.open(io.BytesIO(ref_bytes[i])).convert("RGB")).transpose(2, 0, 1)
+        assert np.array_equal(images[i], ref), i
 
 
 def test_bytes_and_bool_arrays_written_here(tmp_path):
@@ -34,6 +43,28 @@ def test_bytes_and_bool_arrays_written_here(tmp_path):
         images, issame = load_bin(str(path))
         assert images.shape == (4, 3, 112, 112) and issame.tolist() == [True, False]
         assert load_bin_raw(str(path))[0] == data
+
+
+def _py2_protocol2_pickle(images, issame):
+    """What python 2 writes for (list of str, list of bool): BINSTRING opcodes, no _codecs."""
+    out = b"\x80\x02(]("
+    for data in images:
+        out += b"T" + len(data).to_bytes(4, "little") + data
+    out += b"e]("
+    out += b"".join(b"\x88" if v else b"\x89" for v in issame)
+    return out + b"et."
+
+
+def test_python2_pickles_and_bool_arrays(tmp_path):
+    data = [jpeg_bytes(i) for i in range(4)]
+    path = tmp_path / "py2.bin"
+    path.write_bytes(_py2_protocol2_pickle(data, [True, False]))
+    assert load_bin_raw(str(path))[0] == data
+    path.write_bytes(pickle.dumps((data, np.array([True, False]))))
+    assert load_bin(str(path))[1].tolist() == [True, False]
+    path.write_bytes(pickle.dumps((data, [1, 0])))
+    with pytest.raises(DataFormatError, match="must hold bools, found int"):
+        load_bin(str(path))
 
 
 class _RunsCode:

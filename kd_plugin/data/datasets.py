@@ -22,6 +22,8 @@ from kd_plugin.progress import Progress
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 Item = int | tuple[int, bool]
 _REPACK = "re-pack the data (kd-plugin pack) or pass skip_bad_records=True to skip and count bad records"
+_EMPTY_CLASS_HINT = ("labels must be 0..C-1 with every class present: relabel the source without gaps and re-pack, or "
+                     "pass skip_bad_records=True to accept it (that class then never appears in training)")
 
 
 def split_item(item: Item) -> tuple[int, bool]:
@@ -43,7 +45,13 @@ class FaceDataset(torch.utils.data.Dataset):
         self.image_size = tuple(image_size)
         self.skip_bad_records = skip_bad_records
         self.skipped: list[str] = []  # structurally bad records left out when opening (skip mode)
-        self.bad_images = 0  # undecodable images replaced while reading, in this process (skip mode)
+        # undecodable images replaced while reading (skip mode); in shared memory, so DataLoader workers add to it
+        self._bad_images = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    @property
+    def bad_images(self) -> int:
+        """Number of undecodable images replaced so far, counted across DataLoader workers."""
+        return int(self._bad_images.item())
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -75,8 +83,8 @@ class FaceDataset(torch.utils.data.Dataset):
 
     def _replacement_image(self, index: int) -> np.ndarray:
         """Skip mode: stand in the next decodable image of the same identity, so the label stays right."""
-        self.bad_images += 1
-        warnings.warn(f"{self.where(index)}: undecodable image skipped ({self.bad_images} so far in this process)")
+        self._bad_images += 1
+        warnings.warn(f"{self.where(index)}: undecodable image skipped ({self.bad_images} so far)")
         same = np.flatnonzero(self.labels == self.labels[index])
         start = int(np.searchsorted(same, index))
         for other in np.roll(same, -start)[1:]:
@@ -84,7 +92,9 @@ class FaceDataset(torch.utils.data.Dataset):
                 return self.load_image(int(other))
             except DataFormatError:
                 continue
-        raise DataFormatError(f"{self.where(index)}: no decodable image left for identity {int(self.labels[index])}")
+        raise DataFormatError(f"{self.where(index)}: undecodable, and identity {int(self.labels[index])} has no other "
+                              f"decodable image to stand in for it; drop it from the data (kd-plugin pack "
+                              f"--skip-bad-records SOURCE OUT_DIR leaves undecodable images out)")
 
     def _finish_labels(self, labels: Sequence[int], num_classes: int | None) -> None:
         """Store labels and check that every class in 0..C-1 has at least one image."""
@@ -101,7 +111,7 @@ class FaceDataset(torch.utils.data.Dataset):
         empty = np.flatnonzero(np.bincount(self.labels, minlength=self.num_classes) == 0)
         if len(empty):
             msg = (f"{self.source}: {len(empty)} of {self.num_classes} classes have no image (first: class "
-                   f"{int(empty[0])}); labels must be 0..C-1 with every class present — re-pack the data")
+                   f"{int(empty[0])}); {_EMPTY_CLASS_HINT}")
             if not self.skip_bad_records:
                 raise DataFormatError(msg)
             warnings.warn(msg + " (kept: skip_bad_records=True)")
@@ -138,6 +148,7 @@ class RecordDataset(FaceDataset):
         super().__init__(self.reader.rec_path, image_size, skip_bad_records)
         self.has_header = False
         self.identity_ranges: list[tuple[int, int]] = []
+        self.range_keys: list[int] = []
         keys = self._image_keys()
         labels = []
         self.keys: list[int] = []
@@ -157,8 +168,8 @@ class RecordDataset(FaceDataset):
             labels.append(int(header.class_label))
         if self.skipped:
             warnings.warn(f"{self.source}: skipped {len(self.skipped)} bad records; first: {self.skipped[0]}")
-        self._finish_labels(labels, prop[0] if prop else None)
         self._check_identity_ranges()
+        self._finish_labels(labels, prop[0] if prop else None)
 
     def _image_keys(self) -> list[int]:
         """Keys of the image records: 1..first_non_image_key-1 with the insightface header, else every key."""
@@ -169,10 +180,7 @@ class RecordDataset(FaceDataset):
         if header.flag > 0 and not has_image:
             self.has_header = True
             end_images, end_ranges = (int(v) for v in header.labels[:2])
-            for key in range(end_images, end_ranges):
-                if key in self.reader.offsets:
-                    rng, _ = unpack_payload(self.reader.read(key), self.reader.where(key))
-                    self.identity_ranges.append((int(rng.labels[0]), int(rng.labels[1])))
+            self._read_identity_ranges(range(end_images, end_ranges))
             keys = []
             for key in range(first + 1, end_images):
                 if key in self.reader.offsets:
@@ -186,11 +194,33 @@ class RecordDataset(FaceDataset):
             return keys
         return list(self.reader.keys)
 
+    def _read_identity_ranges(self, keys: range) -> None:
+        """The per-identity [first, end) key ranges after the images; all or nothing (classes are their order)."""
+        ranges, range_keys = [], []
+        try:
+            for key in keys:
+                if key not in self.reader.offsets:
+                    raise DataFormatError(f"{self.source}: identity range record key {key} (announced by the header "
+                                          f"record) is missing from {self.reader.idx_path}; {_REPACK}")
+                rng, _ = unpack_payload(self.reader.read(key), self.reader.where(key))
+                if len(rng.labels) < 2:
+                    raise DataFormatError(f"{self.reader.where(key)}: identity range record holds {len(rng.labels)} "
+                                          f"labels, expected [first_key, end_key); {_REPACK}")
+                ranges.append((int(rng.labels[0]), int(rng.labels[1])))
+                range_keys.append(key)
+        except DataFormatError as exc:
+            if not self.skip_bad_records:
+                raise
+            self.skipped.append(f"{exc} (identity ranges ignored; labels come from the image records)")
+            return
+        self.identity_ranges, self.range_keys = ranges, range_keys
+
     def _check_identity_ranges(self) -> None:
         """Empty identity ranges in the header layout mean an identity without images."""
         for cls, (start, end) in enumerate(self.identity_ranges):
             if end <= start:
-                msg = f"{self.source}: identity range record for class {cls} is empty ([{start}, {end})); {_REPACK}"
+                msg = (f"{self.reader.where(self.range_keys[cls])}: the identity range record of class {cls} is empty "
+                       f"([{start}, {end})): that identity has no image; {_EMPTY_CLASS_HINT}")
                 if not self.skip_bad_records:
                     raise DataFormatError(msg)
                 warnings.warn(msg)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from kd_plugin.errors import DataFormatError
 
@@ -14,7 +14,8 @@ def decode_image(data: bytes, where: str, image_size: tuple[int, int] | None = (
     """Decode JPEG/PNG bytes to an (H, W, 3) uint8 RGB array; `where` names the source in errors."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            rgb = np.asarray(img.convert("RGB"))
+            # EXIF orientation is applied, as OpenCV's imdecode (mxnet, arcface_torch) does
+            rgb = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataFormatError(f"{where}: cannot decode the image ({len(data)} bytes: {exc}); replace or drop this "
                               f"image, or pass skip_bad_records=True to skip and count undecodable images") from None

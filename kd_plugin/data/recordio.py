@@ -150,9 +150,13 @@ class RecordIOReader:
 
     def close(self) -> None:
         """Close the file handle of this process (it reopens on the next read)."""
-        if self._handle is not None and self._pid == os.getpid():
-            self._handle.close()
+        handle = getattr(self, "_handle", None)
+        if handle is not None and self._pid == os.getpid():
+            handle.close()
         self._handle = None
+
+    def __del__(self) -> None:
+        self.close()
 
     def where(self, key: int) -> str:
         """A human-readable location of a record, for error messages."""
@@ -222,12 +226,12 @@ class RecordIOReader:
                     f.seek(offset)
                     frame = f.read(_FRAME.size)
                     if len(frame) < _FRAME.size:
-                        raise DataFormatError(f"{self.rec_path}: byte offset {offset}: truncated record frame while "
-                                              f"scanning a file without .idx; {_FIX_HINT}")
+                        raise DataFormatError(f"{self.rec_path}: record {len(keys)} at byte offset {offset}: truncated "
+                                              f"record frame while scanning a file without .idx; {_FIX_HINT}")
                     magic, lrec = _FRAME.unpack(frame)
                     if magic != MAGIC:
-                        raise DataFormatError(f"{self.rec_path}: byte offset {offset}: wrong magic 0x{magic:08x} "
-                                              f"while scanning a file without .idx; {_FIX_HINT}")
+                        raise DataFormatError(f"{self.rec_path}: record {len(keys)} at byte offset {offset}: wrong "
+                                              f"magic 0x{magic:08x} while scanning a file without .idx; {_FIX_HINT}")
                     length = lrec & _LENGTH_MASK
                     offset += _FRAME.size + length + (-length % 4)
                     if (lrec >> _LENGTH_BITS) in (0, 3):

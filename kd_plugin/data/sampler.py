@@ -36,7 +36,7 @@ class IdentityBalancedBatchSampler(torch.utils.data.Sampler):
         self.world_size = get_world_size() if world_size is None else int(world_size)
         self.flip = flip
         self.epoch = 0
-        self._start = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, position) from load_state_dict, used once
         self._orders: tuple[int, np.ndarray, np.ndarray] | None = None
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
@@ -59,28 +59,31 @@ class IdentityBalancedBatchSampler(torch.utils.data.Sampler):
         per_step = self.world_size * (self.random_size or self.num_identities * self.images_per_identity)
         self.steps_per_epoch = math.ceil(len(self.labels) / per_step)
 
+    def _start(self) -> int:
+        return self._resume[1] if self._resume and self._resume[0] == self.epoch else 0
+
     def __len__(self) -> int:
-        return self.steps_per_epoch - self._start
+        return self.steps_per_epoch - self._start()
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch (as `DistributedSampler.set_epoch`); iteration restarts at its first batch."""
+        """Select the epoch (as `DistributedSampler.set_epoch`); a loaded resume position applies to its own epoch."""
         self.epoch = int(epoch)
-        self._start = 0
 
     def state_dict(self, position: int = 0) -> dict[str, int]:
         """The resumable state: the epoch and the number of its batches already consumed (`position`)."""
         return {"epoch": self.epoch, "position": int(position), "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Resume: the next iteration yields batches `position ..` of `epoch`."""
+        """Resume: the next iteration over `epoch` yields its batches `position ..` (also after `set_epoch(epoch)`)."""
         if int(state.get("seed", self.seed)) != self.seed:
             raise ValueError(f"sampler state was saved with seed {state['seed']}, this sampler uses {self.seed}")
         if not 0 <= int(state["position"]) <= self.steps_per_epoch:
             raise ValueError(f"sampler position {state['position']} outside 0..{self.steps_per_epoch}")
-        self.epoch, self._start = int(state["epoch"]), int(state["position"])
+        self.epoch = int(state["epoch"])
+        self._resume = (self.epoch, int(state["position"]))
 
     def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
-        start, self._start = self._start, 0
+        start, self._resume = self._start(), None
         for step in range(start, self.steps_per_epoch):
             yield self.batch(self.epoch, step)
 

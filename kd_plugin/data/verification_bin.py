@@ -96,10 +96,16 @@ def load_bin_raw(path: str) -> tuple[list[bytes], np.ndarray]:
         except Exception as exc:  # truncated or not a pickle at all
             raise DataFormatError(f"{path}: not a readable verification .bin pickle ({type(exc).__name__}: {exc}); "
                                   f"expected (list of JPEG bytes, list of bools) as written by arcface_torch") from None
-    if not isinstance(obj, (tuple, list)) or len(obj) != 2 or not all(isinstance(o, (list, tuple)) for o in obj):
+    if not isinstance(obj, (tuple, list)) or len(obj) != 2:
         raise DataFormatError(f"{path}: expected a pickled pair (list of images, list of issame bools), got "
                               f"{type(obj).__name__}")
     images, issame = obj
+    if not isinstance(images, (list, tuple)):
+        raise DataFormatError(f"{path}: the images must be a list of JPEG bytes, got {type(images).__name__}")
+    if isinstance(issame, np.ndarray) and issame.dtype == bool and issame.ndim == 1:
+        issame = list(issame)
+    if not isinstance(issame, (list, tuple)):
+        raise DataFormatError(f"{path}: issame must be a list (or 1-D bool array) of bools, got {type(issame).__name__}")
     encoded = []
     for i, item in enumerate(images):
         if isinstance(item, np.ndarray) and item.dtype == np.uint8:
@@ -107,8 +113,9 @@ def load_bin_raw(path: str) -> tuple[list[bytes], np.ndarray]:
         if not isinstance(item, bytes):
             raise DataFormatError(f"{path}: image {i} is {type(item).__name__}; expected JPEG bytes or a uint8 array")
         encoded.append(item)
-    if not all(isinstance(v, (bool, np.bool_)) for v in issame):
-        raise DataFormatError(f"{path}: issame list must hold bools")
+    wrong = next((v for v in issame if not isinstance(v, (bool, np.bool_))), None)
+    if wrong is not None:
+        raise DataFormatError(f"{path}: issame list must hold bools, found {type(wrong).__name__}")
     if len(encoded) != 2 * len(issame):
         raise DataFormatError(f"{path}: {len(encoded)} images for {len(issame)} pairs; expected exactly 2 images per pair")
     return encoded, np.asarray(issame, dtype=bool)
