@@ -12,14 +12,22 @@ from kd_plugin.normalization import ARCFACE_MEAN, ARCFACE_STD, InputNormalizatio
 
 
 def _triplet_help(what: str) -> str:
-    return f"{what} in pixel units, RGB order: one number or 'R,G,B' (default 127.5)"
+    return (f"{what} in pixel units, RGB order: one number or 'R,G,B' (default: the model's convention, 127.5 for "
+            f"arcface_torch networks and insightface packs)")
+
+
+def _normalization(mean: str | None, std: str | None, bgr: bool) -> InputNormalization | None:
+    """None (the model's own convention) unless mean or std is given."""
+    if mean is None and std is None and not bgr:
+        return None
+    return InputNormalization(mean or ARCFACE_MEAN, std or ARCFACE_STD, bgr)
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="face-verification figures of a model on a .bin set or all pairs of a dataset")
-    p.add_argument("--model", required=True, help="the model to evaluate: an ONNX file")
-    p.add_argument("--mean", default=",".join(map(str, ARCFACE_MEAN)), help=_triplet_help("input mean"))
-    p.add_argument("--std", default=",".join(map(str, ARCFACE_STD)), help=_triplet_help("input std"))
+    p.add_argument("--model", required=True, help="model spec: FILE.onnx, or NETWORK:CHECKPOINT (r100:backbone.pth)")
+    p.add_argument("--mean", help=_triplet_help("input mean"))
+    p.add_argument("--std", help=_triplet_help("input std"))
     p.add_argument("--bgr", action="store_true", help="the model takes BGR input (images are RGB)")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--bin", help="arcface_torch verification set (.bin): 10-fold accuracy")
@@ -46,11 +54,11 @@ def _run_eval(args: argparse.Namespace) -> int:
     if not fprs or not all(0.0 < f < 1.0 for f in fprs):
         raise KDPluginError(f"--fprs: expected comma-separated false-positive rates between 0 and 1 (exclusive) like "
                             f"1e-2,1e-3, got {args.fprs!r}")
-    model = load_embedder(args.model, InputNormalization(args.mean, args.std, args.bgr), args.batch_size)
+    model = load_embedder(args.model, _normalization(args.mean, args.std, args.bgr), batch_size=args.batch_size)
     gallery = None
     if args.gallery_model:
-        norm = InputNormalization(args.gallery_mean or args.mean, args.gallery_std or args.std, args.gallery_bgr)
-        gallery = load_embedder(args.gallery_model, norm, args.batch_size)
+        norm = _normalization(args.gallery_mean or args.mean, args.gallery_std or args.std, args.gallery_bgr)
+        gallery = load_embedder(args.gallery_model, norm, batch_size=args.batch_size)
     if args.bin:
         result = evaluate_bin(args.bin, model, gallery, fprs)
     else:
@@ -93,17 +101,108 @@ def _run_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_teacher_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="teacher spec: FILE.onnx, or NETWORK:CHECKPOINT (r100:backbone.pth)")
+    p.add_argument("--mean", help=_triplet_help("teacher input mean"))
+    p.add_argument("--std", help=_triplet_help("teacher input std"))
+    p.add_argument("--bgr", action="store_true", help="the teacher takes BGR input (images are RGB)")
+    p.add_argument("--data", required=True, help="training data: train.rec (or its folder), image folder, label.txt")
+    p.add_argument("--batch-size", type=int, default=128, help="teacher inference batch")
+    p.add_argument("--device", default="cuda" if _has_cuda() else "cpu", help="where a torch teacher runs")
+
+
+def _has_cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def _teacher_and_data(args: argparse.Namespace):
+    from kd_plugin.data.datasets import open_dataset
+    from kd_plugin.distributed import get_rank, init_from_env
+    from kd_plugin.teachers import load_embedder
+
+    init_from_env()
+    device = args.device
+    if device == "cuda":  # torchrun: each rank on its own GPU
+        import torch
+        device = f"cuda:{torch.cuda.current_device()}"
+    teacher = load_embedder(args.teacher, _normalization(args.mean, args.std, args.bgr), device=device,
+                            batch_size=args.batch_size)
+    return teacher, open_dataset(args.data), get_rank()
+
+
+def _add_classifier(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("classifier", help="convert a teacher's classifier (any shard layout) to one (C, d) file")
+    p.add_argument("--from", dest="source", required=True,
+                   help="folder of checkpoint_gpu_{r}.pt or rank_{r}_softmax_weight.pt shards, one shard, a full "
+                        "(C, d) tensor file, or a fork's header with a (d, C) 'kernel'")
+    p.add_argument("--num-classes", type=int, required=True, help="classes of the training data (config.num_classes)")
+    p.add_argument("--embedding-size", type=int, help="expected embedding size (config.embedding_size)")
+    p.add_argument("--out", required=True, help="output file (torch.save dict with 'weight')")
+    p.set_defaults(func=_run_classifier)
+
+
+def _run_classifier(args: argparse.Namespace) -> int:
+    from kd_plugin.teachers import read_classifier, save_classifier
+
+    weight = read_classifier(args.source, args.num_classes, args.embedding_size)
+    save_classifier(weight, args.out, source=args.source, kind="classifier")
+    print(f"wrote {args.out}: {weight.shape[0]} classes x {weight.shape[1]}")
+    return 0
+
+
+def _add_centers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("centers", help="estimate class centres from a teacher's embeddings (runs under torchrun)")
+    _add_teacher_args(p)
+    p.add_argument("--out", required=True, help="output file (torch.save dict with 'weight')")
+    p.set_defaults(func=_run_centers)
+
+
+def _run_centers(args: argparse.Namespace) -> int:
+    from kd_plugin.teachers import estimate_centers, save_classifier
+
+    teacher, dataset, rank = _teacher_and_data(args)
+    centres = estimate_centers(teacher, dataset, args.batch_size)
+    if rank == 0:
+        save_classifier(centres, args.out, source=args.data, teacher=args.teacher, kind="estimated_centres")
+        print(f"wrote {args.out}: {centres.shape[0]} class centres x {centres.shape[1]}")
+    return 0
+
+
+def _add_cache(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cache", help="embed every training image and its flip with the teacher once (fp16)")
+    _add_teacher_args(p)
+    p.add_argument("--out", required=True, help="output folder (embeddings.npy + meta.json)")
+    p.set_defaults(func=_run_cache)
+
+
+def _run_cache(args: argparse.Namespace) -> int:
+    import time
+
+    from kd_plugin.teachers import build_cache
+
+    teacher, dataset, rank = _teacher_and_data(args)
+    start = time.perf_counter()
+    path = build_cache(teacher, dataset, args.out, args.teacher, args.batch_size)
+    if rank == 0:
+        seconds = time.perf_counter() - start
+        print(f"wrote {path}: {len(dataset)} images x 2 (image, flip) in {seconds:.1f}s "
+              f"({2 * len(dataset) / seconds:.1f} embeddings/s)")
+    return 0
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks that print figures: `kd-plugin bench head --json`", add_help=False)
-    p.add_argument("name", choices=["head"], help="head: inherited vs trainable classifier, time and memory")
+    p.add_argument("name", choices=["head", "cache"],
+                   help="head: inherited vs trainable classifier, time and memory; cache: teacher vs cache-build rate")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see kd-plugin bench NAME --help)")
     p.set_defaults(func=_run_bench)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from kd_plugin.benchmarks import head
+    from kd_plugin.benchmarks import cache, head
 
-    return {"head": head.main}[args.name](args.rest)
+    return {"head": head.main, "cache": cache.main}[args.name](args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_eval(sub)
     _add_pack(sub)
+    _add_classifier(sub)
+    _add_centers(sub)
+    _add_cache(sub)
     _add_bench(sub)
     return parser
 

@@ -25,6 +25,7 @@ from torch import nn
 from kd_plugin.distributed import (all_reduce_, class_range, gather_no_grad, gather_sizes, gather_with_grad, get_rank,
                                    get_world_size)
 from kd_plugin.errors import KDPluginError
+from kd_plugin.teachers.classifier import read_classifier
 
 _SIN_FLOOR = 1e-6  # below this sin(theta) the margin's derivative is capped; only cos = +-1 exactly reaches it
 
@@ -129,22 +130,6 @@ class _FrozenCosine(torch.autograd.Function):
         return out, None
 
 
-def load_centres_file(path: str) -> torch.Tensor:
-    """A (C, d) centre matrix from a `torch.save` dict with key "weight" (or a bare tensor), read weights_only."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:
-        raise KDPluginError(f"{path}: cannot read class centres safely ({type(exc).__name__}: {exc}); expected a "
-                            f"torch.save'd dict with a (num_classes, embedding_size) tensor under \"weight\"") from None
-    weight = obj.get("weight") if isinstance(obj, dict) else obj
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise KDPluginError(f"{path}: expected a 2-D tensor under \"weight\" (num_classes x embedding_size), found "
-                            f"{type(weight).__name__}")
-    return weight
-
-
 def class_draw(seed: int, step: int, num_classes: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """One uniform number per class for negative sampling at `step`: the same on every rank, whatever the sharding."""
     generator = torch.Generator(device=device)
@@ -155,7 +140,7 @@ def class_draw(seed: int, step: int, num_classes: int, device: torch.device | st
 class PartialFCHead(nn.Module):
     """Class-sharded margin-softmax classifier, a drop-in for arcface_torch's `PartialFC_V2`.
 
-    `centres` (a (C, d) tensor or a file) makes it *inherited*: each rank keeps its class slice, L2-normalised once,
+    `centres` (a (C, d) tensor, or any classifier layout `read_classifier` reads) makes it *inherited*: each rank keeps its class slice, L2-normalised once,
     as a buffer (never a Parameter, no gradient, nothing for the optimizer, optionally fp16/bf16 via `centre_dtype`).
     Without centres it is *trainable* like PartialFC_V2 (weights drawn from N(0, 0.01)). `forward(local_embeddings,
     local_labels)` gathers the global batch across ranks and returns the mean loss over it (the same on every rank)."""
@@ -188,7 +173,7 @@ class PartialFCHead(nn.Module):
 
     def _local_slice(self, centres: torch.Tensor | str) -> torch.Tensor:
         source = os.fspath(centres) if isinstance(centres, (str, os.PathLike)) else "the centres tensor"
-        full = load_centres_file(source) if isinstance(centres, (str, os.PathLike)) else centres
+        full = read_classifier(source) if isinstance(centres, (str, os.PathLike)) else centres
         if tuple(full.shape) != (self.num_classes, self.embedding_size):
             raise KDPluginError(f"{source}: class centres are {tuple(full.shape)} (classes x dim) but the head expects "
                                 f"({self.num_classes}, {self.embedding_size}) (num_classes, embedding_size); check "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 ARCFACE_MEAN = (127.5, 127.5, 127.5)
 ARCFACE_STD = (127.5, 127.5, 127.5)
@@ -55,3 +56,13 @@ class InputNormalization:
         mean = np.asarray(self.mean[::-1] if self.bgr else self.mean, dtype=np.float32).reshape(1, 3, 1, 1)
         std = np.asarray(self.std[::-1] if self.bgr else self.std, dtype=np.float32).reshape(1, 3, 1, 1)
         return np.ascontiguousarray((x - mean) / std)
+
+    def torch(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalise a uint8 (N, 3, H, W) RGB tensor to float32 model input on the same device."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected uint8 images of shape (N, 3, H, W), got {tuple(images.shape)}")
+        x = images.float()
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        x = (x - mean) / std
+        return x.flip(1) if self.bgr else x

@@ -131,7 +131,9 @@ def test_bad_fprs_and_too_few_pairs_are_refused(tmp_path):
     assert proc.returncode == 2 and "--fprs" in proc.stderr
 
 
-def test_eval_refuses_non_onnx_models_clearly(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "kd_plugin", "eval", "--model", "r100:backbone.pth",
-                           "--bin", "x.bin"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "only ONNX files" in proc.stderr
+def test_eval_explains_bad_model_specs(tmp_path):
+    for spec, message in (("r100:missing/backbone.pth", "checkpoint not found: missing/backbone.pth"),
+                          ("r101:x.pth", "unknown network 'r101'")):
+        proc = subprocess.run([sys.executable, "-m", "kd_plugin", "eval", "--model", spec, "--bin", "x.bin"],
+                              capture_output=True, text=True)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr

@@ -1,17 +1,10 @@
-"""Teachers and other embedding models: anything with `embed(uint8 batch) -> float embeddings`."""
+"""Teachers and other embedding models: anything with `embed(uint8 batch) -> float embeddings`; their classifiers,
+estimated class centres and cached embeddings."""
 
-from __future__ import annotations
+from kd_plugin.teachers.cache import TeacherCache, build_cache, load_cache
+from kd_plugin.teachers.centers import estimate_centers
+from kd_plugin.teachers.classifier import local_class_slice, read_classifier, save_classifier
+from kd_plugin.teachers.spec import build_network, load_embedder, parse_model_spec
 
-import os
-
-from kd_plugin.errors import KDPluginError
-from kd_plugin.normalization import InputNormalization
-from kd_plugin.teachers.onnx_embedder import OnnxEmbedder
-
-
-def load_embedder(spec: str, normalization: InputNormalization | None = None, batch_size: int = 64) -> OnnxEmbedder:
-    """Open a model spec for embedding; this version accepts ONNX files (`path/to/model.onnx`)."""
-    if os.fspath(spec).lower().endswith(".onnx"):
-        return OnnxEmbedder(spec, normalization, batch_size=batch_size)
-    raise KDPluginError(f"model {spec!r}: only ONNX files (*.onnx) can be evaluated in this version; export the "
-                        f"network to ONNX (arcface_torch's torch2onnx.py) and pass that file")
+__all__ = ["TeacherCache", "build_cache", "load_cache", "estimate_centers", "local_class_slice", "read_classifier",
+           "save_classifier", "build_network", "load_embedder", "parse_model_spec"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import torch
 
 from kd_plugin.errors import KDPluginError
 from kd_plugin.normalization import InputNormalization
@@ -41,8 +42,11 @@ class OnnxEmbedder:
         self.batch_size = self.fixed_batch or batch_size
         self.embedding_size = self.embed(np.zeros((1, 3, *(s or 112 for s in self.input_size)), np.uint8)).shape[1]
 
-    def embed(self, images: np.ndarray) -> np.ndarray:
-        """Embed uint8 RGB images (N, 3, H, W); returns raw (not L2-normalised) float32 embeddings (N, d)."""
+    def embed(self, images: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """Embed uint8 RGB images (N, 3, H, W); returns raw (not L2-normalised) float32 embeddings (N, d), as numpy
+        for numpy input or as a tensor on the input's device for tensor input."""
+        if isinstance(images, torch.Tensor):
+            return torch.from_numpy(self.embed(images.cpu().numpy())).to(images.device)
         images = np.asarray(images)
         if images.dtype != np.uint8:
             raise TypeError(f"{self.path}: embed() takes uint8 images, got {images.dtype}")
@@ -57,3 +61,28 @@ class OnnxEmbedder:
             out = self.session.run(None, {self.input_name: chunk})[0]
             outputs.append(np.asarray(out, dtype=np.float32).reshape(len(chunk), -1)[:real])
         return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
+
+
+def insightface_normalization(path: str) -> InputNormalization:
+    """The input convention insightface applies to a recognition ONNX pack (`w600k_r50.onnx`, `glintr100.onnx`, ...).
+
+    With the insightface package installed its own loader decides; otherwise the same rule is applied here: a graph
+    that starts with Sub and Mul nodes normalises inside (an old mxnet export: mean 0, std 1), any other takes
+    (x - 127.5) / 127.5. Either way the network sees RGB."""
+    try:
+        from insightface.model_zoo import get_model
+    except ImportError:
+        get_model = None
+    if get_model is not None:
+        try:
+            model = get_model(path, providers=["CPUExecutionProvider"])
+            if model is not None and hasattr(model, "input_mean"):
+                return InputNormalization(float(model.input_mean), float(model.input_std))
+        except Exception:  # not a pack insightface recognises: fall back to the rule below
+            pass
+    import onnx
+
+    names = [node.name for node in onnx.load(path, load_external_data=False).graph.node[:8]]
+    normalises_inside = (any(n.startswith(("Sub", "_minus")) for n in names)
+                         and any(n.startswith(("Mul", "_mul")) for n in names))
+    return InputNormalization(0.0, 1.0) if normalises_inside else InputNormalization(127.5, 127.5)

@@ -1,0 +1,123 @@
+"""The teacher's classifier (class centres) assembled from any layout it was released in, checked, and sliced per rank.
+
+Layouts: arcface_torch runs write `checkpoint_gpu_{r}.pt` (the shard in `state_dict_softmax_fc["weight"]`); older
+model-zoo releases hold `rank_{r}_softmax_weight.pt` (one (num_local, d) tensor per rank; the `_mom` files beside them
+are optimizer momentum and are ignored); a single file may hold the full (C, d) tensor (bare, or under "weight" as
+this plugin writes it); forks (PocketNet, AdaDistill) keep one unsharded `kernel` of shape (d, C), transposed.
+Shards are concatenated in rank order, whatever the teacher's GPU count; the student's ranks then take their own
+class range of the full matrix.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+import torch
+
+from kd_plugin.distributed import class_range
+from kd_plugin.errors import KDPluginError
+from kd_plugin.teachers.checkpoints import safe_torch_load
+
+_SHARD_PATTERNS = (
+    ("checkpoint_gpu_{}.pt", re.compile(r"checkpoint_gpu_(\d+)\.pt$")),
+    ("rank_{}_softmax_weight.pt", re.compile(r"rank_(\d+)_softmax_weight\.pt$")),
+)
+
+
+def _shard_files(path: str) -> tuple[list[str], str] | None:
+    """All shards of the layout `path` belongs to (a directory, or one shard file), in rank order."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    for template, pattern in _SHARD_PATTERNS:
+        if os.path.isfile(path) and not pattern.search(os.path.basename(path)):
+            continue
+        found = {int(m.group(1)): f for f in glob.glob(os.path.join(folder, template.format("*")))
+                 if (m := pattern.search(os.path.basename(f)))}
+        if not found:
+            continue
+        ranks = sorted(found)
+        if ranks != list(range(len(ranks))):
+            missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
+            raise KDPluginError(f"{folder}: classifier shards {template.format('{r}')} found for ranks {ranks}, "
+                                f"missing rank(s) {missing}; every shard of the teacher's run is needed, in rank order")
+        return [found[r] for r in ranks], template
+    return None
+
+
+def _shard_weight(path: str) -> torch.Tensor:
+    obj = safe_torch_load(path)
+    if isinstance(obj, dict) and "state_dict_softmax_fc" in obj:
+        obj = obj["state_dict_softmax_fc"].get("weight")
+    if not isinstance(obj, torch.Tensor) or obj.dim() != 2:
+        raise KDPluginError(f"{path}: expected a 2-D classifier shard (num_local x embedding_size) in "
+                            f"state_dict_softmax_fc['weight'] or as the file's tensor; found {type(obj).__name__}. "
+                            f"Was the teacher trained with save_all_states=True?")
+    return obj
+
+
+def _single_file_weight(path: str) -> torch.Tensor:
+    obj = safe_torch_load(path)
+    if isinstance(obj, torch.Tensor):
+        weight = obj
+    elif isinstance(obj, dict) and isinstance(obj.get("weight"), torch.Tensor):
+        weight = obj["weight"]
+    elif isinstance(obj, dict) and isinstance(obj.get("kernel"), torch.Tensor):
+        weight = obj["kernel"].T  # fdbtrs-style heads store (d, C)
+    elif isinstance(obj, dict) and "state_dict_softmax_fc" in obj:
+        weight = _shard_weight(path)
+    else:
+        keys = list(obj)[:8] if isinstance(obj, dict) else "-"
+        raise KDPluginError(f"{path}: no classifier found: expected a (C, d) tensor, a dict with 'weight' (C, d) or "
+                            f"'kernel' (d, C), or checkpoint_gpu_*.pt shards; found {type(obj).__name__} (keys {keys})")
+    if weight.dim() != 2:
+        raise KDPluginError(f"{path}: the classifier must be 2-D, found shape {tuple(weight.shape)}")
+    return weight
+
+
+def read_classifier(path: str, num_classes: int | None = None, embedding_size: int | None = None) -> torch.Tensor:
+    """The teacher's full (num_classes, embedding_size) float32 class-centre matrix from any supported layout;
+    checks the class count and dimension when given and says exactly what disagrees."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"teacher classifier not found: {path}")
+    shards = _shard_files(path)
+    if shards is not None:
+        files, template = shards
+        parts = [_shard_weight(f) for f in files]
+        dims = {p.shape[1] for p in parts}
+        if len(dims) != 1:
+            raise KDPluginError(f"{path}: shards disagree on the embedding size: {[tuple(p.shape) for p in parts]}")
+        weight = torch.cat(parts).float()
+        what = f"{len(files)} shards {template.format('{r}')} of " + "+".join(str(len(p)) for p in parts) + " classes"
+    elif os.path.isfile(path):
+        weight, what = _single_file_weight(path).float(), "a single file"
+    else:
+        raise KDPluginError(f"{path}: no classifier shards (checkpoint_gpu_{{r}}.pt or rank_{{r}}_softmax_weight.pt) "
+                            f"in this folder; pass the folder of the teacher's run or a single classifier file")
+    if num_classes is not None and weight.shape[0] != num_classes:
+        raise KDPluginError(f"{path}: the teacher classifier has {weight.shape[0]} classes ({what}) but the dataset "
+                            f"has {num_classes} (num_classes): the shards do not cover this dataset (insightface issue "
+                            f"#2056). Use the matching dataset, or estimate the centres from the teacher instead: "
+                            f"kd-plugin centers --teacher SPEC --data train.rec --out centres.pt")
+    if embedding_size is not None and weight.shape[1] != embedding_size:
+        raise KDPluginError(f"{path}: the teacher classifier has embedding size {weight.shape[1]} but the student's "
+                            f"is {embedding_size} (embedding_size); ProxylessKD needs them equal")
+    return weight.contiguous()
+
+
+def local_class_slice(weight: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """The rows a rank of the student's run owns (arcface_torch's contiguous class ranges)."""
+    start, count = class_range(weight.shape[0], rank, world_size)
+    return weight[start:start + count]
+
+
+def save_classifier(weight: torch.Tensor, out: str, **metadata: object) -> None:
+    """Write a (C, d) classifier as `{"weight": float32 (C, d), "num_classes", "embedding_size", ...}`, atomically."""
+    weight = weight.detach().float().cpu().contiguous()
+    payload = {"weight": weight, "num_classes": int(weight.shape[0]), "embedding_size": int(weight.shape[1])}
+    payload.update({k: v for k, v in metadata.items() if isinstance(v, (str, int, float, bool))})
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, out)
