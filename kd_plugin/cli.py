@@ -101,7 +101,8 @@ def _run_pack(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_teacher_args(p: argparse.ArgumentParser) -> None:
+def _add_teacher_args(p: argparse.ArgumentParser, out_help: str) -> None:
+    p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--teacher", required=True, help="teacher spec: FILE.onnx, or NETWORK:CHECKPOINT (r100:backbone.pth)")
     p.add_argument("--mean", help=_triplet_help("teacher input mean"))
     p.add_argument("--std", help=_triplet_help("teacher input std"))
@@ -153,8 +154,7 @@ def _run_classifier(args: argparse.Namespace) -> int:
 
 def _add_centers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("centers", help="estimate class centres from a teacher's embeddings (runs under torchrun)")
-    _add_teacher_args(p)
-    p.add_argument("--out", required=True, help="output file (torch.save dict with 'weight')")
+    _add_teacher_args(p, "output file (torch.save dict with 'weight')")
     p.set_defaults(func=_run_centers)
 
 
@@ -171,8 +171,7 @@ def _run_centers(args: argparse.Namespace) -> int:
 
 def _add_cache(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cache", help="embed every training image and its flip with the teacher once (fp16)")
-    _add_teacher_args(p)
-    p.add_argument("--out", required=True, help="output folder (embeddings.npy + meta.json)")
+    _add_teacher_args(p, "output folder (embeddings.npy + meta.json)")
     p.set_defaults(func=_run_cache)
 
 
