@@ -109,3 +109,14 @@ def init_from_env() -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
     return True
+
+
+def replicated_loss(loss: torch.Tensor, reference_scaling: bool = False) -> torch.Tensor:
+    """A loss computed identically on every rank from gathered tensors: same value, gradient divided by the world size.
+
+    `gather_with_grad` sums every rank's gradient for a row; for a replicated loss that sum is W times the one-process
+    gradient, and this brings it back. `reference_scaling=True` keeps the W factor (what TFace's EKD does)."""
+    world = get_world_size()
+    if world == 1 or reference_scaling:
+        return loss
+    return loss / world + loss.detach() * (1.0 - 1.0 / world)

@@ -1,0 +1,167 @@
+"""EKD, evaluation-oriented distillation (Huang et al., CVPR 2022), as a critical-pair miner plus a rank loss.
+
+Per step, over the global batch's pairs i < j: each model reads thresholds at the FPRs (1e-1 ... 1e-6) from its own
+negative-pair similarities (the floor(L * FPR)-th largest of its L negatives, 0-based), smoothed by momentum 0.01 in
+buffers that start at 0. The critical pairs are all positive pairs and the top-k (2000) negatives by student
+similarity. A pair's soft rank is r(v) = sum_k sigmoid((v - A_k) / tau), tau = 0.01, in fp32; the loss is
+0.02 * mean over positives of (r_s - r_t)^2 + 0.01 * the same over the selected negatives.
+
+Memory: selection runs without gradient and holds one N x N similarity matrix at a time (the student's, then the
+teacher's); the gradient flows only through the selected pairs, recomputed as row dot products, so the autograd graph
+is O(#selected pairs x d), not O(N^2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd_plugin.losses.precision import at_least_fp32
+
+DEFAULT_FPRS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+
+
+def soft_rank(values: torch.Tensor, anchors: torch.Tensor, tau: float) -> torch.Tensor:
+    """Soft count of the anchors each value exceeds: sum_k sigmoid(clamp((v - A_k) / tau, -50, 50))."""
+    z = ((at_least_fp32(values)[:, None] - at_least_fp32(anchors)[None, :]) / tau).clamp(-50.0, 50.0)
+    return torch.sigmoid(z).sum(dim=1)
+
+
+class CriticalPairMiner(nn.Module):
+    """Thresholds at several FPRs for both models (momentum-smoothed buffers) and the critical pairs of a batch.
+
+    `unresolvable`: what a threshold does when the batch has fewer negatives than 1/FPR — "reference" reads index
+    floor(L * FPR) = 0 (the hardest negative), as TFace does; "hold" leaves that anchor unchanged (the batch cannot
+    measure it), and an anchor no batch has resolved yet takes no part in the soft ranks.
+    `bias_correction`: divide the anchors by 1 - (1 - momentum)^steps (zero-initialised EMA made unbiased); off by
+    default, as the reference."""
+
+    def __init__(self, fprs=DEFAULT_FPRS, momentum: float = 0.01, top_k: int = 2000, unresolvable: str = "reference",
+                 bias_correction: bool = False) -> None:
+        super().__init__()
+        if unresolvable not in ("reference", "hold"):
+            raise ValueError(f"unresolvable must be 'reference' or 'hold', got {unresolvable!r}")
+        if not all(0 < f < 1 for f in fprs):
+            raise ValueError(f"EKD FPRs must lie strictly between 0 and 1, got {list(fprs)}")
+        self.inverse_fprs = [int(round(1.0 / f)) for f in fprs]  # integer division keeps floor(L / A) exact
+        self.momentum, self.top_k = float(momentum), int(top_k)
+        self.unresolvable, self.bias_correction = unresolvable, bool(bias_correction)
+        self.register_buffer("student_anchors", torch.zeros(len(fprs)))
+        self.register_buffer("teacher_anchors", torch.zeros(len(fprs)))
+        self.register_buffer("anchor_updates", torch.zeros(len(fprs), dtype=torch.int64))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+
+    def _batch_thresholds(self, neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per FPR: the floor(L / A)-th largest negative (0-based) and whether the batch resolves it (L >= A)."""
+        count = neg.numel()
+        values, resolved = [], []
+        for a in self.inverse_fprs:
+            index = count // a
+            values.append(torch.kthvalue(neg, count - index).values)  # (count - index)-th smallest, 1-based
+            resolved.append(index >= 1)
+        return torch.stack(values), torch.tensor(resolved, device=neg.device)
+
+    def _update(self, name: str, batch: torch.Tensor, resolved: torch.Tensor) -> None:
+        anchors = getattr(self, name)
+        new = (1 - self.momentum) * anchors + self.momentum * batch
+        if self.unresolvable == "hold":
+            new = torch.where(resolved, new, anchors)
+        anchors.copy_(new)
+
+    def active(self) -> torch.Tensor:
+        """Which anchors take part in the soft ranks (all of them, except never-resolved ones in "hold" mode)."""
+        if self.unresolvable == "hold":
+            return self.anchor_updates > 0
+        return torch.ones_like(self.anchor_updates, dtype=torch.bool)
+
+    def anchors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (student, teacher) anchors the loss uses now."""
+        if not self.bias_correction:
+            return self.student_anchors, self.teacher_anchors
+        n = self.anchor_updates.clamp_min(1).float()
+        scale = 1.0 / (1.0 - (1.0 - self.momentum) ** n)
+        return self.student_anchors * scale, self.teacher_anchors * scale
+
+    @torch.no_grad()
+    def forward(self, student_unit: torch.Tensor, teacher_unit: torch.Tensor, labels: torch.Tensor) -> dict | None:
+        """Update the anchors from this batch and select its critical pairs; None when the batch has no negative pair.
+
+        Returns the pair indices (pos_i, pos_j, neg_i, neg_j), the teacher similarities of those pairs, and the
+        batch thresholds for the diagnostics."""
+        n = len(labels)
+        upper = torch.ones(n, n, dtype=torch.bool, device=labels.device).triu_(1)
+        same = labels[:, None] == labels[None, :]
+        negative = upper & ~same
+        if not negative.any():
+            return None
+        pos_i, pos_j = torch.nonzero(upper & same, as_tuple=True)
+        sim = student_unit @ student_unit.T  # the student's matrix first, then the teacher's: never both
+        student_batch, resolved = self._batch_thresholds(sim[negative])
+        k = min(self.top_k, int(negative.sum()))
+        flat = torch.topk(sim.masked_fill_(~negative, -float("inf")).view(-1), k).indices
+        neg_i, neg_j = flat // n, flat % n
+        del sim
+        sim = teacher_unit @ teacher_unit.T
+        teacher_batch, _ = self._batch_thresholds(sim[negative])
+        teacher_pos, teacher_neg = sim[pos_i, pos_j], sim[neg_i, neg_j]
+        del sim
+        self._update("student_anchors", student_batch, resolved)
+        self._update("teacher_anchors", teacher_batch, resolved)
+        self.anchor_updates += resolved.long() if self.unresolvable == "hold" else 1
+        self.steps += 1
+        return {"pos_i": pos_i, "pos_j": pos_j, "neg_i": neg_i, "neg_j": neg_j, "teacher_pos": teacher_pos,
+                "teacher_neg": teacher_neg, "student_batch": student_batch, "teacher_batch": teacher_batch,
+                "resolved": resolved}
+
+
+class EKDLoss(nn.Module):
+    """Evaluation-oriented KD over the global batch: `forward(student, teacher, labels) -> (loss, diagnostics)`.
+    Teacher and student dims may differ (only each model's own cosines are compared)."""
+
+    default_weight = 1.0
+
+    def __init__(self, fprs=DEFAULT_FPRS, momentum: float = 0.01, tau: float = 0.01, top_k: int = 2000,
+                 positive_weight: float = 0.02, negative_weight: float = 0.01, unresolvable: str = "reference",
+                 bias_correction: bool = False) -> None:
+        super().__init__()
+        self.fprs = tuple(fprs)
+        self.miner = CriticalPairMiner(fprs, momentum, top_k, unresolvable, bias_correction)
+        self.tau, self.positive_weight, self.negative_weight = float(tau), float(positive_weight), float(negative_weight)
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor):
+        with torch.autocast(student.device.type, enabled=False):  # tau = 0.01 makes the ranks steep: fp32 throughout
+            s_unit = F.normalize(at_least_fp32(student), dim=1)
+            t_unit = F.normalize(at_least_fp32(teacher.detach()), dim=1)
+            picked = self.miner(s_unit.detach(), t_unit, labels.view(-1))
+            if picked is None:  # a single identity: no negative pair, EKD skips the step
+                zero = student.sum() * 0.0
+                return zero, {"ekd_skipped": torch.ones(())}
+            a_s, a_t = self.miner.anchors()
+            active = self.miner.active()
+            a_s, a_t = a_s[active], a_t[active]
+            s_pos = (s_unit[picked["pos_i"]] * s_unit[picked["pos_j"]]).sum(1)
+            s_neg = (s_unit[picked["neg_i"]] * s_unit[picked["neg_j"]]).sum(1)
+            rank_pos_s, rank_pos_t = soft_rank(s_pos, a_s, self.tau), soft_rank(picked["teacher_pos"], a_t, self.tau)
+            rank_neg_s, rank_neg_t = soft_rank(s_neg, a_s, self.tau), soft_rank(picked["teacher_neg"], a_t, self.tau)
+            pos_loss = ((rank_pos_s - rank_pos_t) ** 2).mean() if len(s_pos) else s_unit.sum() * 0.0
+            neg_loss = ((rank_neg_s - rank_neg_t) ** 2).mean()
+            loss = self.positive_weight * pos_loss + self.negative_weight * neg_loss
+        stats = {"ekd_positive": pos_loss.detach(), "ekd_negative": neg_loss.detach(),
+                 "ekd_critical_positive": self._critical(s_pos, picked["teacher_pos"], a_s, a_t),
+                 "ekd_critical_negative": self._critical(s_neg, picked["teacher_neg"], a_s, a_t),
+                 "ekd_positive_pairs": torch.tensor(float(len(s_pos))), "ekd_skipped": torch.zeros(())}
+        all_s, all_t = self.miner.anchors()
+        for k, fpr in enumerate(self.fprs):
+            stats[f"ekd_threshold_student@{fpr:.0e}"] = all_s[k].detach()
+            stats[f"ekd_threshold_teacher@{fpr:.0e}"] = all_t[k].detach()
+        return loss, stats
+
+    @staticmethod
+    @torch.no_grad()
+    def _critical(s: torch.Tensor, t: torch.Tensor, a_s: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
+        """Pairs the two models place on different sides of at least one of their thresholds."""
+        if len(s) == 0:
+            return torch.zeros(())
+        disagree = (s.detach()[:, None] > a_s[None, :]) != (t[:, None] > a_t[None, :])
+        return disagree.any(dim=1).sum().float()

@@ -1,0 +1,40 @@
+"""Embedding-matching baselines: L2 (PocketNet's MSE of normalised embeddings) and cosine distance."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd_plugin.losses.precision import at_least_fp32
+
+
+def check_same_dims(student: torch.Tensor, teacher: torch.Tensor, term: str) -> None:
+    """Embedding-matching terms need equal dimensions; relational ones do not."""
+    if student.shape[1] != teacher.shape[1]:
+        raise ValueError(f"{term}: student embeddings have {student.shape[1]} dims, the teacher's {teacher.shape[1]}; "
+                         f"{term} compares embeddings directly and needs equal dims — use a relational term "
+                         f"(ekd, cckd, sp, rkd) or a student with embedding_size={teacher.shape[1]}")
+
+
+class L2Loss(nn.Module):
+    """mean((f̂_s - f̂_t)^2) over batch and dims (PocketNet: weight 100)."""
+
+    default_weight = 100.0
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None):
+        check_same_dims(student, teacher, "l2")
+        loss = F.mse_loss(F.normalize(at_least_fp32(student), dim=1), F.normalize(at_least_fp32(teacher), dim=1))
+        return loss, {"l2": loss.detach()}
+
+
+class CosineLoss(nn.Module):
+    """mean(1 - cos(f_s, f_t))."""
+
+    default_weight = 1.0
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None):
+        check_same_dims(student, teacher, "cosine")
+        cos = F.cosine_similarity(at_least_fp32(student), at_least_fp32(teacher), dim=1)
+        loss = (1.0 - cos).mean()
+        return loss, {"cosine_distance": loss.detach(), "cosine_similarity": cos.detach().mean()}

@@ -1,0 +1,95 @@
+"""Relational baselines: CCKD (correlation congruence), SP (similarity preserving), RKD (distance + angle).
+They compare relations within each model, so teacher and student dims may differ."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd_plugin.losses.precision import at_least_fp32
+
+
+class CCKDLoss(nn.Module):
+    """Correlation congruence: Gaussian-RBF correlations of unit embeddings by a Taylor expansion of order `order`
+    (terms 0..order inclusive), k(x, y) ~ sum_p e^{-2 gamma} (2 gamma)^p / p! (x.y)^p; loss = mean over the N x N
+    matrix of (C_s - C_t)^2. TFace's version stops at order 1 (`order=1` reproduces it)."""
+
+    default_weight = 1.0
+
+    def __init__(self, gamma: float = 0.4, order: int = 2) -> None:
+        super().__init__()
+        if order < 1:
+            raise ValueError(f"cckd order must be >= 1, got {order}")
+        self.gamma, self.order = float(gamma), int(order)
+
+    def correlation(self, emb: torch.Tensor) -> torch.Tensor:
+        """The N x N Taylor-approximated RBF correlation matrix of L2-normalised rows."""
+        unit = F.normalize(at_least_fp32(emb), dim=1)
+        cos = unit @ unit.T
+        coeffs = [math.exp(-2 * self.gamma) * (2 * self.gamma) ** p / math.factorial(p) for p in range(self.order + 1)]
+        out, power = torch.full_like(cos, coeffs[0]), torch.ones_like(cos)
+        for p in range(1, self.order + 1):
+            power = power * cos
+            out = out + coeffs[p] * power
+        return out
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None):
+        loss = F.mse_loss(self.correlation(student), self.correlation(teacher).detach())
+        return loss, {"cckd": loss.detach()}
+
+
+class SPLoss(nn.Module):
+    """Similarity preserving: row-normalised Gram matrices G = f f^T; loss = ||G_s - G_t||_F^2 / N^2."""
+
+    default_weight = 1.0
+
+    @staticmethod
+    def gram(emb: torch.Tensor) -> torch.Tensor:
+        """Row-L2-normalised Gram matrix of the raw embeddings."""
+        emb = at_least_fp32(emb)
+        return F.normalize(emb @ emb.T, dim=1)
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None):
+        n = student.shape[0]
+        loss = (self.gram(student) - self.gram(teacher).detach()).pow(2).sum() / (n * n)
+        return loss, {"sp": loss.detach()}
+
+
+class RKDLoss(nn.Module):
+    """Relational KD: distance term (pairwise distances over their mean, smooth-L1, weight 25) and angle term (cosine of
+    the angle at each anchor j between i and k, smooth-L1, weight 50). The angle term builds an N x N x d tensor and
+    N^3 angles: keep the global batch moderate (N = 512 at d = 512 takes about 0.5 GB)."""
+
+    default_weight = 1.0
+
+    def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0) -> None:
+        super().__init__()
+        self.distance_weight, self.angle_weight = float(distance_weight), float(angle_weight)
+
+    @staticmethod
+    def distances(emb: torch.Tensor) -> torch.Tensor:
+        """Pairwise Euclidean distances divided by their mean over i != j."""
+        emb = at_least_fp32(emb)
+        sq = (emb * emb).sum(1)
+        d2 = (sq[:, None] + sq[None, :] - 2 * emb @ emb.T).clamp_min(1e-12)
+        off = ~torch.eye(len(emb), dtype=torch.bool, device=emb.device)
+        d = torch.where(off, d2.sqrt(), torch.zeros_like(d2))  # sqrt only where it is differentiable
+        return d / d[off].mean()
+
+    @staticmethod
+    def angles(emb: torch.Tensor) -> torch.Tensor:
+        """cos of the angle at j between i and k: <unit(e_i - e_j), unit(e_k - e_j)>, flattened (N^3)."""
+        emb = at_least_fp32(emb)
+        diff = F.normalize(emb[None, :, :] - emb[:, None, :], dim=2)  # [j, i] = unit(e_i - e_j)
+        return torch.bmm(diff, diff.transpose(1, 2)).reshape(-1)
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None):
+        with torch.no_grad():
+            t_dist, t_angle = self.distances(teacher), self.angles(teacher)
+        distance = F.smooth_l1_loss(self.distances(student), t_dist)
+        angle = F.smooth_l1_loss(self.angles(student), t_angle)
+        loss = self.distance_weight * distance + self.angle_weight * angle
+        return loss, {"rkd_distance": distance.detach(), "rkd_angle": angle.detach()}
