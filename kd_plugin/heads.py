@@ -196,18 +196,29 @@ class PartialFCHead(nn.Module):
         self.sample_step += 1
         return index, labels
 
-    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
-        """Mean margin-softmax loss over the global batch; gradients reach only the embeddings in inherited mode."""
+    def gather(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global batch: embeddings (gradient flows back to each row's owner) and labels, in rank order."""
         local_labels = local_labels.reshape(-1).long()
         if local_embeddings.shape != (len(local_labels), self.embedding_size):
             raise ValueError(f"embeddings {tuple(local_embeddings.shape)} do not match {len(local_labels)} labels x "
                              f"embedding_size {self.embedding_size}")
         sizes = gather_sizes(len(local_labels), local_embeddings.device)
-        embeddings = gather_with_grad(local_embeddings, sizes)
-        labels = gather_no_grad(local_labels, sizes) - self.class_start
+        return gather_with_grad(local_embeddings, sizes), gather_no_grad(local_labels, sizes)
+
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        """Mean margin-softmax loss over the global batch; gradients reach only the embeddings in inherited mode."""
+        return self.global_loss(*self.gather(local_embeddings, local_labels))
+
+    def centres_for_logits(self) -> torch.Tensor:
+        """This rank's centres as the logits use them (inherited ones are stored normalised already)."""
+        return self.weight
+
+    def global_loss(self, embeddings: torch.Tensor, global_labels: torch.Tensor) -> torch.Tensor:
+        """The loss of an already gathered global batch (global class ids); the same value on every rank."""
+        labels = global_labels - self.class_start
         owned = (labels >= 0) & (labels < self.num_local)
         labels[~owned] = -1
-        weight = self.weight
+        weight = self.centres_for_logits()
         if self.sample_rate < 1.0:
             index, labels = self._sample(labels, owned)
             weight = weight[index]
@@ -219,3 +230,60 @@ class PartialFCHead(nn.Module):
             logits = _FrozenCosine.apply(norm_emb.half() if self.fp16 and norm_emb.is_cuda else norm_emb, weight)
         logits = self.margin_softmax(logits.clamp(-1.0, 1.0), labels)
         return _DistributedCrossEntropy.apply(logits, labels)
+
+
+class AdaDistillHead(PartialFCHead):
+    """AdaDistill (Boutros et al., ECCV 2024): class centres distilled from teacher embeddings, updated every step
+    before the logits, never by the optimizer.
+
+    For each sample i of class y (global batch, batch order): c = cos(f_s, f_t), lambda = clip(cos(W_y, f_t), 1e-6, 1),
+    alpha = clip(c * lambda, 1e-6, 1) (the weighted alpha', the default) or clip(c, 0, 1); then
+    W_y <- alpha W_y + (1 - alpha) f̂_t. The rank that owns class y updates it, from the gathered batch, so the
+    sharded centres stay exactly those of one process. A class seen several times in a batch is updated once per
+    occurrence, in batch order. Centres start from N(0, 0.01) drawn from `seed` (the same on every rank)."""
+
+    def __init__(self, margin_loss: nn.Module, embedding_size: int, num_classes: int, sample_rate: float = 1.0,
+                 fp16: bool = False, *, weighted_alpha: bool = True, seed: int = 0, rank: int | None = None,
+                 world_size: int | None = None) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        start = torch.normal(0.0, 0.01, (num_classes, embedding_size), generator=generator)
+        super().__init__(margin_loss, embedding_size, num_classes, sample_rate, fp16, start, trainable=False,
+                         seed=seed, rank=rank, world_size=world_size)
+        self.weight.copy_(start[self.class_start:self.class_start + self.num_local])  # raw, not normalised
+        self.weighted_alpha = bool(weighted_alpha)
+
+    def centres_for_logits(self) -> torch.Tensor:
+        return F.normalize(self.weight.float(), dim=1)
+
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,
+                local_teacher: torch.Tensor | None = None) -> torch.Tensor:
+        """Update the owned centres from the global batch's teacher embeddings, then the margin-softmax loss."""
+        if local_teacher is None:
+            raise ValueError("AdaDistillHead needs the teacher embeddings: head(student, labels, teacher)")
+        embeddings, labels = self.gather(local_embeddings, local_labels)
+        self.update_centres(embeddings.detach(), gather_no_grad(local_teacher.float()), labels)
+        return self.global_loss(embeddings, labels)
+
+    @torch.no_grad()
+    def update_centres(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> None:
+        """The adaptive update of this rank's centres, one wave per repeated occurrence of a class."""
+        if teacher.shape[1] != self.embedding_size:
+            raise ValueError(f"AdaDistill needs teacher embeddings of the student's size {self.embedding_size}, got "
+                             f"{teacher.shape[1]}")
+        t_unit = F.normalize(teacher.float(), dim=1)
+        agreement = (F.normalize(student.float(), dim=1) * t_unit).sum(1)
+        local = labels - self.class_start
+        rows = torch.nonzero((local >= 0) & (local < self.num_local)).squeeze(1)
+        order = rows[torch.argsort(local[rows], stable=True)]  # grouped by class, batch order inside a class
+        group_start = torch.ones_like(order, dtype=torch.bool)
+        group_start[1:] = local[order][1:] != local[order][:-1]
+        first = torch.cummax(torch.where(group_start, torch.arange(len(order), device=order.device),
+                                         torch.zeros_like(order)), 0).values
+        occurrence = torch.arange(len(order), device=order.device) - first
+        for wave in range(int(occurrence.max()) + 1 if len(order) else 0):
+            r = order[occurrence == wave]
+            cls = local[r]
+            centre = self.weight[cls].float()
+            lam = F.cosine_similarity(centre, t_unit[r], dim=1).clamp(1e-6, 1.0)
+            alpha = (agreement[r] * lam).clamp(1e-6, 1.0) if self.weighted_alpha else agreement[r].clamp(0.0, 1.0)
+            self.weight[cls] = (alpha[:, None] * centre + (1 - alpha[:, None]) * t_unit[r]).to(self.weight.dtype)
