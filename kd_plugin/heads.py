@@ -213,6 +213,13 @@ class PartialFCHead(nn.Module):
         """This rank's centres as the logits use them (inherited ones are stored normalised already)."""
         return self.weight
 
+    def cosines(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Cosines of the global batch against this rank's class slice (no margin, no sampling): (N, num_local)."""
+        norm_emb = F.normalize(embeddings.float(), dim=1)
+        if self.trainable:
+            return F.linear(norm_emb, F.normalize(self.weight, dim=1))
+        return _FrozenCosine.apply(norm_emb, self.centres_for_logits())
+
     def global_loss(self, embeddings: torch.Tensor, global_labels: torch.Tensor) -> torch.Tensor:
         """The loss of an already gathered global batch (global class ids); the same value on every rank."""
         labels = global_labels - self.class_start

@@ -4,8 +4,10 @@ labels without), holds its hyper-parameters in its constructor and its running s
 
 from kd_plugin.losses.ekd import EKDLoss
 from kd_plugin.losses.embedding import CosineLoss, L2Loss
+from kd_plugin.losses.logit import LogitKDLoss
 from kd_plugin.losses.relational import CCKDLoss, RKDLoss, SPLoss
 
-TERMS = {"ekd": EKDLoss, "l2": L2Loss, "cosine": CosineLoss, "cckd": CCKDLoss, "sp": SPLoss, "rkd": RKDLoss}
+TERMS = {"ekd": EKDLoss, "l2": L2Loss, "cosine": CosineLoss, "cckd": CCKDLoss, "sp": SPLoss, "rkd": RKDLoss,
+         "logit": LogitKDLoss}
 
-__all__ = ["TERMS", "EKDLoss", "L2Loss", "CosineLoss", "CCKDLoss", "SPLoss", "RKDLoss"]
+__all__ = ["TERMS", "EKDLoss", "L2Loss", "CosineLoss", "CCKDLoss", "SPLoss", "RKDLoss", "LogitKDLoss"]
