@@ -195,3 +195,10 @@ def test_relational_terms_across_ranks_equal_one_process(world):
                 start = sum(SIZES[:rank])
                 assert loss == pytest.approx(single[step][0], abs=1e-5), (name, rank)
                 assert torch.allclose(grad, single[step][1][start:start + SIZES[rank]], atol=1e-5), (name, rank)
+
+
+def test_ekd_benchmark_runs_and_reports_its_fields():
+    """Behaviour only: the figures themselves come from `kd-plugin bench ekd`."""
+    from kd_plugin.benchmarks.ekd import time_steps
+    timing = time_steps(16, "tiny", 32, steps=1, device="cpu")
+    assert timing["plain_seconds"] > 0 and timing["ekd_seconds"] > 0 and "overhead" in timing

@@ -88,3 +88,13 @@ def test_rank_and_world_come_from_the_process_group():
     for rank, (got_rank, world, batches) in enumerate(run_ranks(_ranked_sampler, 2)):
         assert (got_rank, world) == (rank, 2)
         assert batches == list(_sampler(rank))  # same as the explicitly ranked single-process sampler
+
+
+def test_random_part_rows_of_the_gathered_batch():
+    from kd_plugin.data.sampler import random_part_mask
+    batches = [list(_sampler(r))[0] for r in range(2)]  # the first batch of each rank
+    gathered_labels = [LABELS[i] for batch in batches for i, _ in batch]
+    mask = random_part_mask([20, 20], random_size=8)
+    assert mask.tolist() == ([True] * 8 + [False] * 12) * 2
+    balanced = [lab for lab, m in zip(gathered_labels, mask.tolist()) if not m]
+    assert all(len(set(balanced[g * 4:(g + 1) * 4])) == 1 for g in range(6))  # the rest are the P x K groups

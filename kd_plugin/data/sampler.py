@@ -113,3 +113,14 @@ class IdentityBalancedBatchSampler(torch.utils.data.Sampler):
                 indices.extend(self._members[start + picks])
         flips = rng.random(len(indices)) < 0.5 if self.flip else np.zeros(len(indices), dtype=bool)
         return [(int(i), bool(f)) for i, f in zip(indices, flips)]
+
+
+def random_part_mask(sizes: list[int], random_size: int) -> torch.Tensor:
+    """Rows of a gathered global batch that came from the samplers' random parts (each rank's first `random_size`
+    rows), for the reference EKD recipe where the margin loss sees only those and EKD the whole batch."""
+    mask = torch.zeros(sum(sizes), dtype=torch.bool)
+    offset = 0
+    for size in sizes:
+        mask[offset:offset + min(random_size, size)] = True
+        offset += size
+    return mask

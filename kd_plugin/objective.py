@@ -1,0 +1,64 @@
+"""The KD objective: one gather of the global batch, the margin-softmax head's loss plus a weighted sum of
+distillation terms, with named scalars for logging.
+
+Gradient scaling per kind of term: the head and sharded terms (logit KD) are split across ranks and already give each
+rank its exact gradient; replicated terms (EKD, L2, CCKD, ...) go through `replicated_loss`. So the whole objective
+gives every rank the gradient one process would compute on the concatenated batch (under DDP, scale by the world size
+once, see kd_plugin.distributed); `reference_scaling=True` keeps TFace's W-times-larger gradient for replicated terms."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kd_plugin.data.sampler import random_part_mask
+from kd_plugin.distributed import gather_no_grad, gather_sizes, replicated_loss
+from kd_plugin.heads import AdaDistillHead, PartialFCHead
+
+
+class KDObjective(nn.Module):
+    """`forward(local_student, local_labels, local_teacher=None) -> (loss, {name: scalar})`.
+
+    `terms` maps a name to `(module, weight)`. `margin_random_rows`: when set (the sampler's random-part size R), the
+    head's loss sees only each rank's first R rows — the reference EKD recipe — while the terms see the whole batch."""
+
+    def __init__(self, head: PartialFCHead, terms: dict[str, tuple[nn.Module, float]] | None = None,
+                 reference_scaling: bool = False, margin_random_rows: int | None = None) -> None:
+        super().__init__()
+        self.head = head
+        self.terms = nn.ModuleDict({name: module for name, (module, _) in (terms or {}).items()})
+        self.weights = {name: float(weight) for name, (_, weight) in (terms or {}).items()}
+        self.reference_scaling, self.margin_random_rows = reference_scaling, margin_random_rows
+        needs_teacher = bool(self.terms) or isinstance(head, AdaDistillHead)
+        self.needs_teacher = needs_teacher
+
+    def forward(self, local_student: torch.Tensor, local_labels: torch.Tensor,
+                local_teacher: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.needs_teacher and local_teacher is None:
+            raise ValueError(f"the KD terms {sorted(self.terms) or ['adadistill']} need teacher embeddings")
+        student, labels = self.head.gather(local_student, local_labels)
+        teacher = None
+        if local_teacher is not None:
+            sizes = gather_sizes(len(local_labels), local_student.device)
+            teacher = gather_no_grad(local_teacher.float(), sizes)
+        if isinstance(self.head, AdaDistillHead):
+            self.head.update_centres(student.detach(), teacher, labels)
+        if self.margin_random_rows is not None:
+            rows = random_part_mask(gather_sizes(len(local_labels), local_student.device),
+                                    self.margin_random_rows).to(student.device)
+            head_loss = self.head.global_loss(student[rows], labels[rows])
+        else:
+            head_loss = self.head.global_loss(student, labels)
+        total = head_loss
+        stats = {"loss_head": head_loss.detach()}
+        for name, term in self.terms.items():
+            if getattr(term, "sharded", False):
+                loss, term_stats = term(student, teacher, labels, self.head)
+            else:
+                loss, term_stats = term(student, teacher, labels)
+                loss = replicated_loss(loss, self.reference_scaling)
+            total = total + self.weights[name] * loss
+            stats[f"loss_{name}"] = loss.detach()
+            stats.update({k: v for k, v in term_stats.items()})
+        stats["loss"] = total.detach()
+        return total, stats
