@@ -196,13 +196,14 @@ class PartialFCHead(nn.Module):
         self.sample_step += 1
         return index, labels
 
-    def gather(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,
+               sizes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The global batch: embeddings (gradient flows back to each row's owner) and labels, in rank order."""
         local_labels = local_labels.reshape(-1).long()
         if local_embeddings.shape != (len(local_labels), self.embedding_size):
             raise ValueError(f"embeddings {tuple(local_embeddings.shape)} do not match {len(local_labels)} labels x "
                              f"embedding_size {self.embedding_size}")
-        sizes = gather_sizes(len(local_labels), local_embeddings.device)
+        sizes = sizes or gather_sizes(len(local_labels), local_embeddings.device)
         return gather_with_grad(local_embeddings, sizes), gather_no_grad(local_labels, sizes)
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
@@ -267,8 +268,9 @@ class AdaDistillHead(PartialFCHead):
         """Update the owned centres from the global batch's teacher embeddings, then the margin-softmax loss."""
         if local_teacher is None:
             raise ValueError("AdaDistillHead needs the teacher embeddings: head(student, labels, teacher)")
-        embeddings, labels = self.gather(local_embeddings, local_labels)
-        self.update_centres(embeddings.detach(), gather_no_grad(local_teacher.float()), labels)
+        sizes = gather_sizes(len(local_labels), local_embeddings.device)
+        embeddings, labels = self.gather(local_embeddings, local_labels, sizes)
+        self.update_centres(embeddings.detach(), gather_no_grad(local_teacher.float(), sizes), labels)
         return self.global_loss(embeddings, labels)
 
     @torch.no_grad()

@@ -29,23 +29,19 @@ class KDObjective(nn.Module):
         self.terms = nn.ModuleDict({name: module for name, (module, _) in (terms or {}).items()})
         self.weights = {name: float(weight) for name, (_, weight) in (terms or {}).items()}
         self.reference_scaling, self.margin_random_rows = reference_scaling, margin_random_rows
-        needs_teacher = bool(self.terms) or isinstance(head, AdaDistillHead)
-        self.needs_teacher = needs_teacher
+        self.needs_teacher = bool(self.terms) or isinstance(head, AdaDistillHead)
 
     def forward(self, local_student: torch.Tensor, local_labels: torch.Tensor,
                 local_teacher: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.needs_teacher and local_teacher is None:
             raise ValueError(f"the KD terms {sorted(self.terms) or ['adadistill']} need teacher embeddings")
-        student, labels = self.head.gather(local_student, local_labels)
-        teacher = None
-        if local_teacher is not None:
-            sizes = gather_sizes(len(local_labels), local_student.device)
-            teacher = gather_no_grad(local_teacher.float(), sizes)
+        sizes = gather_sizes(len(local_labels), local_student.device)
+        student, labels = self.head.gather(local_student, local_labels, sizes)
+        teacher = None if local_teacher is None else gather_no_grad(local_teacher.float(), sizes)
         if isinstance(self.head, AdaDistillHead):
             self.head.update_centres(student.detach(), teacher, labels)
         if self.margin_random_rows is not None:
-            rows = random_part_mask(gather_sizes(len(local_labels), local_student.device),
-                                    self.margin_random_rows).to(student.device)
+            rows = random_part_mask(sizes, self.margin_random_rows).to(student.device)
             head_loss = self.head.global_loss(student[rows], labels[rows])
         else:
             head_loss = self.head.global_loss(student, labels)
