@@ -130,6 +130,19 @@ class _FrozenCosine(torch.autograd.Function):
         return out, None
 
 
+def _sharding_free_normal(rows: int, dim: int, start: int, count: int, seed: int, block: int = 1 << 16) -> torch.Tensor:
+    """Rows start..start+count of an N(0, 0.01) (rows, dim) matrix drawn block by block from `seed`: the same values
+    whatever the sharding, without ever drawing the full matrix on one rank."""
+    parts = []
+    for b in range(start // block, (start + count + block - 1) // block):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + b)
+        size = min(block, rows - b * block)
+        chunk = torch.normal(0.0, 0.01, (size, dim), generator=generator)
+        lo, hi = max(start, b * block) - b * block, min(start + count, b * block + size) - b * block
+        parts.append(chunk[lo:hi])
+    return torch.cat(parts) if parts else torch.zeros(0, dim)
+
+
 def class_draw(seed: int, step: int, num_classes: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """One uniform number per class for negative sampling at `step`: the same on every rank, whatever the sharding."""
     generator = torch.Generator(device=device)
@@ -142,7 +155,8 @@ class PartialFCHead(nn.Module):
 
     `centres` (a (C, d) tensor, or any classifier layout `read_classifier` reads) makes it *inherited*: each rank keeps its class slice, L2-normalised once,
     as a buffer (never a Parameter, no gradient, nothing for the optimizer, optionally fp16/bf16 via `centre_dtype`).
-    Without centres it is *trainable* like PartialFC_V2 (weights drawn from N(0, 0.01)). `forward(local_embeddings,
+    Without centres it is *trainable* like PartialFC_V2 (weights drawn from N(0, 0.01), from `seed`, the same values
+    whatever the number of ranks). `forward(local_embeddings,
     local_labels)` gathers the global batch across ranks and returns the mean loss over it (the same on every rank)."""
 
     def __init__(self, margin_loss: nn.Module, embedding_size: int, num_classes: int, sample_rate: float = 1.0,
@@ -162,7 +176,7 @@ class PartialFCHead(nn.Module):
         if centres is None:
             if not self.trainable:
                 raise ValueError("an inherited (frozen) head needs `centres`")
-            local = torch.normal(0.0, 0.01, (self.num_local, self.embedding_size))
+            local = _sharding_free_normal(self.num_classes, self.embedding_size, self.class_start, self.num_local, seed)
         else:
             local = self._local_slice(centres)
         if self.trainable:

@@ -98,3 +98,14 @@ def test_random_part_rows_of_the_gathered_batch():
     assert mask.tolist() == ([True] * 8 + [False] * 12) * 2
     balanced = [lab for lab, m in zip(gathered_labels, mask.tolist()) if not m]
     assert all(len(set(balanced[g * 4:(g + 1) * 4])) == 1 for g in range(6))  # the rest are the P x K groups
+
+
+def test_two_ranks_together_draw_what_one_process_with_twice_the_batch_draws():
+    one = IdentityBalancedBatchSampler(LABELS, batch_size=40, identities_per_batch=6, images_per_identity=4, seed=7,
+                                       rank=0, world_size=1)
+    two = [_sampler(r) for r in range(2)]  # batch 20 = 8 random + 3 x 4 per rank
+    for step in range(len(two[0])):
+        joint = one.batch(0, step)
+        parts = [s.batch(0, step) for s in two]
+        assert joint[:16] == parts[0][:8] + parts[1][:8]  # the random parts, in order, with their flips
+        assert joint[16:] == parts[0][8:] + parts[1][8:]  # the P x K groups, with their picks and flips

@@ -6,7 +6,8 @@ dataset per epoch, split across ranks and steps like `DistributedSampler`, so it
 (the last global step wraps around to the start of the permutation). The balanced part gives every batch positive
 pairs, which EKD needs. Batches are pure functions of (seed, epoch, step, rank), so resuming from (epoch, position)
 is exact. Items are `(index, flip)` pairs: the horizontal flip is decided here, seeded, so a teacher-embedding cache
-can be keyed by them.
+can be keyed by them. Random draws depend on global positions (not on the rank), so W ranks with batch B draw,
+together, what one process with batch W x B draws (the random parts in the same order, the P x K groups too).
 """
 
 from __future__ import annotations
@@ -87,32 +88,36 @@ class IdentityBalancedBatchSampler(torch.utils.data.Sampler):
         for step in range(start, self.steps_per_epoch):
             yield self.batch(self.epoch, step)
 
-    def _epoch_orders(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """This epoch's sample permutation (wrapped to fill every step) and identity order, cached per epoch."""
+    def _epoch_orders(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This epoch's sample permutation (wrapped to fill every step), the flips of its positions, and the identity
+        order, cached per epoch. Everything is indexed by global position, so the union of the ranks' batches at a
+        step is the batch one process with W times the batch size would draw."""
         if self._orders is None or self._orders[0] != epoch:
             total = self.steps_per_epoch * self.world_size * self.random_size
             samples = np.resize(np.random.default_rng([self.seed, epoch, 0]).permutation(len(self.labels)), total)
+            flips = np.random.default_rng([self.seed, epoch, 2]).random(total) < 0.5
             identities = np.random.default_rng([self.seed, epoch, 1]).permutation(len(self._id_count))
-            self._orders = (epoch, samples, identities)
-        return self._orders[1], self._orders[2]
+            self._orders = (epoch, samples, flips, identities)
+        return self._orders[1], self._orders[2], self._orders[3]
 
     def batch(self, epoch: int, step: int) -> list[tuple[int, bool]]:
         """The batch this rank draws at (epoch, step)."""
-        rng = np.random.default_rng([self.seed, epoch, step + 1, self.rank])
-        samples, id_order = self._epoch_orders(epoch)
+        samples, flips, id_order = self._epoch_orders(epoch)
         first = (step * self.world_size + self.rank) * self.random_size
-        indices = list(samples[first:first + self.random_size])
-        if self.num_identities:
-            slot = (step * self.world_size + self.rank) * self.num_identities
-            for ident in id_order[(slot + np.arange(self.num_identities)) % len(id_order)]:
-                start, count = self._id_start[ident], self._id_count[ident]
-                k = self.images_per_identity
-                picks = rng.permutation(count)[:k]
-                if count < k:  # too few images: all of them, then repeats
-                    picks = np.concatenate([picks, rng.integers(0, count, k - count)])
-                indices.extend(self._members[start + picks])
-        flips = rng.random(len(indices)) < 0.5 if self.flip else np.zeros(len(indices), dtype=bool)
-        return [(int(i), bool(f)) for i, f in zip(indices, flips)]
+        indices = [int(i) for i in samples[first:first + self.random_size]]
+        flipped = [bool(f) and self.flip for f in flips[first:first + self.random_size]]
+        for p in range(self.num_identities):
+            slot = (step * self.world_size + self.rank) * self.num_identities + p  # a global slot number
+            rng = np.random.default_rng([self.seed, epoch, 3, slot])
+            ident = id_order[slot % len(id_order)]
+            start, count = self._id_start[ident], self._id_count[ident]
+            k = self.images_per_identity
+            picks = rng.permutation(count)[:k]
+            if count < k:  # too few images: all of them, then repeats
+                picks = np.concatenate([picks, rng.integers(0, count, k - count)])
+            indices.extend(int(i) for i in self._members[start + picks])
+            flipped.extend(bool(f) and self.flip for f in rng.random(k) < 0.5)
+        return list(zip(indices, flipped))
 
 
 def random_part_mask(sizes: list[int], random_size: int) -> torch.Tensor:

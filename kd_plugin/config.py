@@ -1,0 +1,147 @@
+"""Training configs: arcface_torch's keys with its defaults, plus the `config.kd` block — the one place that reads raw
+config. Validation names the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+from typing import Any
+
+from easydict import EasyDict
+
+from kd_plugin.errors import KDPluginError
+
+# arcface_torch's configs/base.py defaults (the keys this trainer reads), plus the job keys its configs always set
+BASE = {
+    "margin_list": (1.0, 0.5, 0.0), "network": "r50", "resume": False, "save_all_states": True,
+    "output": None, "embedding_size": 512, "sample_rate": 1.0, "interclass_filtering_threshold": 0.0,
+    "fp16": False, "batch_size": 128, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
+    "verbose": 2000, "frequent": 10, "gradient_acc": 1, "seed": 2048, "num_workers": 2, "dali": False,
+    "rec": None, "num_classes": None, "num_image": None, "num_epoch": 20, "warmup_epoch": 0, "val_targets": [],
+    "max_steps": None,  # kd_plugin: stop after this many steps (short runs, tests)
+}
+
+METHODS = ("proxyless", "ekd", "l2", "cosine", "cckd", "sp", "rkd", "logit", "adadistill", "multistep")
+HEAD_METHODS = ("proxyless", "adadistill")  # these change the classifier rather than add a term
+
+KD_DEFAULTS = {
+    "method": "none",  # "proxyless+ekd", a list, or {term: weight}
+    "weights": {},  # per-term weight overrides; otherwise each term's published default
+    "teacher": None, "teacher_mean": None, "teacher_std": None, "teacher_bgr": False,
+    "student_mean": 127.5, "student_std": 127.5,
+    "centres": None,  # ProxylessKD: teacher shards folder / one classifier file, or "estimate"
+    "cache": None,  # folder written by `kd-plugin cache`
+    "ekd": {"fprs": (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6), "momentum": 0.01, "tau": 0.01, "top_k": 2000,
+            "positive_weight": 0.02, "negative_weight": 0.01, "unresolvable": "reference", "bias_correction": False},
+    "cckd": {"gamma": 0.4, "order": 2},
+    "rkd": {"distance_weight": 25.0, "angle_weight": 50.0},
+    "logit": {"temperature": 4.0, "scale": 64.0},
+    "adadistill": {"weighted_alpha": True},
+    "multistep": {"checkpoints": None, "steps_per_epoch": None},
+    "sampler": {"identities_per_batch": 8, "images_per_identity": 4, "balanced": None},  # balanced: None = with EKD
+    "margin_on_random_part": False,  # the reference EKD recipe: margin loss on the random part only
+    "reference_gradient_scaling": False,
+    "teacher_batch_size": 256,
+}
+
+
+def _fail(key: str, value: Any, allowed: str) -> KDPluginError:
+    return KDPluginError(f"config.{key} = {value!r}: {allowed}")
+
+
+def parse_method(method: Any) -> dict[str, float | None]:
+    """`"proxyless+ekd"`, `["proxyless", "ekd"]` or `{"ekd": 1.0, "l2": 50}` -> {term: weight or None (default)}."""
+    if method in (None, "none", ""):
+        return {}
+    if isinstance(method, str):
+        names = {m.strip(): None for m in method.split("+") if m.strip()}
+    elif isinstance(method, (list, tuple)):
+        names = {str(m): None for m in method}
+    elif isinstance(method, dict):
+        names = {str(k): float(v) for k, v in method.items()}
+    else:
+        raise _fail("kd.method", method, "expected a string like 'proxyless+ekd', a list of names, or {name: weight}")
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise _fail("kd.method", method, f"unknown {unknown}; allowed: {', '.join(METHODS)}, or 'none'")
+    if "proxyless" in names and "adadistill" in names:
+        raise _fail("kd.method", method, "proxyless (fixed teacher centres) and adadistill (adaptive centres) both "
+                                         "replace the classifier: choose one")
+    return names
+
+
+def _merge(defaults: dict, given: dict, prefix: str) -> dict:
+    out = copy.deepcopy(defaults)
+    for key, value in (given or {}).items():
+        if key not in defaults:
+            raise _fail(f"{prefix}.{key}", value, f"unknown key; allowed: {', '.join(sorted(defaults))}")
+        if isinstance(defaults[key], dict) and defaults[key]:
+            if not isinstance(value, dict):
+                raise _fail(f"{prefix}.{key}", value, "expected a dict")
+            out[key] = _merge(defaults[key], value, f"{prefix}.{key}")
+        else:
+            out[key] = value
+    return out
+
+
+def resolve(config: dict) -> EasyDict:
+    """Defaults filled in and everything checked; `cfg.kd.terms` = {term: weight} (head methods excluded)."""
+    cfg = EasyDict(copy.deepcopy(BASE))
+    cfg.update({k: v for k, v in dict(config).items() if k != "kd"})
+    kd = _merge(KD_DEFAULTS, dict(config.get("kd") or {}), "kd")
+    methods = parse_method(kd["method"])
+    from kd_plugin.losses import TERMS
+
+    defaults = {name: TERMS[name].default_weight for name in TERMS}
+    defaults["multistep"] = 100.0  # PocketNet: w * MSE of normalised embeddings, w = 100
+    terms = {}
+    for name, weight in methods.items():
+        if name in HEAD_METHODS:
+            continue
+        weight = kd["weights"].get(name, weight if weight is not None else defaults[name])
+        terms[name] = float(weight)
+    kd["terms"], kd["head"] = terms, next((m for m in methods if m in HEAD_METHODS), "trainable")
+    if methods and methods != {"proxyless": None} and not kd["teacher"] and not kd["cache"] and "multistep" not in methods:
+        raise _fail("kd.teacher", kd["teacher"], f"method {kd['method']!r} needs the teacher's embeddings: set "
+                                                 f"kd.teacher (a model spec) or kd.cache")
+    if kd["head"] == "proxyless" and not kd["centres"]:
+        raise _fail("kd.centres", kd["centres"], "ProxylessKD needs the teacher's class centres: the folder of its "
+                                                 "checkpoint_gpu_*.pt / rank_*_softmax_weight.pt shards, one "
+                                                 "classifier file, or 'estimate' (from kd.teacher)")
+    if "multistep" in methods and not kd["multistep"]["checkpoints"]:
+        raise _fail("kd.multistep.checkpoints", None, "multi-step KD needs the teacher's per-epoch checkpoints "
+                                                      "(a pattern with {epoch} or {step}, or a list)")
+    if kd["ekd"]["unresolvable"] not in ("reference", "hold"):
+        raise _fail("kd.ekd.unresolvable", kd["ekd"]["unresolvable"], "allowed: 'reference', 'hold'")
+    sampler = kd["sampler"]
+    balanced = sampler["balanced"] if sampler["balanced"] is not None else "ekd" in terms
+    sampler["balanced"] = bool(balanced)
+    if balanced and sampler["identities_per_batch"] * sampler["images_per_identity"] >= cfg.batch_size:
+        raise _fail("kd.sampler", dict(sampler), f"P x K = {sampler['identities_per_batch']} x "
+                                                 f"{sampler['images_per_identity']} must leave room for random samples "
+                                                 f"in batch_size {cfg.batch_size}")
+    for key in ("rec", "num_classes"):
+        if cfg[key] in (None, ""):
+            raise _fail(key, cfg[key], "required (the training data and its number of classes)")
+    if cfg.optimizer not in ("sgd", "adamw"):
+        raise _fail("optimizer", cfg.optimizer, "allowed: 'sgd', 'adamw'")
+    if not 0 < float(cfg.sample_rate) <= 1:
+        raise _fail("sample_rate", cfg.sample_rate, "must be in (0, 1]")
+    cfg.kd = EasyDict(kd)
+    return cfg
+
+
+def load_config(path: str) -> EasyDict:
+    """Import a python config file defining `config` (an EasyDict or dict), as arcface_torch's configs do."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"kd_plugin_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "config"):
+        raise KDPluginError(f"{path}: defines no `config` (an easydict.EasyDict, as arcface_torch configs do)")
+    cfg = resolve(module.config)
+    if cfg.output is None:
+        cfg.output = os.path.join("work_dirs", os.path.splitext(os.path.basename(path))[0])
+    return cfg
