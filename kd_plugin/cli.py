@@ -190,6 +190,20 @@ def _run_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train (and distil) a student from an arcface_torch-style config; torchrun-ready")
+    p.add_argument("config", help="python config file defining `config` (an EasyDict) with an optional `config.kd`")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from kd_plugin.train import train
+
+    result = train(args.config)
+    print(f"training stopped ({result['stopped']}) at step {result['global_step']}")
+    return 0
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks that print figures: `kd-plugin bench head --json`", add_help=False)
     p.add_argument("name", choices=["head", "cache", "ekd"],
@@ -214,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_classifier(sub)
     _add_centers(sub)
     _add_cache(sub)
+    _add_train(sub)
     _add_bench(sub)
     return parser
 

@@ -20,6 +20,7 @@ BASE = {
     "verbose": 2000, "frequent": 10, "gradient_acc": 1, "seed": 2048, "num_workers": 2, "dali": False,
     "rec": None, "num_classes": None, "num_image": None, "num_epoch": 20, "warmup_epoch": 0, "val_targets": [],
     "max_steps": None,  # kd_plugin: stop after this many steps (short runs, tests)
+    "checkpoint_every": 1000,  # kd_plugin: also write checkpoint_gpu_{rank}.pt every this many steps
 }
 
 METHODS = ("proxyless", "ekd", "l2", "cosine", "cckd", "sp", "rkd", "logit", "adadistill", "multistep")

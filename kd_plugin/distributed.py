@@ -120,3 +120,19 @@ def replicated_loss(loss: torch.Tensor, reference_scaling: bool = False) -> torc
     if world == 1 or reference_scaling:
         return loss
     return loss / world + loss.detach() * (1.0 - 1.0 / world)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.factor, None
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity forward; the gradient is multiplied by `factor` (the trainer's one W factor for DDP's averaging)."""
+    return x if factor == 1 else _ScaleGrad.apply(x, factor)

@@ -45,6 +45,10 @@ def backbone_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 
 def infer_embedding_size(state_dict: dict[str, torch.Tensor]) -> int | None:
-    """The embedding size of an arcface_torch backbone: its last BatchNorm1d (the `features` layer) has that width."""
+    """The embedding size of an arcface_torch backbone: its last BatchNorm1d (the `features` layer) has that width;
+    a network without batch norm: the output rows of its last 2-D weight."""
     last = [v for k, v in state_dict.items() if k.endswith("running_mean") and v.dim() == 1]
-    return int(last[-1].shape[0]) if last else None
+    if last:
+        return int(last[-1].shape[0])
+    matrices = [v for v in state_dict.values() if v.dim() == 2]
+    return int(matrices[-1].shape[0]) if matrices else None

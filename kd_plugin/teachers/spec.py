@@ -21,6 +21,9 @@ from kd_plugin.normalization import ARCFACE_MEAN, ARCFACE_STD, IMAGENET_MEAN, IM
 from kd_plugin.teachers.checkpoints import backbone_state_dict, infer_embedding_size
 
 
+ARCFACE_TORCH_NAMES = ("r18", "r34", "r50", "r100", "r200", "mbf", "mbf_large", "vit_t", "vit_s", "vit_b")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A parsed model spec: `kind` is "onnx", "arcface" or "timm"."""
@@ -83,7 +86,7 @@ def build_network(spec: str | ModelSpec, embedding_size: int | None = None, fp16
         module = TimmEmbeddingNet(spec.name, size, dropout=dropout)
     else:
         from kd_plugin.networks import create_network, load_upstream_get_model
-        upstream = load_upstream_get_model(None)
+        upstream = load_upstream_get_model(None) if spec.name in ARCFACE_TORCH_NAMES else None
         module = (upstream(spec.name, dropout=dropout, fp16=fp16, num_features=size) if upstream is not None
                   else create_network(spec.name, size, fp16=fp16, dropout=dropout))
     if state is not None:

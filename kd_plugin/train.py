@@ -1,0 +1,266 @@
+"""`kd-plugin train CONFIG`: arcface_torch's training loop with distillation, on CPU or GPU, 1 process or torchrun.
+
+Per step: the sampler's batch (uint8 images, labels, sample indices and flips) -> the student's own normalisation ->
+student embeddings; teacher embeddings from the cache (by index and flip) or from the frozen teacher; the KD objective
+(head + weighted terms, exact one-process gradients); the student's embedding gradient times W for DDP's averaging;
+clip 5; SGD/AdamW; arcface_torch's linear warm-up then linear decay. Rank 0 writes `train_log.jsonl` (every step's
+losses), tensorboard scalars and `model.pt` (the student backbone's state_dict); every rank writes
+`checkpoint_gpu_{rank}.pt` (arcface_torch's keys plus `state_kd`), atomically, every `checkpoint_every` steps and at
+each epoch end. `resume=True` continues from it exactly; SIGTERM writes one and exits; a non-finite loss stops with the
+last good checkpoint left in place."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from kd_plugin.config import load_config
+from kd_plugin.data.datasets import open_dataset
+from kd_plugin.data.sampler import IdentityBalancedBatchSampler
+from kd_plugin.distributed import all_reduce_, get_rank, get_world_size, init_from_env, is_distributed, scale_grad
+from kd_plugin.errors import KDPluginError
+from kd_plugin.heads import AdaDistillHead, CombinedMarginLoss, PartialFCHead
+from kd_plugin.losses import TERMS
+from kd_plugin.normalization import InputNormalization
+from kd_plugin.objective import KDObjective
+from kd_plugin.teachers import build_network, estimate_centers, load_cache, load_embedder, save_classifier
+
+
+def poly_warmup_factor(step: int, warmup: int, total: int) -> float:
+    """arcface_torch's PolynomialLRWarmup (power 1): linear warm-up over `warmup` steps, then linear decay to 0."""
+    if warmup > 0 and step <= warmup:
+        return step / warmup
+    return max(0.0, 1.0 - (min(step, total) - warmup) / max(1, total - warmup))
+
+
+def _atomic_save(obj: dict, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Builds everything from a resolved config; `run()` trains."""
+
+    def __init__(self, cfg) -> None:
+        init_from_env()
+        self.cfg, kd = cfg, cfg.kd
+        self.rank, self.world = get_rank(), get_world_size()
+        self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+        os.makedirs(cfg.output, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        self.dataset = open_dataset(cfg.rec)
+        if self.dataset.num_classes != cfg.num_classes:
+            raise KDPluginError(f"config.num_classes = {cfg.num_classes} but {cfg.rec} has {self.dataset.num_classes} "
+                                f"classes; set num_classes to match the data")
+        per_rank = (kd.sampler.identities_per_batch if kd.sampler.balanced else 0)
+        self.sampler = IdentityBalancedBatchSampler(self.dataset.labels, cfg.batch_size, per_rank,
+                                                    kd.sampler.images_per_identity, seed=cfg.seed)
+        self.loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler,
+                                                  num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda")
+        self.student_norm = InputNormalization(kd.student_mean, kd.student_std)
+        self.student = build_network(cfg.network, cfg.embedding_size, fp16=cfg.fp16).to(self.device)
+        self.teacher, self.cache = self._teacher()
+        self.objective = KDObjective(self._head(), self._terms(), kd.reference_gradient_scaling,
+                                     self.sampler.random_size if kd.margin_on_random_part else None).to(self.device)
+        self.model = (DistributedDataParallel(self.student, device_ids=[self.device.index] if self.device.type == "cuda"
+                                              else None) if is_distributed() else self.student)
+        params = [{"params": self.student.parameters()}, {"params": self.objective.parameters()}]
+        if cfg.optimizer == "sgd":
+            self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        else:
+            self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        total = self.steps_per_epoch * cfg.num_epoch
+        warmup = self.steps_per_epoch * cfg.warmup_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: poly_warmup_factor(s, warmup, total))
+        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+        self.epoch, self.position, self.global_step = 0, 0, 0
+        self._stop_requested = False
+
+    def _teacher(self):
+        kd = self.cfg.kd
+        if not kd.terms and kd.head != "adadistill" and not (kd.head == "proxyless" and kd.centres == "estimate"):
+            return None, None
+        norm = None
+        if kd.teacher_mean is not None or kd.teacher_std is not None or kd.teacher_bgr:
+            norm = InputNormalization(kd.teacher_mean or 127.5, kd.teacher_std or 127.5, kd.teacher_bgr)
+        if kd.cache:
+            return None, load_cache(kd.cache, self.dataset, teacher=kd.teacher)
+        return load_embedder(kd.teacher, norm, device=str(self.device), batch_size=kd.teacher_batch_size), None
+
+    def _head(self):
+        cfg, kd = self.cfg, self.cfg.kd
+        margin = CombinedMarginLoss(64, *cfg.margin_list, cfg.interclass_filtering_threshold)
+        args = (margin, cfg.embedding_size, cfg.num_classes, cfg.sample_rate, cfg.fp16)
+        if kd.head == "adadistill":
+            return AdaDistillHead(*args, weighted_alpha=kd.adadistill.weighted_alpha, seed=cfg.seed)
+        if kd.head == "proxyless":
+            centres = kd.centres
+            if centres == "estimate":
+                if self.teacher is None:
+                    raise KDPluginError("config.kd.centres = 'estimate' needs config.kd.teacher (the cache holds "
+                                        "embeddings but the centres are estimated once from the teacher itself)")
+                centres = estimate_centers(self.teacher, self.dataset, batch_size=self.cfg.kd.teacher_batch_size)
+                if self.rank == 0:
+                    save_classifier(centres, os.path.join(cfg.output, "teacher_centres.pt"), teacher=kd.teacher)
+            return PartialFCHead(*args, centres=centres, seed=cfg.seed)
+        return PartialFCHead(*args, seed=cfg.seed)
+
+    def _terms(self) -> dict:
+        kd, terms = self.cfg.kd, {}
+        for name, weight in kd.terms.items():
+            if name == "ekd":
+                module = TERMS["ekd"](**dict(kd.ekd))
+            elif name in ("cckd", "rkd", "logit"):
+                module = TERMS[name](**dict(kd[name]))
+            elif name == "multistep":
+                raise KDPluginError("config.kd.method 'multistep' is not wired into kd-plugin train yet; use 'l2' with "
+                                    "kd.teacher set to the final teacher meanwhile")
+            else:
+                module = TERMS[name]()
+            terms[name] = (module, weight)
+        return terms
+
+    # --- checkpoints ----------------------------------------------------------------------------------------------
+    def _checkpoint_path(self) -> str:
+        return os.path.join(self.cfg.output, f"checkpoint_gpu_{self.rank}.pt")
+
+    def save(self) -> None:
+        """checkpoint_gpu_{rank}.pt with arcface_torch's keys plus the KD state; model.pt on rank 0; both atomic."""
+        state = {"epoch": self.epoch, "global_step": self.global_step,
+                 "state_dict_backbone": self.student.state_dict(),
+                 "state_dict_softmax_fc": self.objective.head.state_dict(),
+                 "state_optimizer": self.opt.state_dict(), "state_lr_scheduler": self.scheduler.state_dict(),
+                 "state_kd": {"objective": self.objective.state_dict(), "position": self.position,
+                              "rng": torch.get_rng_state(), "world_size": self.world}}
+        _atomic_save(state, self._checkpoint_path())
+        if self.rank == 0:
+            _atomic_save(self.student.state_dict(), os.path.join(self.cfg.output, "model.pt"))
+
+    def load(self) -> None:
+        """Resume from this rank's checkpoint_gpu_{rank}.pt."""
+        path = self._checkpoint_path()
+        if not os.path.isfile(path):
+            raise KDPluginError(f"config.resume = True but {path} does not exist; start without resume")
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        if state["state_kd"]["world_size"] != self.world:
+            raise KDPluginError(f"{path} was written by {state['state_kd']['world_size']} processes, this run has "
+                                f"{self.world}; resume with the same number of processes")
+        self.student.load_state_dict(state["state_dict_backbone"])
+        self.objective.load_state_dict(state["state_kd"]["objective"])
+        self.opt.load_state_dict(state["state_optimizer"])
+        self.scheduler.load_state_dict(state["state_lr_scheduler"])
+        self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
+        self.position = int(state["state_kd"]["position"])
+        torch.set_rng_state(state["state_kd"]["rng"].cpu())
+
+    # --- the loop -------------------------------------------------------------------------------------------------
+    def _teacher_embeddings(self, images: torch.Tensor, indices: torch.Tensor, flips: list[bool]):
+        if self.cache is not None:
+            return self.cache.get(indices, flips).to(self.device)
+        if self.teacher is not None:
+            return torch.as_tensor(self.teacher.embed(images)).float().to(self.device)
+        return None
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, flips: list[bool]) -> dict:
+        """One optimisation step; returns the logged scalars."""
+        images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        teacher = self._teacher_embeddings(images, indices, flips)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.cfg.fp16 and self.device.type == "cuda"):
+            embeddings = self.model(self.student_norm.torch(images))
+        # each rank's gradient is the one-process gradient of its rows; DDP averages over ranks: multiply by W once
+        loss, stats = self.objective(scale_grad(embeddings.float(), self.world), labels, teacher)
+        if not torch.isfinite(loss):
+            raise KDPluginError(f"non-finite loss {loss.item()} at step {self.global_step} (epoch {self.epoch}); "
+                                f"terms: { {k: float(v) for k, v in stats.items()} }. The last good checkpoint is "
+                                f"{self._checkpoint_path()}; lower the learning rate or check the data and teacher")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.student.parameters(), 5)
+        self.opt.step()
+        self.scheduler.step()
+        self.global_step += 1
+        self.position += 1
+        return {k: float(v) for k, v in stats.items()}
+
+    def _request_stop(self, signum, frame) -> None:
+        self._stop_requested = True
+
+    def _agreed_stop(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.device)
+        return bool(all_reduce_(flag, "max").item() > 0)
+
+    def run(self) -> dict:
+        """Train to the end (or `max_steps`, or SIGTERM); returns a short summary."""
+        if self.cfg.resume:
+            self.load()
+        previous = signal.signal(signal.SIGTERM, self._request_stop)
+        log_path = os.path.join(self.cfg.output, "train_log.jsonl")
+        writer = self._tensorboard()
+        start, done_at_start = time.perf_counter(), self.global_step
+        try:
+            while self.epoch < self.cfg.num_epoch and self.global_step < self.total_steps:
+                self.sampler.set_epoch(self.epoch)
+                self.sampler.load_state_dict({"epoch": self.epoch, "position": self.position, "seed": self.cfg.seed})
+                for images, labels, indices in self.loader:
+                    flips = [f for _, f in self.sampler.batch(self.epoch, self.position)]
+                    stats = self.step(images, labels, indices, flips)
+                    lr = self.scheduler.get_last_lr()[0]
+                    if self.rank == 0:
+                        with open(log_path, "a", encoding="utf-8") as f:
+                            f.write(json.dumps({"step": self.global_step, "epoch": self.epoch, "lr": lr, **stats}) + "\n")
+                        if writer is not None:
+                            for key, value in stats.items():
+                                writer.add_scalar(f"train/{key}", value, self.global_step)
+                            writer.add_scalar("train/lr", lr, self.global_step)
+                        if self.global_step % self.cfg.frequent == 0 or self.global_step == self.total_steps:
+                            self._progress(stats, lr, start, done_at_start)
+                    if self.global_step % self.cfg.checkpoint_every == 0:
+                        self.save()
+                    if self.global_step >= self.total_steps:
+                        break
+                    if self._agreed_stop():
+                        self.save()
+                        print(f"[rank {self.rank}] SIGTERM: checkpoint written at step {self.global_step}", flush=True)
+                        return {"stopped": "sigterm", "global_step": self.global_step}
+                if self.global_step >= self.total_steps:
+                    break
+                self.epoch, self.position = self.epoch + 1, 0
+                self.save()
+            self.save()
+            return {"stopped": "done", "global_step": self.global_step}
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            if writer is not None:
+                writer.close()
+
+    def _tensorboard(self):
+        if self.rank != 0:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is a dependency; a broken install should not stop training
+            return None
+        return SummaryWriter(os.path.join(self.cfg.output, "tensorboard"))
+
+    def _progress(self, stats: dict, lr: float, start: float, done_at_start: int) -> None:
+        elapsed = time.perf_counter() - start
+        steps = self.global_step - done_at_start
+        rate = steps * self.cfg.batch_size * self.world / max(elapsed, 1e-9)
+        eta = (self.total_steps - self.global_step) * elapsed / max(steps, 1)
+        terms = " ".join(f"{k}={v:.4f}" for k, v in stats.items() if k.startswith("loss"))
+        print(f"step {self.global_step}/{self.total_steps} epoch {self.epoch} {terms} lr={lr:.5f} "
+              f"{rate:.1f} img/s ETA {eta / 60:.1f} min", flush=True)
+
+
+def train(config_path_or_cfg) -> dict:
+    """Train from a config file path or an already resolved config."""
+    cfg = load_config(config_path_or_cfg) if isinstance(config_path_or_cfg, str) else config_path_or_cfg
+    return Trainer(cfg).run()
