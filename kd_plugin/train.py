@@ -32,6 +32,32 @@ from kd_plugin.objective import KDObjective
 from kd_plugin.teachers import build_network, estimate_centers, load_cache, load_embedder, save_classifier
 
 
+class StudentEmbedder:
+    """The training student as an evaluation embedder: eval mode and no gradient while embedding, then back."""
+
+    def __init__(self, module: torch.nn.Module, normalization: InputNormalization, device: torch.device,
+                 batch_size: int = 256) -> None:
+        self.module, self.normalization, self.device, self.batch_size = module, normalization, device, batch_size
+
+    @torch.inference_mode()
+    def embed(self, images):
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            batch = torch.as_tensor(images)
+            out = torch.cat([self.module(self.normalization.torch(batch[i:i + self.batch_size].to(self.device))).float()
+                             for i in range(0, len(batch), self.batch_size)])
+        finally:
+            self.module.train(was_training)
+        return out.cpu().numpy() if not isinstance(images, torch.Tensor) else out
+
+
+def verification_targets(cfg) -> list[str]:
+    """`val_targets` as paths: arcface_torch names (`lfw`) mean `<rec folder>/lfw.bin`; paths are kept."""
+    folder = cfg.rec if os.path.isdir(cfg.rec) else os.path.dirname(cfg.rec)
+    return [t if os.path.exists(t) else os.path.join(folder, f"{t}.bin") for t in cfg.val_targets]
+
+
 def poly_warmup_factor(step: int, warmup: int, total: int) -> float:
     """arcface_torch's PolynomialLRWarmup (power 1): linear warm-up over `warmup` steps, then linear decay to 0."""
     if warmup > 0 and step <= warmup:
@@ -222,6 +248,8 @@ class Trainer:
                             writer.add_scalar("train/lr", lr, self.global_step)
                         if self.global_step % self.cfg.frequent == 0 or self.global_step == self.total_steps:
                             self._progress(stats, lr, start, done_at_start)
+                    if self.cfg.val_targets and self.global_step % self.cfg.verbose == 0 and self.rank == 0:
+                        self.verify(writer, log_path)
                     if self.global_step % self.cfg.checkpoint_every == 0:
                         self.save()
                     if self.global_step >= self.total_steps:
@@ -240,6 +268,30 @@ class Trainer:
             signal.signal(signal.SIGTERM, previous)
             if writer is not None:
                 writer.close()
+
+    def verify(self, writer, log_path: str) -> dict:
+        """10-fold accuracy on `.bin` targets and all-pairs TPR@FPR on dataset targets, logged (rank 0)."""
+        from kd_plugin.evaluation import evaluate_bin, evaluate_pairs
+
+        embedder = StudentEmbedder(self.student, self.student_norm, self.device)
+        results = {}
+        for target in verification_targets(self.cfg):
+            name = os.path.splitext(os.path.basename(target.rstrip("/")))[0]
+            if target.endswith(".bin"):
+                r = evaluate_bin(target, embedder)
+                figures = {f"val/{name}/accuracy": r["accuracy"]}
+            else:
+                r = evaluate_pairs(target, embedder, progress=False)
+                figures = {f"val/{name}/tpr@{k}": v for k, v in r["tpr_at_fpr"].items() if v is not None}
+            results.update(figures)
+        for key, value in results.items():
+            if writer is not None:
+                writer.add_scalar(key, value, self.global_step)
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": self.global_step, "verification": results}) + "\n")
+        print(f"verification at step {self.global_step}: "
+              + ", ".join(f"{k}={v:.4f}" for k, v in results.items()), flush=True)
+        return results
 
     def _tensorboard(self):
         if self.rank != 0:

@@ -69,9 +69,13 @@ def _teacher(tmp_path):
     return f"test_tiny:{path}"
 
 
-def _losses(output):
+def _log(output):
     with open(os.path.join(output, "train_log.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def _losses(output):
+    return [entry for entry in _log(output) if "loss" in entry]
 
 
 def _train_in_group(rank, world, config):
@@ -157,3 +161,21 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path, kill):
     assert sorted(steps) == list(range(1, 29))
     for a in full:
         assert steps[a["step"]]["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-7), a["step"]
+
+
+def test_verification_every_verbose_steps_and_model_pt(tmp_path):
+    import pickle
+    data = make_faces(tmp_path / "faces")
+    pairs = []
+    for i in range(8):  # 8 same-identity pairs, then 8 different-identity pairs, as arcface_torch's .bin files
+        pairs += [jpeg_bytes(i * 100), jpeg_bytes(i * 100 + 1)]
+    for i in range(8):
+        pairs += [jpeg_bytes(i * 100 + 2), jpeg_bytes((i + 1) % 8 * 100 + 3)]
+    (tmp_path / "val.bin").write_bytes(pickle.dumps((pairs, [True] * 8 + [False] * 8)))
+    from kd_plugin.train import train
+    train(resolve(_config(data, tmp_path / "out", max_steps=4, verbose=2,
+                          val_targets=[str(tmp_path / "val.bin"), str(data)])))
+    checks = [e["verification"] for e in _log(tmp_path / "out") if "verification" in e]
+    assert len(checks) == 2 and "val/val/accuracy" in checks[0] and "val/faces/tpr@1e-01" in checks[0]
+    state = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
+    TinyStudent(16).load_state_dict(state)  # the student backbone alone, strict
