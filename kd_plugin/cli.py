@@ -204,6 +204,18 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="distil students on synthetic identities with a teacher trained here (CPU, minutes)",
+                       add_help=False)  # its own options: kd-plugin demo --help
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from kd_plugin import demo
+
+    return demo.main(args.extra)
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks that print figures: `kd-plugin bench head --json`", add_help=False)
     p.add_argument("name", choices=["head", "cache", "ekd"],
@@ -229,13 +241,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_centers(sub)
     _add_cache(sub)
     _add_train(sub)
+    _add_demo(sub)
     _add_bench(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `kd-plugin` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "demo":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     try:
         return args.func(args)
     except (KDPluginError, FileNotFoundError, ValueError) as exc:

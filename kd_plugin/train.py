@@ -30,6 +30,7 @@ from kd_plugin.losses import TERMS
 from kd_plugin.normalization import InputNormalization
 from kd_plugin.objective import KDObjective
 from kd_plugin.teachers import build_network, estimate_centers, load_cache, load_embedder, save_classifier
+from kd_plugin.teachers.centers import centers_from_cache
 
 
 class StudentEmbedder:
@@ -130,10 +131,10 @@ class Trainer:
         if kd.head == "proxyless":
             centres = kd.centres
             if centres == "estimate":
-                if self.teacher is None:
-                    raise KDPluginError("config.kd.centres = 'estimate' needs config.kd.teacher (the cache holds "
-                                        "embeddings but the centres are estimated once from the teacher itself)")
-                centres = estimate_centers(self.teacher, self.dataset, batch_size=self.cfg.kd.teacher_batch_size)
+                if self.cache is not None:
+                    centres = centers_from_cache(self.cache, self.dataset.labels, cfg.num_classes)
+                else:
+                    centres = estimate_centers(self.teacher, self.dataset, batch_size=self.cfg.kd.teacher_batch_size)
                 if self.rank == 0:
                     save_classifier(centres, os.path.join(cfg.output, "teacher_centres.pt"), teacher=kd.teacher)
             return PartialFCHead(*args, centres=centres, seed=cfg.seed)

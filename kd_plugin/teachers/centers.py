@@ -62,3 +62,21 @@ def _collective_device() -> torch.device:
     if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def centers_from_cache(cache, labels: np.ndarray, num_classes: int, chunk: int = 65536) -> torch.Tensor:
+    """The same estimate from a teacher-embedding cache (each image and its flip, normalised), without the teacher."""
+    sums = None
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    for start in range(0, len(labels), chunk):
+        idx = np.arange(start, min(start + chunk, len(labels)))
+        both = (F.normalize(cache.get(idx, False), dim=1) + F.normalize(cache.get(idx, True), dim=1)).double()
+        if sums is None:
+            sums = torch.zeros(num_classes, both.shape[1], dtype=torch.float64)
+        lab = torch.from_numpy(np.asarray(labels[idx], dtype=np.int64))
+        sums.index_add_(0, lab, both)
+        counts.index_add_(0, lab, torch.full((len(idx),), 2.0, dtype=torch.float64))
+    empty = torch.nonzero(counts == 0).squeeze(1)
+    if len(empty):
+        raise KDPluginError(f"{len(empty)} classes have no image in the cached dataset (first: class {int(empty[0])})")
+    return F.normalize(sums / counts[:, None], dim=1).float()
