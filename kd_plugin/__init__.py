@@ -1,3 +1,9 @@
 """kd_plugin: knowledge distillation for insightface's arcface_torch (ProxylessKD, EKD and the baselines)."""
 
 __version__ = "0.1.0"
+
+
+def distill(config, teacher=None, method="proxyless", **kd):
+    """One line in an arcface_torch config: `from kd_plugin import distill; distill(config, teacher=..., method=...)`."""
+    from kd_plugin.hook import distill as _distill
+    return _distill(config, teacher, method, **kd)

@@ -59,6 +59,51 @@ def verification_targets(cfg) -> list[str]:
     return [t if os.path.exists(t) else os.path.join(folder, f"{t}.bin") for t in cfg.val_targets]
 
 
+def build_teacher(cfg, dataset, device: torch.device):
+    """(embedder, cache): the teacher's cache when configured, else the frozen teacher, else (None, None)."""
+    kd = cfg.kd
+    if not kd.terms and kd.head != "adadistill" and not (kd.head == "proxyless" and kd.centres == "estimate"):
+        return None, None
+    norm = None
+    if kd.teacher_mean is not None or kd.teacher_std is not None or kd.teacher_bgr:
+        norm = InputNormalization(kd.teacher_mean or 127.5, kd.teacher_std or 127.5, kd.teacher_bgr)
+    if kd.cache:
+        return None, load_cache(kd.cache, dataset, teacher=kd.teacher)
+    return load_embedder(kd.teacher, norm, device=str(device), batch_size=kd.teacher_batch_size), None
+
+
+def build_head(cfg, dataset, teacher, cache, rank: int):
+    """The classifier: inherited teacher centres (ProxylessKD), AdaDistill's adaptive centres, or trainable."""
+    kd = cfg.kd
+    margin = CombinedMarginLoss(64, *cfg.margin_list, cfg.interclass_filtering_threshold)
+    args = (margin, cfg.embedding_size, cfg.num_classes, cfg.sample_rate, cfg.fp16)
+    if kd.head == "adadistill":
+        return AdaDistillHead(*args, weighted_alpha=kd.adadistill.weighted_alpha, seed=cfg.seed)
+    if kd.head == "proxyless":
+        centres = kd.centres
+        if centres == "estimate":
+            if cache is not None:
+                centres = centers_from_cache(cache, dataset.labels, cfg.num_classes)
+            else:
+                centres = estimate_centers(teacher, dataset, batch_size=kd.teacher_batch_size)
+            if rank == 0:
+                save_classifier(centres, os.path.join(cfg.output, "teacher_centres.pt"), teacher=kd.teacher)
+        return PartialFCHead(*args, centres=centres, seed=cfg.seed)
+    return PartialFCHead(*args, seed=cfg.seed)
+
+
+def build_terms(cfg) -> dict:
+    """{name: (module, weight)} of the configured distillation terms, with their config hyper-parameters."""
+    kd, terms = cfg.kd, {}
+    for name, weight in kd.terms.items():
+        if name == "multistep":
+            raise KDPluginError("config.kd.method 'multistep' is not wired into training yet; use 'l2' with kd.teacher "
+                                "set to the final teacher meanwhile")
+        params = dict(kd[name]) if name in ("ekd", "cckd", "rkd", "logit") else {}
+        terms[name] = (TERMS[name](**params), weight)
+    return terms
+
+
 def poly_warmup_factor(step: int, warmup: int, total: int) -> float:
     """arcface_torch's PolynomialLRWarmup (power 1): linear warm-up over `warmup` steps, then linear decay to 0."""
     if warmup > 0 and step <= warmup:
@@ -93,8 +138,9 @@ class Trainer:
                                                   num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda")
         self.student_norm = InputNormalization(kd.student_mean, kd.student_std)
         self.student = build_network(cfg.network, cfg.embedding_size, fp16=cfg.fp16).to(self.device)
-        self.teacher, self.cache = self._teacher()
-        self.objective = KDObjective(self._head(), self._terms(), kd.reference_gradient_scaling,
+        self.teacher, self.cache = build_teacher(cfg, self.dataset, self.device)
+        head = build_head(cfg, self.dataset, self.teacher, self.cache, self.rank)
+        self.objective = KDObjective(head, build_terms(cfg), kd.reference_gradient_scaling,
                                      self.sampler.random_size if kd.margin_on_random_part else None).to(self.device)
         self.model = (DistributedDataParallel(self.student, device_ids=[self.device.index] if self.device.type == "cuda"
                                               else None) if is_distributed() else self.student)
@@ -110,50 +156,6 @@ class Trainer:
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
         self.epoch, self.position, self.global_step = 0, 0, 0
         self._stop_requested = False
-
-    def _teacher(self):
-        kd = self.cfg.kd
-        if not kd.terms and kd.head != "adadistill" and not (kd.head == "proxyless" and kd.centres == "estimate"):
-            return None, None
-        norm = None
-        if kd.teacher_mean is not None or kd.teacher_std is not None or kd.teacher_bgr:
-            norm = InputNormalization(kd.teacher_mean or 127.5, kd.teacher_std or 127.5, kd.teacher_bgr)
-        if kd.cache:
-            return None, load_cache(kd.cache, self.dataset, teacher=kd.teacher)
-        return load_embedder(kd.teacher, norm, device=str(self.device), batch_size=kd.teacher_batch_size), None
-
-    def _head(self):
-        cfg, kd = self.cfg, self.cfg.kd
-        margin = CombinedMarginLoss(64, *cfg.margin_list, cfg.interclass_filtering_threshold)
-        args = (margin, cfg.embedding_size, cfg.num_classes, cfg.sample_rate, cfg.fp16)
-        if kd.head == "adadistill":
-            return AdaDistillHead(*args, weighted_alpha=kd.adadistill.weighted_alpha, seed=cfg.seed)
-        if kd.head == "proxyless":
-            centres = kd.centres
-            if centres == "estimate":
-                if self.cache is not None:
-                    centres = centers_from_cache(self.cache, self.dataset.labels, cfg.num_classes)
-                else:
-                    centres = estimate_centers(self.teacher, self.dataset, batch_size=self.cfg.kd.teacher_batch_size)
-                if self.rank == 0:
-                    save_classifier(centres, os.path.join(cfg.output, "teacher_centres.pt"), teacher=kd.teacher)
-            return PartialFCHead(*args, centres=centres, seed=cfg.seed)
-        return PartialFCHead(*args, seed=cfg.seed)
-
-    def _terms(self) -> dict:
-        kd, terms = self.cfg.kd, {}
-        for name, weight in kd.terms.items():
-            if name == "ekd":
-                module = TERMS["ekd"](**dict(kd.ekd))
-            elif name in ("cckd", "rkd", "logit"):
-                module = TERMS[name](**dict(kd[name]))
-            elif name == "multistep":
-                raise KDPluginError("config.kd.method 'multistep' is not wired into kd-plugin train yet; use 'l2' with "
-                                    "kd.teacher set to the final teacher meanwhile")
-            else:
-                module = TERMS[name]()
-            terms[name] = (module, weight)
-        return terms
 
     # --- checkpoints ----------------------------------------------------------------------------------------------
     def _checkpoint_path(self) -> str:

@@ -1,0 +1,79 @@
+"""The one-line hook: what `distill` does outside and inside train_v2.py, and a real upstream run when available."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+from easydict import EasyDict
+
+from conftest import shared
+from kd_plugin import distill
+from kd_plugin.errors import KDPluginError
+
+ROOT = os.environ.get("ARCFACE_TORCH_ROOT", "")
+PYTHON = os.environ.get("ARCFACE_TORCH_PYTHON", "")  # a python that runs upstream (mxnet, numpy<=1.23.5)
+SHIM = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "tools", "arcface_torch_cpu")
+
+
+def test_outside_train_v2_it_only_fills_config_kd():
+    config = EasyDict(rec="x", num_classes=3)
+    distill(config, teacher="r100:t.pth", method="proxyless+ekd", centres="estimate")
+    assert config.kd == {"method": "proxyless+ekd", "teacher": "r100:t.pth", "centres": "estimate"}
+
+
+def test_a_train_v2_without_the_names_it_patches_stops_clearly(monkeypatch, tmp_path):
+    fake = types.ModuleType("__main__")
+    fake.__file__ = str(tmp_path / "train_v2.py")
+    fake.get_model, fake.get_dataloader = object(), object()  # PartialFC_V2 renamed upstream, say
+    monkeypatch.setitem(sys.modules, "__main__", fake)
+    with pytest.raises(KDPluginError, match="has no 'PartialFC_V2' to replace; the hook supports insightface"):
+        distill(EasyDict(rec="x", num_classes=3), teacher="t.onnx", method="ekd")
+
+
+@pytest.mark.skipif(not (os.path.isfile(os.path.join(ROOT, "train_v2.py")) and os.path.isfile(PYTHON)),
+                    reason="needs an arcface_torch checkout (ARCFACE_TORCH_ROOT) and a python able to run it "
+                           "(ARCFACE_TORCH_PYTHON, e.g. the venv of ../shared/tools/arcface_torch_cpu/make_env.sh)")
+def test_unchanged_upstream_train_v2_distils_with_one_line(tmp_path):
+    teacher = shared("teachers", "mobilefacenet_ms1m", "mobilefacenet_dynamic.onnx")
+    data = shared("celeba", "train.rec")
+    subset = tmp_path / "celeba_sub"
+    script = ("import os\nfrom kd_plugin.data import open_dataset\nfrom kd_plugin.data.pack import pack_dataset\n"
+              f"ds = open_dataset({str(data)!r})\nroot = {str(tmp_path / 'images')!r}\n"
+              "for i in range(len(ds)):\n    c = int(ds.labels[i])\n    if c < 12:\n"
+              "        os.makedirs(f'{root}/{c:03d}', exist_ok=True)\n"
+              "        open(f'{root}/{c:03d}/{i}.jpg', 'wb').write(ds.read_bytes(i))\n"
+              f"pack_dataset(open_dataset(root), {str(subset)!r}, progress=False)\n")
+    subprocess.run([PYTHON, "-c", script], check=True)
+    name = f"_kd_plugin_hook_test_{os.getpid()}"
+    config_path = os.path.join(ROOT, "configs", f"{name}.py")
+    with open(config_path, "w") as f:
+        f.write(f"""from easydict import EasyDict as edict
+config = edict(margin_list=(1.0, 0.5, 0.0), network="mbf", resume=False, output={str(tmp_path / 'run')!r},
+               embedding_size=128, sample_rate=1.0, fp16=False, batch_size=32, lr=0.1, verbose=2000, dali=False,
+               rec={str(subset)!r}, num_classes=12, num_image=0, num_epoch=1, warmup_epoch=0, val_targets=[],
+               num_workers=1, save_all_states=True)
+from kd_plugin import distill; distill(config, teacher={str(teacher)!r}, method="proxyless+ekd",
+    teacher_mean="123.675,116.28,103.53", teacher_std="58.395,57.12,57.375", centres="estimate",
+    sampler=dict(identities_per_batch=4, images_per_identity=4))
+""")
+    try:
+        env = dict(os.environ, PYTHONPATH=os.path.abspath(SHIM))
+        proc = subprocess.run([PYTHON, "train_v2.py", f"configs/{name}"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=600)
+    finally:
+        os.remove(config_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    check = ("import torch, sys\nsys.path.insert(0, '.')\nfrom backbones import get_model\n"
+             f"sd = torch.load({str(tmp_path / 'run' / 'model.pt')!r}, weights_only=True)\n"
+             "get_model('mbf', fp16=False, num_features=128).load_state_dict(sd, strict=True)\n"
+             f"ck = torch.load({str(tmp_path / 'run' / 'checkpoint_gpu_0.pt')!r}, weights_only=True)\n"
+             "assert 'objective.terms.ekd.miner.student_anchors' in ck['state_dict_softmax_fc']\n"
+             "assert int(ck['state_dict_softmax_fc']['objective.terms.ekd.miner.steps']) == ck['global_step']\n"
+             "print('ok', ck['global_step'])\n")
+    out = subprocess.run([PYTHON, "-c", check], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-2000:]
