@@ -34,6 +34,8 @@ class OnnxEmbedder:
         if len(inputs) != 1:
             raise KDPluginError(f"{self.path}: expected a model with one image input, found {len(inputs)} inputs")
         self.input_name = inputs[0].name
+        # a uint8 input (kd-plugin export) normalises inside the graph: it is fed the images as they are
+        self.takes_uint8 = inputs[0].type == "tensor(uint8)"
         shape = inputs[0].shape
         if len(shape) != 4 or shape[1] != 3:
             raise KDPluginError(f"{self.path}: input {self.input_name!r} has shape {shape}; expected (N, 3, H, W)")
@@ -54,7 +56,8 @@ class OnnxEmbedder:
             raise ValueError(f"{self.path}: model expects {self.input_size} inputs, got images of {images.shape[2:]}")
         outputs = []
         for start in range(0, len(images), self.batch_size):
-            chunk = self.normalization.numpy(images[start:start + self.batch_size])
+            chunk = images[start:start + self.batch_size]
+            chunk = np.ascontiguousarray(chunk) if self.takes_uint8 else self.normalization.numpy(chunk)
             real = len(chunk)
             if self.fixed_batch and real < self.fixed_batch:  # pad the last chunk of a fixed-batch model
                 chunk = np.concatenate([chunk, np.zeros((self.fixed_batch - real, *chunk.shape[1:]), chunk.dtype)])
