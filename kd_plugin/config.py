@@ -86,6 +86,29 @@ def _merge(defaults: dict, given: dict, prefix: str) -> dict:
     return out
 
 
+def _check_multistep(kd: dict) -> None:
+    """Multi-step KD: kd.teacher names the teacher's network, kd.multistep.checkpoints its per-epoch weights."""
+    if not kd["multistep"]["checkpoints"]:
+        raise _fail("kd.multistep.checkpoints", None, "multi-step KD needs the teacher's per-epoch checkpoints "
+                                                      "(a pattern with {epoch} or {step}, or a list)")
+    from kd_plugin.networks import network_names
+
+    if kd["teacher"] not in network_names():
+        raise _fail("kd.teacher", kd["teacher"], "with multistep, kd.teacher is the teacher's network name (r100, "
+                                                 "mbf, ...; the weights come from kd.multistep.checkpoints)")
+    if kd["cache"]:
+        raise _fail("kd.cache", kd["cache"], "a cache holds one fixed teacher; multi-step KD changes the teacher "
+                                             "every epoch: remove kd.cache")
+    if kd["centres"] == "estimate":
+        raise _fail("kd.centres", "estimate", "with multistep the teacher changes every epoch: give a centres file "
+                                              "or the teacher's classifier shards instead")
+    try:
+        from kd_plugin.teachers.multistep import MultiStepTeacherSchedule
+        MultiStepTeacherSchedule(kd["teacher"], kd["multistep"]["checkpoints"], kd["multistep"]["steps_per_epoch"])
+    except ValueError as exc:
+        raise _fail("kd.multistep", dict(kd["multistep"]), str(exc)) from None
+
+
 def resolve(config: dict) -> EasyDict:
     """Defaults filled in and everything checked; `cfg.kd.terms` = {term: weight} (head methods excluded)."""
     cfg = EasyDict(copy.deepcopy(BASE))
@@ -103,16 +126,15 @@ def resolve(config: dict) -> EasyDict:
         weight = kd["weights"].get(name, weight if weight is not None else defaults[name])
         terms[name] = float(weight)
     kd["terms"], kd["head"] = terms, next((m for m in methods if m in HEAD_METHODS), "trainable")
-    if methods and methods != {"proxyless": None} and not kd["teacher"] and not kd["cache"] and "multistep" not in methods:
+    if methods and methods != {"proxyless": None} and not kd["teacher"] and not kd["cache"]:
         raise _fail("kd.teacher", kd["teacher"], f"method {kd['method']!r} needs the teacher's embeddings: set "
                                                  f"kd.teacher (a model spec) or kd.cache")
     if kd["head"] == "proxyless" and not kd["centres"]:
         raise _fail("kd.centres", kd["centres"], "ProxylessKD needs the teacher's class centres: the folder of its "
                                                  "checkpoint_gpu_*.pt / rank_*_softmax_weight.pt shards, one "
                                                  "classifier file, or 'estimate' (from kd.teacher)")
-    if "multistep" in methods and not kd["multistep"]["checkpoints"]:
-        raise _fail("kd.multistep.checkpoints", None, "multi-step KD needs the teacher's per-epoch checkpoints "
-                                                      "(a pattern with {epoch} or {step}, or a list)")
+    if "multistep" in methods:
+        _check_multistep(kd)
     if kd["ekd"]["unresolvable"] not in ("reference", "hold"):
         raise _fail("kd.ekd.unresolvable", kd["ekd"]["unresolvable"], "allowed: 'reference', 'hold'")
     sampler = kd["sampler"]

@@ -35,6 +35,7 @@ class _Shared:
         self.images: torch.Tensor | None = None  # the backbone's last input (arcface_torch-normalised)
         self.indices: torch.Tensor | None = None
         self.flips: list[bool] | None = None
+        self.epoch = 0  # the loader's epoch (multi-step KD switches teachers on it)
 
 
 class HookLoader:
@@ -49,6 +50,7 @@ class HookLoader:
 
     def __iter__(self):
         position = self.sampler._start() if hasattr(self.sampler, "_start") else 0
+        self.shared.epoch = getattr(self.sampler, "epoch", 0)
         for images, labels, indices in self.loader:
             self.shared.indices = indices
             self.shared.flips = [f for _, f in self.sampler.batch(self.sampler.epoch, position)]
@@ -81,6 +83,8 @@ class HookHead(nn.Module):
             if self._cache is not None:
                 teacher = self._cache.get(self.shared.indices, self.shared.flips).to(local_embeddings.device)
             else:
+                if hasattr(self._teacher, "set_epoch"):  # multi-step KD: the teacher of this epoch
+                    self._teacher.set_epoch(self.shared.epoch)
                 images = (self.shared.images.detach().float() * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8)
                 teacher = torch.as_tensor(self._teacher.embed(images)).float().to(local_embeddings.device)
         # train_v2 wraps the backbone in DDP, which averages: the exact per-rank gradient times W, once

@@ -31,6 +31,7 @@ from kd_plugin.normalization import InputNormalization
 from kd_plugin.objective import KDObjective
 from kd_plugin.teachers import build_network, estimate_centers, load_cache, load_embedder, save_classifier
 from kd_plugin.teachers.centers import centers_from_cache
+from kd_plugin.teachers.multistep import MultiStepTeacher, MultiStepTeacherSchedule
 
 
 class StudentEmbedder:
@@ -69,6 +70,9 @@ def build_teacher(cfg, dataset, device: torch.device):
         norm = InputNormalization(kd.teacher_mean or 127.5, kd.teacher_std or 127.5, kd.teacher_bgr)
     if kd.cache:
         return None, load_cache(kd.cache, dataset, teacher=kd.teacher)
+    if "multistep" in kd.terms:
+        schedule = MultiStepTeacherSchedule(kd.teacher, kd.multistep.checkpoints, kd.multistep.steps_per_epoch)
+        return MultiStepTeacher(schedule, norm, str(device), kd.teacher_batch_size), None
     return load_embedder(kd.teacher, norm, device=str(device), batch_size=kd.teacher_batch_size), None
 
 
@@ -96,9 +100,9 @@ def build_terms(cfg) -> dict:
     """{name: (module, weight)} of the configured distillation terms, with their config hyper-parameters."""
     kd, terms = cfg.kd, {}
     for name, weight in kd.terms.items():
-        if name == "multistep":
-            raise KDPluginError("config.kd.method 'multistep' is not wired into training yet; use 'l2' with kd.teacher "
-                                "set to the final teacher meanwhile")
+        if name == "multistep":  # PocketNet: the L2 term against the teacher of the same maturity
+            terms[name] = (TERMS["l2"](), weight)
+            continue
         params = dict(kd[name]) if name in ("ekd", "cckd", "rkd", "logit") else {}
         terms[name] = (TERMS[name](**params), weight)
     return terms
@@ -219,6 +223,13 @@ class Trainer:
         self.position += 1
         return {k: float(v) for k, v in stats.items()}
 
+    def _teacher_for_epoch(self, log_path: str) -> None:
+        """Multi-step KD: load the teacher checkpoint of this epoch (logged on rank 0)."""
+        if isinstance(self.teacher, MultiStepTeacher) and self.teacher.set_epoch(self.epoch) and self.rank == 0:
+            print(f"multi-step KD: epoch {self.epoch} learns from {self.teacher.spec}", flush=True)
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": self.global_step, "epoch": self.epoch, "teacher": self.teacher.spec}) + "\n")
+
     def _request_stop(self, signum, frame) -> None:
         self._stop_requested = True
 
@@ -237,6 +248,7 @@ class Trainer:
         try:
             while self.epoch < self.cfg.num_epoch and self.global_step < self.total_steps:
                 self.sampler.set_epoch(self.epoch)
+                self._teacher_for_epoch(log_path)
                 self.sampler.load_state_dict({"epoch": self.epoch, "position": self.position, "seed": self.cfg.seed})
                 for images, labels, indices in self.loader:
                     flips = [f for _, f in self.sampler.batch(self.epoch, self.position)]

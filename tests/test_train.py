@@ -179,3 +179,46 @@ def test_verification_every_verbose_steps_and_model_pt(tmp_path):
     assert len(checks) == 2 and "val/val/accuracy" in checks[0] and "val/faces/tpr@1e-01" in checks[0]
     state = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
     TinyStudent(16).load_state_dict(state)  # the student backbone alone, strict
+
+
+def test_multistep_switches_to_the_teacher_of_each_epoch(tmp_path):
+    """PocketNet's multi-step KD: epoch e learns from the teacher after its epoch e + 1. With checkpoints [A, A] and
+    [A, B] the first epoch is identical and the second differs; the switch is logged."""
+    from kd_plugin.train import train
+
+    data = make_faces(tmp_path / "faces")
+    torch.manual_seed(1)
+    a, b = tmp_path / "teacher_e1.pth", tmp_path / "teacher_e2.pth"
+    torch.save(TinyStudent(16).state_dict(), a)
+    torch.save(TinyStudent(16).state_dict(), b)
+    runs = {}
+    for name, checkpoints in (("same", [str(a), str(a)]), ("switch", str(tmp_path / "teacher_e{epoch}.pth"))):
+        kd = {"method": "multistep", "teacher": "test_tiny", "multistep": {"checkpoints": checkpoints}}
+        train(resolve(_config(data, tmp_path / name, kd=kd)))
+        runs[name] = _log(tmp_path / name)
+    switches = [(e["epoch"], e["teacher"]) for e in runs["switch"] if "teacher" in e]
+    assert switches == [(0, f"test_tiny:{a}"), (1, f"test_tiny:{b}")]
+    losses = {name: [(e["epoch"], e["loss_multistep"]) for e in log if "loss" in e] for name, log in runs.items()}
+    first = [(x, y) for x, y in zip(losses["same"], losses["switch"]) if x[0] == 0]
+    second = [(x, y) for x, y in zip(losses["same"], losses["switch"]) if x[0] == 1]
+    assert first and second
+    assert all(x == pytest.approx(y, rel=1e-6) for x, y in first)
+    assert all(abs(x[1] - y[1]) > 1e-6 for x, y in second)
+
+
+def test_multistep_stops_at_a_missing_teacher_epoch_with_a_checkpoint_kept(tmp_path):
+    from kd_plugin.train import train
+
+    data = make_faces(tmp_path / "faces")
+    a = tmp_path / "teacher_e1.pth"
+    torch.save(TinyStudent(16).state_dict(), a)
+    kd = {"method": "multistep", "teacher": "test_tiny", "multistep": {"checkpoints": [str(a)]}}
+    with pytest.raises(KDPluginError, match="student epoch 1 needs the teacher after its epoch 2"):
+        train(resolve(_config(data, tmp_path / "out", kd=kd)))
+    assert (tmp_path / "out" / "checkpoint_gpu_0.pt").is_file()  # epoch 0 was saved before the switch
+    with pytest.raises(KDPluginError, match="kd.teacher = 'test_tiny:x.pth': with multistep"):
+        resolve({"rec": "x", "num_classes": 2, "kd": {"method": "multistep", "teacher": "test_tiny:x.pth",
+                                                      "multistep": {"checkpoints": ["a"]}}})
+    with pytest.raises(KDPluginError, match="kd.cache"):
+        resolve({"rec": "x", "num_classes": 2, "kd": {"method": "multistep", "teacher": "test_tiny", "cache": "c",
+                                                      "multistep": {"checkpoints": ["a"]}}})

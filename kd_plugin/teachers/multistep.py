@@ -43,3 +43,33 @@ class MultiStepTeacherSchedule:
     def spec_for_epoch(self, epoch: int) -> str:
         """The teacher's model spec for student epoch `epoch`."""
         return f"{self.network}:{self.checkpoint_for_epoch(epoch)}"
+
+
+class MultiStepTeacher:
+    """The teacher of multi-step KD as an embedder: `set_epoch(e)` loads the checkpoint of student epoch `e` (once per
+    epoch), `embed` uses the current one. Every KD term sees this teacher."""
+
+    def __init__(self, schedule: MultiStepTeacherSchedule, normalization=None, device: str = "cpu",
+                 batch_size: int = 64, embedding_size: int | None = None) -> None:
+        self.schedule, self.normalization, self.device = schedule, normalization, device
+        self.batch_size, self.embedding_size = batch_size, embedding_size
+        self.epoch: int | None = None
+        self.spec: str | None = None
+        self._embedder = None
+
+    def set_epoch(self, epoch: int) -> bool:
+        """Switch to the teacher of student epoch `epoch`; True when a new checkpoint was loaded."""
+        if epoch == self.epoch:
+            return False
+        from kd_plugin.teachers.spec import load_embedder
+
+        spec = self.schedule.spec_for_epoch(epoch)
+        self._embedder = load_embedder(spec, self.normalization, device=self.device, batch_size=self.batch_size,
+                                       embedding_size=self.embedding_size)
+        self.epoch, self.spec = epoch, spec
+        return True
+
+    def embed(self, images):
+        if self._embedder is None:
+            self.set_epoch(0)
+        return self._embedder.embed(images)
