@@ -38,7 +38,8 @@ def test_a_train_v2_without_the_names_it_patches_stops_clearly(monkeypatch, tmp_
 @pytest.mark.skipif(not (os.path.isfile(os.path.join(ROOT, "train_v2.py")) and os.path.isfile(PYTHON)),
                     reason="needs an arcface_torch checkout (ARCFACE_TORCH_ROOT) and a python able to run it "
                            "(ARCFACE_TORCH_PYTHON, e.g. the venv of ../shared/tools/arcface_torch_cpu/make_env.sh)")
-def test_unchanged_upstream_train_v2_distils_with_one_line(tmp_path):
+@pytest.mark.parametrize("world", [1, 2], ids=["1process", "2processes"])
+def test_unchanged_upstream_train_v2_distils_with_one_line(tmp_path, world):
     teacher = shared("teachers", "mobilefacenet_ms1m", "mobilefacenet_dynamic.onnx")
     data = shared("celeba", "train.rec")
     subset = tmp_path / "celeba_sub"
@@ -63,8 +64,10 @@ from kd_plugin import distill; distill(config, teacher={str(teacher)!r}, method=
 """)
     try:
         env = dict(os.environ, PYTHONPATH=os.path.abspath(SHIM))
-        proc = subprocess.run([PYTHON, "train_v2.py", f"configs/{name}"], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=600)
+        launcher = [] if world == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={world}",
+                                          "--master_port", str(29500 + os.getpid() % 1000)]
+        proc = subprocess.run([PYTHON, *launcher, "train_v2.py", f"configs/{name}"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=900)
     finally:
         os.remove(config_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -74,6 +77,15 @@ from kd_plugin import distill; distill(config, teacher={str(teacher)!r}, method=
              f"ck = torch.load({str(tmp_path / 'run' / 'checkpoint_gpu_0.pt')!r}, weights_only=True)\n"
              "assert 'objective.terms.ekd.miner.student_anchors' in ck['state_dict_softmax_fc']\n"
              "assert int(ck['state_dict_softmax_fc']['objective.terms.ekd.miner.steps']) == ck['global_step']\n"
+             # the balanced sampler's epoch: ceil(N / (W * R)) steps, R = 32 - 4 x 4 random images per rank
+             f"n = len(__import__('kd_plugin.data', fromlist=['x']).open_dataset({str(subset)!r}))\n"
+             f"assert ck['global_step'] == -(-n // ({world} * 16)), (ck['global_step'], n)\n"
+             # every rank holds the same EKD thresholds (the miner runs on the gathered global batch)
+             f"for r in range(1, {world}):\n"
+             f"    other = torch.load({str(tmp_path / 'run')!r} + f'/checkpoint_gpu_{{r}}.pt', weights_only=True)\n"
+             "    for key in ('student_anchors', 'teacher_anchors'):\n"
+             "        k = 'objective.terms.ekd.miner.' + key\n"
+             "        assert torch.equal(other['state_dict_softmax_fc'][k], ck['state_dict_softmax_fc'][k]), key\n"
              "print('ok', ck['global_step'])\n")
     out = subprocess.run([PYTHON, "-c", check], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-2000:]
