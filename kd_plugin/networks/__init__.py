@@ -95,6 +95,14 @@ for _name in _VIT_VARIANTS:
 del _name
 
 
+def _cpu_r8(*, embedding_size: int, fp16: bool, dropout: float) -> nn.Module:
+    from kd_plugin.networks.cpu_facenet import cpu_r8
+    return cpu_r8(embedding_size, fp16, dropout)
+
+
+register_network("cpu_r8", _cpu_r8)
+
+
 def _arcface_torch_root(root: str | None) -> str | None:
     """The arcface_torch directory to import from: `root`, $ARCFACE_TORCH_ROOT, or the working directory."""
     if root is None:
