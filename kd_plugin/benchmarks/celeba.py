@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -150,8 +151,8 @@ def _train_one(args, paths, method, seed, cache_dir, data, teacher_emb) -> dict:
     with open(record_path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(record, f)
     os.replace(record_path + ".tmp", record_path)
-    print(f"[bench celeba] {method} seed {seed}: accuracy {record['accuracy']:.4f}, TPR@1e-3 "
-          f"{record['tpr@1e-3']:.4f}, cross TPR@1e-3 {record['cross_tpr@1e-3']:.4f}, "
+    print(f"[bench celeba] {method} seed {seed}: accuracy {_num(record['accuracy'])}, TPR@1e-3 "
+          f"{_num(record['tpr@1e-3'])}, cross TPR@1e-3 {_num(record['cross_tpr@1e-3'])}, "
           f"{record['epoch_seconds']:.1f}s/epoch", flush=True)
     return record
 
@@ -176,6 +177,10 @@ def _load_eval_data(paths: dict) -> dict:
             "val_labels": np.asarray(val.labels)}
 
 
+def _num(value, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
 def _mean(values) -> float | None:
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
@@ -192,7 +197,7 @@ def summarise(records: list[dict], teacher: dict) -> dict:
     base = _mean(methods.get("student", {}).get("tpr@1e-3", []))
     for entry in methods.values():
         mean = _mean(entry["tpr@1e-3"])
-        gap = teacher["tpr@1e-3"] - base if base is not None else None
+        gap = teacher["tpr@1e-3"] - base if base is not None and teacher["tpr@1e-3"] is not None else None
         entry["gap_closed@1e-3"] = (mean - base) / gap if gap and mean is not None else None
     return {"teacher": {k: teacher[k] for k in ("accuracy", "tpr@1e-2", "tpr@1e-3")}, "methods": methods}
 
@@ -214,8 +219,8 @@ def markdown_table(summary: dict, settings: dict) -> str:
     spread = float(np.std(student["tpr@1e-3"])) if student and len(student["tpr@1e-3"]) > 1 else 0.0
     lines = ["| method | seeds | accuracy (celeba_val.bin) | TPR@1e-2 | TPR@1e-3 | cross TPR@1e-3 | gap closed @1e-3 | "
              "s/epoch | vs student alone @1e-3 |", "|---|---|---|---|---|---|---|---|---|"]
-    lines.append(f"| teacher (MobileFaceNet ONNX) | - | {teacher['accuracy']:.3f} | {teacher['tpr@1e-2']:.3f} | "
-                 f"{teacher['tpr@1e-3']:.3f} | - | - | - | ceiling |")
+    lines.append(f"| teacher (MobileFaceNet ONNX) | - | {_num(teacher['accuracy'], 3)} | "
+                 f"{_num(teacher['tpr@1e-2'], 3)} | {_num(teacher['tpr@1e-3'], 3)} | - | - | - | ceiling |")
     for name, entry in methods.items():
         mean = _mean(entry["tpr@1e-3"])
         if name == "student" or base is None or mean is None:
@@ -251,7 +256,10 @@ def plot(records: list[dict], teacher: dict, path: str) -> None:
     for method in METHODS:
         curves = [r["curve"] for r in records if r["method"] == method]
         if curves:
-            tprs = np.nanmean([[np.nan if t is None else t for _, t in c] for c in curves], axis=0)
+            values = np.array([[np.nan if t is None else t for _, t in c] for c in curves], dtype=float)
+            with warnings.catch_warnings():  # FPRs below 1 / negatives have no TPR: a gap in the curve
+                warnings.simplefilter("ignore", RuntimeWarning)
+                tprs = np.nanmean(values, axis=0)
             ax.plot(fprs, tprs, label=f"{method} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
     ax.set_xscale("log")
     ax.set_xlabel("FPR (celeba/val, all pairs)")
@@ -286,13 +294,13 @@ def run(args) -> dict:
     data = _load_eval_data(paths)
     teacher_emb = _Embeddings(teacher, data["bin_images"], data["val_images"])
     teacher_figures = teacher_emb.figures(data["issame"], data["val_labels"], None)
-    print(f"[bench celeba] teacher: accuracy {teacher_figures['accuracy']:.4f}, TPR@1e-2 "
-          f"{teacher_figures['tpr@1e-2']:.4f}, TPR@1e-3 {teacher_figures['tpr@1e-3']:.4f}", flush=True)
+    print(f"[bench celeba] teacher: accuracy {_num(teacher_figures['accuracy'])}, TPR@1e-2 "
+          f"{_num(teacher_figures['tpr@1e-2'])}, TPR@1e-3 {_num(teacher_figures['tpr@1e-3'])}", flush=True)
     methods = [m for m in METHODS if m in args.methods]
     records = [_train_one(args, paths, m, 0, cache_dir, data, teacher_emb) for m in methods]
     if args.seeds > 1:
         scored = [r for r in records if r["method"] in BASELINES]
-        best = max(scored, key=lambda r: r["tpr@1e-3"])["method"] if scored else None
+        best = max(scored, key=lambda r: r["tpr@1e-3"] or 0.0)["method"] if scored else None
         again = [m for m in methods if m in ALWAYS_SEEDED or m == best]
         if best:
             print(f"[bench celeba] best baseline at seed 0 (TPR@1e-3): {best}; seeds 1..{args.seeds - 1} for "

@@ -1,0 +1,94 @@
+"""`kd-plugin bench celeba`: the pipeline end to end on small synthetic stand-ins (any machine), the summary's
+arithmetic and the table's honesty. The real benchmark (45 minutes on 2 cores) is run by hand; see the README."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from conftest import jpeg_bytes
+from kd_plugin.benchmarks.celeba import main, markdown_table, summarise
+from kd_plugin.export import export_onnx
+from kd_plugin.networks.demo import demo_teacher
+
+
+def _folder(root, identities, per_identity, offset):
+    for i in range(identities):
+        os.makedirs(root / f"id{i:02d}", exist_ok=True)
+        for k in range(per_identity):
+            (root / f"id{i:02d}" / f"{k}.jpg").write_bytes(jpeg_bytes(offset + i * 100 + k))
+    return root
+
+
+@pytest.fixture(scope="module")
+def stand_ins(tmp_path_factory):
+    """6 training identities, 8 evaluation identities, a 20-pair .bin and a small ONNX teacher."""
+    root = tmp_path_factory.mktemp("bench")
+    train = _folder(root / "train", 6, 8, 0)
+    val = _folder(root / "val", 8, 8, 10_000)  # 1,792 negative pairs: TPR at FPR 1e-3 is defined
+    images = [jpeg_bytes(20_000 + i) for i in range(40)]
+    with open(root / "val.bin", "wb") as f:
+        pickle.dump((images, [i % 2 == 0 for i in range(20)]), f)
+    torch.manual_seed(0)
+    teacher = str(root / "teacher.onnx")
+    export_onnx(demo_teacher(128).eval(), teacher)
+    return {"train": str(train), "val": str(val), "bin": str(root / "val.bin"), "teacher": teacher}
+
+
+def _run(stand_ins, out, capsys):
+    argv = ["--train", stand_ins["train"], "--val", stand_ins["val"], "--bin", stand_ins["bin"],
+            "--teacher", stand_ins["teacher"], "--num-classes", "6", "--out", str(out), "--epochs", "1",
+            "--batch-size", "8", "--identities", "2", "--images-per-identity", "2", "--workers", "0",
+            "--methods", "student,l2,proxyless+ekd", "--seeds", "2", "--json"]
+    assert main(argv) == 0
+    return capsys.readouterr().out
+
+
+def test_the_benchmark_runs_end_to_end_and_reuses_finished_runs(stand_ins, tmp_path, capsys):
+    out = tmp_path / "bench"
+    stdout = _run(stand_ins, out, capsys)
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert set(result["teacher"]) == {"accuracy", "tpr@1e-2", "tpr@1e-3"}
+    # student, the best (only) baseline and proxyless+ekd get 2 seeds; each figure is one value per seed
+    assert list(result["methods"]) == ["student", "l2", "proxyless+ekd"]
+    for entry in result["methods"].values():
+        assert entry["seeds"] == [0, 1]
+        for key in ("accuracy", "tpr@1e-2", "tpr@1e-3", "cross_tpr@1e-3", "epoch_seconds"):
+            assert len(entry[key]) == 2 and all(isinstance(v, float) for v in entry[key]), key
+    assert result["methods"]["student"]["gap_closed@1e-3"] == 0.0
+    for method in ("student", "l2", "proxyless+ekd"):
+        for seed in (0, 1):
+            folder = out / method / f"seed{seed}"
+            assert (folder / "model.pt").is_file() and (folder / "model.onnx").is_file()
+    assert (out / "tpr_fpr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| proxyless+ekd | 2 |" in (out / "results.md").read_text()
+    # run again: every finished run is reused, the figures are the same
+    again = json.loads(_run(stand_ins, out, capsys).strip().splitlines()[-1])
+    assert again["methods"] == result["methods"]
+
+
+def _record(method, seed, tpr):
+    return {"method": method, "seed": seed, "accuracy": 0.8, "tpr@1e-2": 0.5, "tpr@1e-3": tpr,
+            "cross_tpr@1e-3": 0.1, "epoch_seconds": 10.0}
+
+
+def test_gap_closed_and_an_honest_verdict():
+    teacher = {"accuracy": 0.93, "tpr@1e-2": 0.86, "tpr@1e-3": 0.70}
+    records = [_record("student", 0, 0.10), _record("student", 1, 0.12),  # mean 0.11, spread (std) 0.01
+               _record("ekd", 0, 0.40), _record("ekd", 1, 0.42),
+               _record("l2", 0, 0.115),
+               _record("rkd", 0, 0.05)]
+    summary = summarise(records, teacher)
+    assert summary["methods"]["ekd"]["gap_closed@1e-3"] == pytest.approx((0.41 - 0.11) / (0.70 - 0.11))
+    assert summary["methods"]["ekd"]["tpr@1e-3"] == [0.40, 0.42]
+    table = markdown_table(summary, {"network": "n", "epochs": 1, "batch_size": 8, "identities": 2,
+                                     "images_per_identity": 2, "optimizer": "sgd", "lr": 0.1, "margin": [1, 0.5, 0]})
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert rows["ekd"].endswith("better (beyond the seed spread) |")
+    assert rows["l2"].endswith("not clearly better (within the seed spread) |")
+    assert rows["rkd"].endswith("does NOT beat the student alone |")
+    assert "0.410 ± 0.010" in rows["ekd"]
