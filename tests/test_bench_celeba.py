@@ -88,7 +88,7 @@ def test_gap_closed_and_an_honest_verdict():
     table = markdown_table(summary, {"network": "n", "epochs": 1, "batch_size": 8, "identities": 2,
                                      "images_per_identity": 2, "optimizer": "sgd", "lr": 0.1, "margin": [1, 0.5, 0]})
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
-    assert rows["ekd"].endswith("better (beyond the seed spread) |")
-    assert rows["l2"].endswith("not clearly better (within the seed spread) |")
+    assert rows["ekd"].endswith("better (by more than twice the seed spread) |")
+    assert rows["l2"].endswith("not clearly better (within twice the seed spread) |")
     assert rows["rkd"].endswith("does NOT beat the student alone |")
     assert "0.410 ± 0.010" in rows["ekd"]
