@@ -45,7 +45,7 @@ def _param_count(model: nn.Module) -> int:
 
 
 def test_registry_lists_every_network():
-    assert network_names() == NAMES
+    assert network_names() == NAMES + ["cpu_r8"]  # arcface_torch's names, then kd_plugin's CPU benchmark student
 
 
 def test_unknown_name_is_a_value_error_listing_the_known_ones():
@@ -210,3 +210,11 @@ def test_same_as_upstream(upstream_get_model, name, size):
     scale = expected.abs().max().item()
     assert torch.isfinite(expected).all() and scale > 0
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4 * scale)
+
+
+def test_cpu_student_takes_arcface_input_and_embeds():
+    torch.manual_seed(0)
+    net = create_network("cpu_r8", 128).eval()
+    out = net(torch.randn(3, 3, 112, 112))
+    assert out.shape == (3, 128) and torch.isfinite(out).all()
+    assert 1.5e6 < sum(p.numel() for p in net.parameters()) < 2e6
