@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import tempfile
@@ -24,6 +25,9 @@ def _entry(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: t
     try:
         result = fn(rank, world, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        del result
+        gc.collect()  # DDP wrappers and loaders of `fn` go before the group does
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -1,5 +1,5 @@
 """`kd-plugin bench celeba`: the pipeline end to end on small synthetic stand-ins (any machine), the summary's
-arithmetic and the table's honesty. The real benchmark (45 minutes on 2 cores) is run by hand; see the README."""
+arithmetic and the table's honesty. The real benchmark (about 27 minutes on 2 cores) is run by hand; see the README."""
 
 from __future__ import annotations
 
