@@ -65,10 +65,23 @@ def test_the_benchmark_runs_end_to_end_and_reuses_finished_runs(stand_ins, tmp_p
             folder = out / method / f"seed{seed}"
             assert (folder / "model.pt").is_file() and (folder / "model.onnx").is_file()
     assert (out / "tpr_fpr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = json.loads((out / "student" / "seed0" / "result.json").read_text())
+    curve = {f: t for f, t in record["curve"] if t is not None}
+    assert curve[1e-3] == record["tpr@1e-3"] and curve[1e-2] == record["tpr@1e-2"]
+    assert list(curve.values()) == sorted(curve.values())  # TPR never falls as the FPR grows
     assert "| proxyless+ekd | 2 |" in (out / "results.md").read_text()
     # run again: every finished run is reused, the figures are the same
     again = json.loads(_run(stand_ins, out, capsys).strip().splitlines()[-1])
     assert again["methods"] == result["methods"]
+
+
+def test_curve_points_are_distinct_figures():
+    """The evaluation keys TPRs by the FPR at one significant digit: two curve points must never share a key."""
+    from kd_plugin.benchmarks.celeba import CURVE_FPRS
+    from kd_plugin.evaluation import fpr_key
+
+    assert len({fpr_key(f) for f in CURVE_FPRS}) == len(CURVE_FPRS)
+    assert CURVE_FPRS[0] == 1e-4 and 1e-3 in CURVE_FPRS and 1e-2 in CURVE_FPRS
 
 
 def _record(method, seed, tpr):

@@ -44,7 +44,8 @@ METHODS = {
 BASELINES = ("l2", "cosine", "cckd", "rkd", "adadistill")
 ALWAYS_SEEDED = ("student", "proxyless", "ekd", "proxyless+ekd")  # plus the best baseline
 FIGURES = ("accuracy", "tpr@1e-2", "tpr@1e-3", "cross_tpr@1e-3", "epoch_seconds")
-CURVE_FPRS = tuple(float(f) for f in np.logspace(-4, -0.3, 38))
+# 1, 2, ..., 9 x 10^k from 1e-4 to 0.9: distinct at one significant digit, as the evaluation's keys ('2e-04') are
+CURVE_FPRS = tuple(float(f"{m}e{k}") for k in range(-4, 0) for m in range(1, 10))
 
 
 def _paths(args) -> dict:
