@@ -232,7 +232,7 @@ def _run_export(args: argparse.Namespace) -> int:
                                 f"NETWORK:CHECKPOINT, e.g. mbf:work_dirs/job/model.pt")
         if not args.out:
             raise KDPluginError("kd-plugin export NETWORK:CHECKPOINT: give --out FILE.onnx")
-        norm = _normalization(args.mean, args.std, args.bgr) or InputNormalization()
+        norm = _normalization(args.mean, args.std, args.bgr)  # None: arcface_torch's 127.5 / 127.5
         network = build_network(spec, args.embedding_size)
         result = export_onnx(network, args.out, norm, (args.input_size, args.input_size), args.opset)
     print(f"wrote {result['path']}: input uint8 RGB (N, 3, {result['input_size'][0]}, {result['input_size'][1]}) "

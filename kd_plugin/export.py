@@ -9,6 +9,7 @@ and the export is checked against the torch module with onnxruntime before it is
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -25,13 +26,10 @@ class NormalizedInput(nn.Module):
 
     def __init__(self, network: nn.Module, normalization: InputNormalization) -> None:
         super().__init__()
-        self.network, self.bgr = network, normalization.bgr
-        self.register_buffer("mean", torch.tensor(normalization.mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(normalization.std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.network, self.normalization = network, normalization
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.float() - self.mean) / self.std
-        return self.network(x.flip(1) if self.bgr else x).float()
+        return self.network(self.normalization.torch(images)).float()  # traced: mean and std become constants
 
 
 def export_onnx(network: nn.Module, path: str, normalization: InputNormalization | None = None,
@@ -49,10 +47,9 @@ def export_onnx(network: nn.Module, path: str, normalization: InputNormalization
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = path + ".tmp"
-    import warnings
-
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice; it needs no onnxscript
+        # the TorchScript exporter (it needs no onnxscript) warns of its deprecation, and of the traced constants
+        warnings.simplefilter("ignore")
         torch.onnx.export(wrapper, (example,), tmp, input_names=["input"], output_names=["embedding"],
                           dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}}, opset_version=opset,
                           dynamo=False)

@@ -50,7 +50,7 @@ class HookLoader:
 
     def __iter__(self):
         position = self.sampler._start() if hasattr(self.sampler, "_start") else 0
-        self.shared.epoch = getattr(self.sampler, "epoch", 0)
+        self.shared.epoch = self.sampler.epoch
         for images, labels, indices in self.loader:
             self.shared.indices = indices
             self.shared.flips = [f for _, f in self.sampler.batch(self.sampler.epoch, position)]

@@ -4,7 +4,7 @@ Per step: the sampler's batch (uint8 images, labels, sample indices and flips) -
 student embeddings; teacher embeddings from the cache (by index and flip) or from the frozen teacher; the KD objective
 (head + weighted terms, exact one-process gradients); the student's embedding gradient times W for DDP's averaging;
 clip 5; SGD/AdamW; arcface_torch's linear warm-up then linear decay. Rank 0 writes `train_log.jsonl` (every step's
-losses), tensorboard scalars and `model.pt` (the student backbone's state_dict); every rank writes
+losses, each epoch's wall time), tensorboard scalars and `model.pt` (the student backbone's state_dict); every rank writes
 `checkpoint_gpu_{rank}.pt` (arcface_torch's keys plus `state_kd`), atomically, every `checkpoint_every` steps and at
 each epoch end. `resume=True` continues from it exactly; SIGTERM writes one and exits; a non-finite loss stops with the
 last good checkpoint left in place."""
@@ -250,6 +250,7 @@ class Trainer:
                 self.sampler.set_epoch(self.epoch)
                 self._teacher_for_epoch(log_path)
                 self.sampler.load_state_dict({"epoch": self.epoch, "position": self.position, "seed": self.cfg.seed})
+                epoch_start, steps_at_epoch_start, stats = time.perf_counter(), self.global_step, {}
                 for images, labels, indices in self.loader:
                     flips = [f for _, f in self.sampler.batch(self.epoch, self.position)]
                     stats = self.step(images, labels, indices, flips)
@@ -273,6 +274,8 @@ class Trainer:
                         self.save()
                         print(f"[rank {self.rank}] SIGTERM: checkpoint written at step {self.global_step}", flush=True)
                         return {"stopped": "sigterm", "global_step": self.global_step}
+                self._epoch_done(log_path, time.perf_counter() - epoch_start, self.global_step - steps_at_epoch_start,
+                                 stats)
                 if self.global_step >= self.total_steps:
                     break
                 self.epoch, self.position = self.epoch + 1, 0
@@ -316,6 +319,16 @@ class Trainer:
         except ImportError:  # tensorboard is a dependency; a broken install should not stop training
             return None
         return SummaryWriter(os.path.join(self.cfg.output, "tensorboard"))
+
+    def _epoch_done(self, log_path: str, seconds: float, steps: int, stats: dict) -> None:
+        """Rank 0 prints and logs the epoch's wall time (checkpointing excluded) and its steps (fewer than an epoch's
+        after a resume or at max_steps)."""
+        if self.rank != 0:
+            return
+        loss = f", loss {stats['loss']:.4f}" if "loss" in stats else ""
+        print(f"epoch {self.epoch + 1}/{self.cfg.num_epoch} done: {steps} steps in {seconds:.1f}s{loss}", flush=True)
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"epoch": self.epoch, "epoch_seconds": seconds, "epoch_steps": steps}) + "\n")
 
     def _progress(self, stats: dict, lr: float, start: float, done_at_start: int) -> None:
         elapsed = time.perf_counter() - start

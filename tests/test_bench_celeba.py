@@ -59,6 +59,7 @@ def test_the_benchmark_runs_end_to_end_and_reuses_finished_runs(stand_ins, tmp_p
         assert entry["seeds"] == [0, 1]
         for key in ("accuracy", "tpr@1e-2", "tpr@1e-3", "cross_tpr@1e-3", "epoch_seconds"):
             assert len(entry[key]) == 2 and all(isinstance(v, float) for v in entry[key]), key
+        assert all(s > 0 for s in entry["epoch_seconds"])  # from the trainer's per-epoch log lines
     assert result["methods"]["student"]["gap_closed@1e-3"] == 0.0
     for method in ("student", "l2", "proxyless+ekd"):
         for seed in (0, 1):

@@ -68,10 +68,11 @@ class _Embeddings:
     def __init__(self, model, bin_images: np.ndarray, val_images: np.ndarray) -> None:
         from kd_plugin.evaluation import embed_with_flip, l2_normalize
 
-        self.bin = l2_normalize(np.concatenate([embed_with_flip(model, bin_images[i:i + 256])
-                                                for i in range(0, len(bin_images), 256)]))
-        self.val = l2_normalize(np.concatenate([embed_with_flip(model, val_images[i:i + 256])
-                                                for i in range(0, len(val_images), 256)]))
+        def embed(images: np.ndarray) -> np.ndarray:
+            return l2_normalize(np.concatenate([embed_with_flip(model, images[i:i + 256])
+                                                for i in range(0, len(images), 256)]))
+
+        self.bin, self.val = embed(bin_images), embed(val_images)
 
     def figures(self, issame: np.ndarray, val_labels: np.ndarray, gallery: "_Embeddings | None") -> dict:
         from kd_plugin.evaluation import fpr_key, kfold_accuracy, pair_score_blocks, roc_summary
@@ -131,19 +132,6 @@ def _train_one(args, paths, method, seed, cache_dir, data, teacher_emb) -> dict:
           f"{cfg.batch_size}, lr {cfg.lr}", flush=True)
     trainer = Trainer(cfg)
     start = time.perf_counter()
-    epoch_start, epoch_seconds = start, []
-    original_save = trainer.save
-
-    def timed_save():  # the trainer saves at each epoch end: time the epochs there (saving excluded)
-        nonlocal epoch_start
-        now = time.perf_counter()
-        if trainer.position == 0 and trainer.epoch > len(epoch_seconds):
-            epoch_seconds.append(now - epoch_start)
-            print(f"[bench celeba] {method} seed {seed}: epoch {len(epoch_seconds)}/{cfg.num_epoch} "
-                  f"in {now - epoch_start:.1f}s, loss {_last_loss(folder):.3f}", flush=True)
-        original_save()
-        epoch_start = time.perf_counter()
-    trainer.save = timed_save
     trainer.run()
     train_seconds = time.perf_counter() - start
     student = StudentEmbedder(trainer.student, trainer.student_norm, trainer.device)
@@ -151,7 +139,7 @@ def _train_one(args, paths, method, seed, cache_dir, data, teacher_emb) -> dict:
         data["issame"], data["val_labels"], teacher_emb)
     export_onnx(trainer.student.eval(), os.path.join(folder, "model.onnx"), trainer.student_norm)
     record = {"method": method, "seed": seed, "settings": _settings(args),
-              "epoch_seconds": float(np.mean(epoch_seconds)) if epoch_seconds else train_seconds / cfg.num_epoch,
+              "epoch_seconds": _mean_epoch_seconds(folder),
               "train_seconds": train_seconds, **figures}
     with open(record_path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(record, f)
@@ -162,13 +150,11 @@ def _train_one(args, paths, method, seed, cache_dir, data, teacher_emb) -> dict:
     return record
 
 
-def _last_loss(folder: str) -> float:
-    try:
-        with open(os.path.join(folder, "train_log.jsonl"), encoding="utf-8") as f:
-            lines = [json.loads(line) for line in f if '"loss"' in line]
-        return float(lines[-1]["loss"]) if lines else float("nan")
-    except OSError:
-        return float("nan")
+def _mean_epoch_seconds(folder: str) -> float:
+    """The mean wall time of the run's epochs, as the trainer logged them (checkpointing excluded)."""
+    with open(os.path.join(folder, "train_log.jsonl"), encoding="utf-8") as f:
+        seconds = [entry["epoch_seconds"] for entry in map(json.loads, f) if "epoch_seconds" in entry]
+    return float(np.mean(seconds))
 
 
 def _load_eval_data(paths: dict) -> dict:
