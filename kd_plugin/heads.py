@@ -4,8 +4,10 @@ partial-FC head in two modes — *inherited* (ProxylessKD: the teacher's class c
 
 Differences from arcface_torch, on purpose:
 - the margin's gradient is the true derivative of cos(m1*theta + m2) - m3 (upstream modifies the logits in place under
-  no_grad, so its gradient passes the margin as if it were the identity); and a combined margin with m3 > 0 keeps m1
-  and m2 (upstream applies only m3 then);
+  no_grad, so its gradient passes the margin as if it were the identity), and past theta = (pi - m2) / m1, where that
+  curve turns back up, a continuous line of slope 1 takes over (upstream: a shifted line with a jump), so every
+  sample is pulled towards its own centre for every cosine; a combined margin with m3 > 0 keeps m1 and m2 (upstream
+  applies only m3 then);
 - with sample_rate < 1 each negative centre is kept with probability sample_rate, decided by one random number per
   class drawn from (seed, step), so the same classes are sampled whatever the number of GPUs (PartialFC_V2 keeps a
   fixed int(sample_rate * num_local) centres per rank, which depends on the sharding);
@@ -31,20 +33,32 @@ _SIN_FLOOR = 1e-6  # below this sin(theta) the margin's derivative is capped; on
 
 
 class _AngularMargin(torch.autograd.Function):
-    """cos(m1 * acos(c) + m2), with an exact backward that stays finite at c = +-1."""
+    """cos(m1 * acos(c) + m2) while m1 * theta + m2 <= pi, continued past it by the line -1 + (c - c_turn) (slope 1,
+    continuous at c_turn = cos((pi - m2) / m1)); backward is the exact derivative of that function.
+
+    Why the continuation: past theta_turn = (pi - m2) / m1 the cosine of the margined angle rises again, so its true
+    derivative in c turns negative and the loss would push a sample that is far from its own centre further away
+    (with frozen inherited centres it would never come back). arcface_torch switches to c - m2 sin(m2) there (slope 1,
+    but a jump in the loss); the line here has the same slope and no jump. Where the curve is monotone the derivative
+    is the exact one, which vanishes only at theta_turn itself."""
 
     @staticmethod
     def forward(ctx, cos: torch.Tensor, m1: float, m2: float) -> torch.Tensor:
-        theta = torch.acos(cos.clamp(-1.0, 1.0))
-        ctx.save_for_backward(cos, theta)
+        cos = cos.clamp(-1.0, 1.0)
+        theta = torch.acos(cos)
+        theta_turn = (math.pi - m2) / m1
+        past = theta > theta_turn
+        ctx.save_for_backward(cos, theta, past)
         ctx.m1, ctx.m2 = m1, m2
-        return torch.cos(m1 * theta + m2)
+        return torch.where(past, cos - math.cos(theta_turn) - 1.0, torch.cos(m1 * theta + m2))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        cos, theta = ctx.saved_tensors
+        cos, theta, past = ctx.saved_tensors
         sin_theta = torch.sqrt((1.0 - cos * cos).clamp_min(0.0)).clamp_min(_SIN_FLOOR)
-        return grad * ctx.m1 * torch.sin(ctx.m1 * theta + ctx.m2) / sin_theta, None, None
+        # sin(m1 theta + m2) >= 0 before the turn; the clamp removes rounding just below it
+        exact = ctx.m1 * torch.sin(ctx.m1 * theta + ctx.m2).clamp_min(0.0) / sin_theta
+        return grad * torch.where(past, torch.ones_like(exact), exact), None, None
 
 
 class CombinedMarginLoss(nn.Module):
@@ -58,8 +72,9 @@ class CombinedMarginLoss(nn.Module):
         super().__init__()
         self.s, self.m1, self.m2, self.m3 = float(s), float(m1), float(m2), float(m3)
         self.interclass_filtering_threshold = float(interclass_filtering_threshold)
-        if self.m1 <= 0:
-            raise ValueError(f"margin m1 must be positive, got {m1}")
+        if self.m1 <= 0 or self.m2 < 0:
+            raise ValueError(f"margin_list = ({m1}, {m2}, {m3}): m1 must be positive and m2 >= 0 (with m2 < 0 the "
+                             f"target logit falls as a sample nears its centre); use e.g. (1.0, 0.5, 0.0) for ArcFace")
 
     def target_logit(self, cos: torch.Tensor) -> torch.Tensor:
         """The margin applied to target cosines (before scaling)."""

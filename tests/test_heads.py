@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -42,13 +44,42 @@ def test_margin_is_finite_at_theta_zero_and_pi_and_filters_interclass():
     margin = CombinedMarginLoss(64, 1.0, 0.5, 0.0)
     cos = torch.tensor([[1.0, -1.0, 0.2], [-1.0, 1.0, 0.3]], requires_grad=True)
     out = margin(cos, torch.tensor([0, 0]))
-    assert torch.allclose(out[:, 0], 64 * torch.cos(torch.tensor([0.5, 3.14159265 + 0.5])), atol=1e-4)
+    # theta = 0: cos(0.5); theta = pi lies past the turn at pi - 0.5: the continuing line -1 + (c - cos(pi - 0.5))
+    assert torch.allclose(out[:, 0], 64 * torch.tensor([math.cos(0.5), -2.0 - math.cos(math.pi - 0.5)]), atol=1e-4)
     out.sum().backward()
     assert torch.isfinite(cos.grad).all()
     filtering = CombinedMarginLoss(64, 1.0, 0.0, 0.4, interclass_filtering_threshold=0.25)
     out = filtering(torch.tensor([[0.9, 0.2, 0.3], [0.5, 0.5, 0.1]]), torch.tensor([0, -1]))
     expected = 64 * torch.tensor([[0.5, 0.2, 0.0], [0.0, 0.0, 0.1]])  # target keeps its value; negatives > 0.25 -> 0
     assert torch.allclose(out, expected)
+
+
+MONOTONE_MARGINS = {**MARGINS, "combined_m1": (1.2, 0.4, 0.1), "arcface_large": (1.0, 0.8, 0.0)}
+
+
+@pytest.mark.parametrize("name", list(MONOTONE_MARGINS))
+def test_margin_pulls_every_sample_towards_its_centre_for_every_cosine(name):
+    """The target logit rises with cos everywhere in [-1, 1] (so the loss never pushes a sample away from its own
+    centre) and has no jump; the exact derivative is kept before the turn at theta = (pi - m2) / m1."""
+    margin = CombinedMarginLoss(64, *MONOTONE_MARGINS[name])
+    target = torch.linspace(-1.0, 1.0, 4001, dtype=torch.float64)
+    others = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64).expand(len(target), 3)
+    cos = torch.cat([target[:, None], others], dim=1).requires_grad_(True)
+    labels = torch.zeros(len(target), dtype=torch.long)
+    logits = margin(cos, labels)
+    (slope,) = torch.autograd.grad(logits[:, 0].sum(), cos, retain_graph=True)
+    m1, m2, m3 = MONOTONE_MARGINS[name]
+    c_turn = math.cos(min(math.pi, (math.pi - m2) / m1))
+    away_from_turn = (target - c_turn).abs() > 1e-9
+    assert (slope[away_from_turn, 0] > 0).all(), target[away_from_turn][slope[away_from_turn, 0] <= 0][:5]
+    before = (target > c_turn) & (target < 1)
+    exact = m1 * torch.sin(m1 * torch.acos(target[before]) + m2) / torch.sqrt(1 - target[before] ** 2)
+    assert torch.allclose(slope[before, 0], 64 * exact, rtol=1e-6, atol=1e-9)
+    (grad,) = torch.autograd.grad(F.cross_entropy(logits, labels, reduction="sum"), cos)
+    assert (grad[:, 0] <= 0).all()  # the loss pulls (or, fully classified, is flat)
+    step = (logits[1:, 0] - logits[:-1, 0]).abs() / 64
+    assert step.max() < 0.05  # continuous: neighbouring cosines 5e-4 apart never jump
+    assert (logits[1:, 0] >= logits[:-1, 0] - 1e-12).all()  # the target logit never falls as cos rises
 
 
 def test_inherited_centres_stay_bit_identical_and_outside_the_optimizer():
