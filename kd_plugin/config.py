@@ -21,7 +21,13 @@ BASE = {
     "rec": None, "num_classes": None, "num_image": None, "num_epoch": 20, "warmup_epoch": 0, "val_targets": [],
     "max_steps": None,  # kd_plugin: stop after this many steps (short runs, tests)
     "checkpoint_every": 1000,  # kd_plugin: also write checkpoint_gpu_{rank}.pt every this many steps
+    "amp_dtype": "float16",  # kd_plugin: the autocast dtype when fp16=True ("bfloat16": no GradScaler needed)
+    "dali_aug": False,
 }
+AMP_DTYPES = ("float16", "bfloat16")
+# arcface_torch's base.py keys that only its wandb logger reads: kd-plugin train accepts them while using_wandb is off
+WANDB_KEYS = ("using_wandb", "wandb_key", "suffix_run_name", "wandb_entity", "wandb_project", "wandb_log_all",
+              "save_artifacts", "wandb_resume", "notes")
 
 METHODS = ("proxyless", "ekd", "l2", "cosine", "cckd", "sp", "rkd", "logit", "adadistill", "multistep")
 HEAD_METHODS = ("proxyless", "adadistill")  # these change the classifier rather than add a term
@@ -126,6 +132,16 @@ def resolve(config: dict) -> EasyDict:
         weight = kd["weights"].get(name, weight if weight is not None else defaults[name])
         terms[name] = float(weight)
     kd["terms"], kd["head"] = terms, next((m for m in methods if m in HEAD_METHODS), "trainable")
+    unused = [name for name in kd["weights"] if name not in terms]
+    if unused:
+        raise _fail(f"kd.weights.{unused[0]}", kd["weights"][unused[0]],
+                    f"no term {unused[0]!r} in method {kd['method']!r} (its terms: {', '.join(terms) or 'none'}; "
+                    f"weights exist for {', '.join(m for m in METHODS if m not in HEAD_METHODS)}): fix the name or "
+                    f"add the term to kd.method")
+    if "logit" in terms and kd["head"] != "proxyless":
+        raise _fail("kd.method", kd["method"], "logit KD compares teacher and student logits over the teacher's "
+                                               "inherited class centres: add proxyless (e.g. 'proxyless+logit') and "
+                                               "set kd.centres")
     if methods and methods != {"proxyless": None} and not kd["teacher"] and not kd["cache"]:
         raise _fail("kd.teacher", kd["teacher"], f"method {kd['method']!r} needs the teacher's embeddings: set "
                                                  f"kd.teacher (a model spec) or kd.cache")
@@ -147,12 +163,35 @@ def resolve(config: dict) -> EasyDict:
     for key in ("rec", "num_classes"):
         if cfg[key] in (None, ""):
             raise _fail(key, cfg[key], "required (the training data and its number of classes)")
+    if cfg.dali or cfg.dali_aug:
+        key = "dali" if cfg.dali else "dali_aug"
+        raise _fail(key, cfg[key], "kd_plugin reads train.rec itself (the teacher needs every batch's sample "
+                                   "indices and flips, which DALI's pipeline does not give): set dali = False and "
+                                   "dali_aug = False")
+    if not isinstance(cfg.gradient_acc, int) or cfg.gradient_acc < 1:
+        raise _fail("gradient_acc", cfg.gradient_acc, "expected an integer >= 1 (steps whose gradients are summed "
+                                                      "before each optimizer step)")
+    if cfg.amp_dtype not in AMP_DTYPES:
+        raise _fail("amp_dtype", cfg.amp_dtype, f"allowed: {', '.join(AMP_DTYPES)} (used when fp16 = True)")
     if cfg.optimizer not in ("sgd", "adamw"):
         raise _fail("optimizer", cfg.optimizer, "allowed: 'sgd', 'adamw'")
     if not 0 < float(cfg.sample_rate) <= 1:
         raise _fail("sample_rate", cfg.sample_rate, "must be in (0, 1]")
     cfg.kd = EasyDict(kd)
     return cfg
+
+
+def check_trainer_keys(cfg: EasyDict) -> None:
+    """`kd-plugin train` refuses top-level keys it would not honour (under train_v2, upstream reads them itself)."""
+    if cfg.get("using_wandb"):
+        raise _fail("using_wandb", cfg.using_wandb, "kd-plugin train does not log to wandb (its logs are "
+                                                    "<output>/training.log, train_log.jsonl and tensorboard): set "
+                                                    "using_wandb = False, or train under arcface_torch's train_v2.py "
+                                                    "with the one-line hook")
+    unknown = sorted(set(cfg) - set(BASE) - set(WANDB_KEYS) - {"kd"})
+    if unknown:
+        raise _fail(unknown[0], cfg[unknown[0]], f"unknown key: kd-plugin train reads {', '.join(sorted(BASE))} and "
+                                                 f"config.kd; remove it or fix its spelling")
 
 
 def load_config(path: str) -> EasyDict:

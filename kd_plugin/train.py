@@ -1,9 +1,11 @@
 """`kd-plugin train CONFIG`: arcface_torch's training loop with distillation, on CPU or GPU, 1 process or torchrun.
 
 Per step: the sampler's batch (uint8 images, labels, sample indices and flips) -> the student's own normalisation ->
-student embeddings; teacher embeddings from the cache (by index and flip) or from the frozen teacher; the KD objective
-(head + weighted terms, exact one-process gradients); the student's embedding gradient times W for DDP's averaging;
-clip 5; SGD/AdamW; arcface_torch's linear warm-up then linear decay. Rank 0 writes `train_log.jsonl` (every step's
+student embeddings (under autocast with `fp16`: float16 by default, `amp_dtype="bfloat16"` as an option); teacher
+embeddings from the cache (by index and flip) or from the frozen teacher; the KD objective (head + weighted terms, exact
+one-process gradients); the student's embedding gradient times W for DDP's averaging; as arcface_torch: backward of the
+GradScaler-scaled loss (fp16), and every `gradient_acc` steps unscale, clip 5, SGD/AdamW step; arcface_torch's linear
+warm-up then linear decay, stepped every step. Rank 0 writes `train_log.jsonl` (every step's
 losses, each epoch's wall time), tensorboard scalars and `model.pt` (the student backbone's state_dict); every rank writes
 `checkpoint_gpu_{rank}.pt` (arcface_torch's keys plus `state_kd`), atomically, every `checkpoint_every` steps and at
 each epoch end. `resume=True` continues from it exactly; SIGTERM writes one and exits; a non-finite loss stops with the
@@ -20,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from kd_plugin.config import load_config
+from kd_plugin.config import check_trainer_keys, load_config
 from kd_plugin.data.datasets import open_dataset
 from kd_plugin.data.sampler import IdentityBalancedBatchSampler
 from kd_plugin.distributed import all_reduce_, get_rank, get_world_size, init_from_env, is_distributed, scale_grad
@@ -125,6 +127,7 @@ class Trainer:
     """Builds everything from a resolved config; `run()` trains."""
 
     def __init__(self, cfg) -> None:
+        check_trainer_keys(cfg)
         init_from_env()
         self.cfg, kd = cfg, cfg.kd
         self.rank, self.world = get_rank(), get_world_size()
@@ -135,6 +138,12 @@ class Trainer:
         if self.dataset.num_classes != cfg.num_classes:
             raise KDPluginError(f"config.num_classes = {cfg.num_classes} but {cfg.rec} has {self.dataset.num_classes} "
                                 f"classes; set num_classes to match the data")
+        if cfg.num_image and int(cfg.num_image) != len(self.dataset):
+            raise KDPluginError(f"config.num_image = {cfg.num_image} but {cfg.rec} has {len(self.dataset)} images; "
+                                f"set num_image to match the data (or leave it unset: the schedule comes from the data)")
+        if not cfg.save_all_states and get_rank() == 0:
+            print("note: save_all_states = False, but kd-plugin train still writes checkpoint_gpu_{rank}.pt (its "
+                  "resume and crash safety need it)", flush=True)
         per_rank = (kd.sampler.identities_per_batch if kd.sampler.balanced else 0)
         self.sampler = IdentityBalancedBatchSampler(self.dataset.labels, cfg.batch_size, per_rank,
                                                     kd.sampler.images_per_identity, seed=cfg.seed)
@@ -157,6 +166,11 @@ class Trainer:
         total = self.steps_per_epoch * cfg.num_epoch
         warmup = self.steps_per_epoch * cfg.warmup_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: poly_warmup_factor(s, warmup, total))
+        # arcface_torch's mixed precision: autocast for the student, GradScaler(growth_interval=100) with fp16;
+        # bfloat16 has fp32's exponent range, so it needs no scaling
+        self.amp_dtype = getattr(torch, cfg.amp_dtype)
+        self.scaler = torch.amp.GradScaler(self.device.type, growth_interval=100,
+                                           enabled=bool(cfg.fp16) and self.amp_dtype == torch.float16)
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
         self.epoch, self.position, self.global_step = 0, 0, 0
         self._stop_requested = False
@@ -172,7 +186,8 @@ class Trainer:
                  "state_dict_softmax_fc": self.objective.head.state_dict(),
                  "state_optimizer": self.opt.state_dict(), "state_lr_scheduler": self.scheduler.state_dict(),
                  "state_kd": {"objective": self.objective.state_dict(), "position": self.position,
-                              "rng": torch.get_rng_state(), "world_size": self.world}}
+                              "rng": torch.get_rng_state(), "world_size": self.world,
+                              "scaler": self.scaler.state_dict(), "accumulated_grads": self._accumulated_grads()}}
         _atomic_save(state, self._checkpoint_path())
         if self.rank == 0:
             _atomic_save(self.student.state_dict(), os.path.join(self.cfg.output, "model.pt"))
@@ -193,6 +208,19 @@ class Trainer:
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         self.position = int(state["state_kd"]["position"])
         torch.set_rng_state(state["state_kd"]["rng"].cpu())
+        if state["state_kd"].get("scaler"):
+            self.scaler.load_state_dict(state["state_kd"]["scaler"])
+        for param, grad in zip(self._trained_parameters(), state["state_kd"].get("accumulated_grads") or []):
+            param.grad = None if grad is None else grad.to(param.device)
+
+    def _trained_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.opt.param_groups for p in group["params"]]
+
+    def _accumulated_grads(self) -> list[torch.Tensor | None] | None:
+        """Gradients summed so far towards the next optimizer step (gradient_acc > 1, saved mid-accumulation)."""
+        if self.global_step % self.cfg.gradient_acc == 0:
+            return None
+        return [None if p.grad is None else p.grad.detach().clone() for p in self._trained_parameters()]
 
     # --- the loop -------------------------------------------------------------------------------------------------
     def _teacher_embeddings(self, images: torch.Tensor, indices: torch.Tensor, flips: list[bool]):
@@ -203,10 +231,12 @@ class Trainer:
         return None
 
     def step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, flips: list[bool]) -> dict:
-        """One optimisation step; returns the logged scalars."""
+        """One training step as arcface_torch takes it: forward under autocast (fp16), backward of the scaled loss;
+        every `gradient_acc` steps the summed gradients are unscaled, clipped to norm 5 and applied. Returns the
+        logged scalars."""
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         teacher = self._teacher_embeddings(images, indices, flips)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.cfg.fp16 and self.device.type == "cuda"):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=bool(self.cfg.fp16)):
             embeddings = self.model(self.student_norm.torch(images))
         # each rank's gradient is the one-process gradient of its rows; DDP averages over ranks: multiply by W once
         loss, stats = self.objective(scale_grad(embeddings.float(), self.world), labels, teacher)
@@ -214,14 +244,20 @@ class Trainer:
             raise KDPluginError(f"non-finite loss {loss.item()} at step {self.global_step} (epoch {self.epoch}); "
                                 f"terms: { {k: float(v) for k, v in stats.items()} }. The last good checkpoint is "
                                 f"{self._checkpoint_path()}; lower the learning rate or check the data and teacher")
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.student.parameters(), 5)
-        self.opt.step()
-        self.scheduler.step()
+        self.scaler.scale(loss).backward()
         self.global_step += 1
         self.position += 1
-        return {k: float(v) for k, v in stats.items()}
+        if self.global_step % self.cfg.gradient_acc == 0:
+            self.scaler.unscale_(self.opt)  # clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), 5)
+            self.scaler.step(self.opt)  # skipped (and the scale lowered) when a gradient overflowed
+            self.scaler.update()
+            self.opt.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        out = {k: float(v) for k, v in stats.items()}
+        if self.scaler.is_enabled():
+            out["grad_scale"] = self.scaler.get_scale()
+        return out
 
     def _teacher_for_epoch(self, log_path: str) -> None:
         """Multi-step KD: load the teacher checkpoint of this epoch (logged on rank 0)."""
