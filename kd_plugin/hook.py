@@ -3,18 +3,25 @@ the end of an arcface_torch job config makes the UNCHANGED `train_v2.py` distil.
 
 train_v2.py imports its job config inside `main()`, after its own imports, and looks up `get_dataloader`, `get_model`
 and `PartialFC_V2` in its module globals at call time. When the config is imported under train_v2.py, `distill`
-replaces those three names there:
-- `get_dataloader`: kd_plugin's dataset and identity-balanced sampler (when EKD is on), same batch size per rank,
-  images normalised as arcface_torch's loader does; it remembers each batch's sample indices and flips;
+replaces those three names there, keeping train_v2's contract with each:
+- `get_dataloader` returns a `torch.utils.data.DataLoader` (train_v2 calls `train_loader.sampler.set_epoch(epoch)` only
+  for one) whose `.sampler` is kd_plugin's identity-balanced sampler: epochs and flips follow `set_epoch`, batches
+  are `(images normalised as arcface_torch's loader does, labels)`, both sent to `cuda:local_rank` as upstream's
+  `DataLoaderX` sends them; the sample indices and flips of each batch stay on the side for the teacher cache;
 - `get_model`: upstream's network with a forward pre-hook that keeps the batch it was given, so the teacher embeds
   the very same images (the teacher stays outside the backbone: not in model.pt, not in the optimizer);
 - `PartialFC_V2`: a module holding kd_plugin's KD objective (the inherited head and the configured terms); its
-  state_dict (the head's centres and the EKD thresholds) lands in `checkpoint_gpu_{rank}.pt` and is restored on resume.
+  state_dict (the head's centres, the EKD thresholds, the KD step count) lands in `checkpoint_gpu_{rank}.pt` and is
+  restored on resume. Its scalars are averaged on the device and written by rank 0 every `frequent` steps (one
+  device sync then, none in between) to `<output>/train_log.jsonl`, tensorboard and arcface_torch's `training.log`.
+`config.num_image` is set to the sampler's epoch length so train_v2's LR schedule matches it.
 Under any other program (e.g. `kd-plugin train`) `distill` only fills in `config.kd`.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import sys
 
@@ -26,36 +33,74 @@ from kd_plugin.errors import KDPluginError
 PATCHED_NAMES = ("get_dataloader", "get_model", "PartialFC_V2")
 SUPPORTED = ("insightface's recognition/arcface_torch train_v2.py with PartialFC_V2 (checked against insightface "
              "commit 7fadd42, 2026-07)")
+LOG = logging.getLogger("kd_plugin")  # train_v2's root handlers write it to training.log and stdout on rank 0
 
 
 class _Shared:
     """What the patched functions pass to each other within one training process."""
 
-    def __init__(self) -> None:
+    def __init__(self, config) -> None:
+        self.config = config
         self.images: torch.Tensor | None = None  # the backbone's last input (arcface_torch-normalised)
         self.indices: torch.Tensor | None = None
-        self.flips: list[bool] | None = None
+        self.flips: torch.Tensor | None = None
         self.epoch = 0  # the loader's epoch (multi-step KD switches teachers on it)
+        self._dataset = None
+        self._sampler = None
+
+    def resolved(self):
+        from kd_plugin.config import resolve
+        return resolve(self.config)  # the job config over arcface_torch's base defaults
+
+    def dataset(self):
+        """The training set, opened once per process."""
+        if self._dataset is None:
+            from kd_plugin.data.datasets import open_dataset
+            self._dataset = open_dataset(self.resolved().rec)
+        return self._dataset
+
+    def sampler(self):
+        """The batch sampler of this rank (one per process: train_v2 builds one loader)."""
+        if self._sampler is None:
+            from kd_plugin.data.sampler import IdentityBalancedBatchSampler
+            cfg = self.resolved()
+            per_rank = cfg.kd.sampler.identities_per_batch if cfg.kd.sampler.balanced else 0
+            self._sampler = IdentityBalancedBatchSampler(self.dataset().labels, cfg.batch_size, per_rank,
+                                                         cfg.kd.sampler.images_per_identity, seed=cfg.seed)
+        return self._sampler
 
 
-class HookLoader:
-    """An iterable like arcface_torch's loader: `(images normalised to [-1, 1], labels)`; `.sampler.set_epoch`."""
+class _Batches(torch.utils.data.Dataset):
+    """A dataset whose item is one whole batch: a list of (index, flip) -> (images normalised to [-1, 1], labels,
+    indices, flips). Run in the loader's workers, as arcface_torch's dataset normalises in its workers."""
 
-    def __init__(self, dataset, sampler, num_workers: int, shared: _Shared) -> None:
-        self.sampler, self.shared = sampler, shared
-        self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return len(self.dataset)
+
+    def __getitem__(self, items):
+        images, labels, indices = zip(*(self.dataset[item] for item in items))
+        flips = torch.tensor([bool(flip) for _, flip in items])
+        images = (torch.stack(images).float() - 127.5) / 127.5
+        return images, torch.stack(labels), torch.stack(indices), flips
+
+
+class HookLoader(torch.utils.data.DataLoader):
+    """What train_v2 gets from `get_dataloader`: a DataLoader over kd_plugin's sampler that hands each batch
+    `(images, labels)` to the training device, as arcface_torch's DataLoaderX does."""
+
+    def __init__(self, shared: _Shared, device: torch.device, num_workers: int) -> None:
+        super().__init__(_Batches(shared.dataset()), sampler=shared.sampler(), batch_size=None,
+                         num_workers=num_workers, pin_memory=device.type == "cuda")
+        self.shared, self.device = shared, device
 
     def __iter__(self):
-        position = self.sampler._start() if hasattr(self.sampler, "_start") else 0
         self.shared.epoch = self.sampler.epoch
-        for images, labels, indices in self.loader:
-            self.shared.indices = indices
-            self.shared.flips = [f for _, f in self.sampler.batch(self.sampler.epoch, position)]
-            position += 1
-            yield (images.float() - 127.5) / 127.5, labels
+        for images, labels, indices, flips in super().__iter__():
+            self.shared.indices, self.shared.flips = indices, flips
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
 
 class HookHead(nn.Module):
@@ -63,52 +108,100 @@ class HookHead(nn.Module):
 
     def __init__(self, cfg, shared: _Shared) -> None:
         super().__init__()
-        from kd_plugin.data.datasets import open_dataset
         from kd_plugin.distributed import get_rank
         from kd_plugin.objective import KDObjective
         from kd_plugin.train import build_head, build_teacher, build_terms
 
-        self.shared = shared
+        self.shared, self.cfg, self.rank = shared, cfg, get_rank()
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        dataset = open_dataset(cfg.rec)
+        dataset = shared.dataset()
         self._teacher, self._cache = build_teacher(cfg, dataset, device)  # plain attributes: not in the state_dict
-        head = build_head(cfg, dataset, self._teacher, self._cache, get_rank())
-        self.objective = KDObjective(head, build_terms(cfg), cfg.kd.reference_gradient_scaling)
+        head = build_head(cfg, dataset, self._teacher, self._cache, self.rank)
+        random_rows = shared.sampler().random_size if cfg.kd.margin_on_random_part else None
+        self.objective = KDObjective(head, build_terms(cfg), cfg.kd.reference_gradient_scaling, random_rows)
+        self.register_buffer("kd_step", torch.zeros((), dtype=torch.int64))  # forward calls so far, resumed
+        self._step: int | None = None  # its host copy, read once after a resume
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
+        self._writer = None
+
+    def _teacher_embeddings(self, device: torch.device) -> torch.Tensor | None:
+        if not self.objective.needs_teacher:
+            return None
+        if self._cache is not None:
+            return self._cache.get(self.shared.indices, self.shared.flips).to(device)
+        if hasattr(self._teacher, "set_epoch") and self._teacher.set_epoch(self.shared.epoch):  # multi-step KD
+            self._log_line({"step": self._step, "epoch": self.shared.epoch, "teacher": self._teacher.spec},
+                           f"multi-step KD: epoch {self.shared.epoch} learns from {self._teacher.spec}")
+        images = (self.shared.images.detach().float() * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8)
+        return torch.as_tensor(self._teacher.embed(images)).float().to(device)
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         from kd_plugin.distributed import get_world_size, scale_grad
 
-        teacher = None
-        if self.objective.needs_teacher:
-            if self._cache is not None:
-                teacher = self._cache.get(self.shared.indices, self.shared.flips).to(local_embeddings.device)
-            else:
-                if hasattr(self._teacher, "set_epoch"):  # multi-step KD: the teacher of this epoch
-                    self._teacher.set_epoch(self.shared.epoch)
-                images = (self.shared.images.detach().float() * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8)
-                teacher = torch.as_tensor(self._teacher.embed(images)).float().to(local_embeddings.device)
+        if self._step is None:
+            self._step = int(self.kd_step)
+        teacher = self._teacher_embeddings(local_embeddings.device)
         # train_v2 wraps the backbone in DDP, which averages: the exact per-rank gradient times W, once
         loss, stats = self.objective(scale_grad(local_embeddings.float(), get_world_size()), local_labels.view(-1),
                                      teacher)
-        self.last_stats = {k: float(v) for k, v in stats.items()}
+        self._step += 1
+        self.kd_step.fill_(self._step)
+        self._accumulate(stats)
         return loss
 
+    def _accumulate(self, stats: dict[str, torch.Tensor]) -> None:
+        """Sum the scalars on their device; every `frequent` steps rank 0 reads their means at once and logs them."""
+        if self.rank != 0:
+            return
+        for key, value in stats.items():
+            value = value.detach().float()
+            self._sums[key] = self._sums[key] + value if key in self._sums else value.clone()
+        self._count += 1
+        if self._step % self.cfg.frequent:
+            return
+        keys = list(self._sums)
+        means = (torch.stack([self._sums[k] for k in keys]) / self._count).tolist()  # the one sync
+        self._sums, self._count = {}, 0
+        figures = dict(zip(keys, means))
+        self._log_line({"step": self._step, "epoch": self.shared.epoch, **figures},
+                       f"KD step {self._step} epoch {self.shared.epoch}: "
+                       + " ".join(f"{k}={v:.4f}" for k, v in figures.items()))
+        writer = self._tensorboard()
+        if writer is not None:
+            for key, value in figures.items():
+                writer.add_scalar(f"kd/{key}", value, self._step)
+            writer.flush()
 
-def _align_epoch_length(config) -> None:
-    """train_v2 derives its LR schedule from num_image // (batch_size * W) steps per epoch; with the balanced
-    sampler an epoch has ceil(N / (W * R)) steps (R = the random part), so num_image is set to match."""
-    import math
+    def _log_line(self, record: dict, message: str) -> None:
+        if self.rank != 0:
+            return
+        LOG.info(message)
+        os.makedirs(self.cfg.output, exist_ok=True)
+        with open(os.path.join(self.cfg.output, "train_log.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
 
-    from kd_plugin.config import resolve
-    from kd_plugin.data.datasets import open_dataset
+    def _tensorboard(self):
+        if self._writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is a dependency; a broken install should not stop training
+                return None
+            self._writer = SummaryWriter(os.path.join(self.cfg.output, "tensorboard"))
+        return self._writer
 
-    cfg = resolve(config)
-    if not cfg.kd.sampler.balanced:
-        return
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    random_part = cfg.batch_size - cfg.kd.sampler.identities_per_batch * cfg.kd.sampler.images_per_identity
-    steps = math.ceil(len(open_dataset(cfg.rec)) / (world * random_part))
-    config.num_image = steps * cfg.batch_size * world
+
+def _align_epoch_length(config, shared: _Shared) -> None:
+    """train_v2 derives its LR schedule from num_image // (batch_size * W) steps per epoch; kd_plugin's sampler takes
+    ceil(N / (W * R)) steps (R = the random part of each rank's batch), so num_image is set to match."""
+    from kd_plugin.distributed import get_world_size
+
+    cfg, dataset = shared.resolved(), shared.dataset()
+    if cfg.num_image and int(cfg.num_image) != len(dataset):
+        raise KDPluginError(f"kd_plugin.distill: config.num_image = {cfg.num_image} but {cfg.rec} has {len(dataset)} "
+                            f"images; set num_image to match the data (or to 0: the hook sets it)")
+    world = get_world_size() if torch.distributed.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    config.num_image = shared.sampler().steps_per_epoch * cfg.batch_size * world
 
 
 def distill(config, teacher: str | None = None, method: str = "proxyless", **kd) -> None:
@@ -126,13 +219,9 @@ def distill(config, teacher: str | None = None, method: str = "proxyless", **kd)
     if missing:
         raise KDPluginError(f"kd_plugin.distill: {main.__file__} has no {missing[0]!r} to replace; the hook supports "
                             f"{SUPPORTED}. Update kd_plugin, or train with `kd-plugin train CONFIG` instead")
-    _align_epoch_length(config)
-    shared = _Shared()
+    shared = _Shared(config)
+    _align_epoch_length(config, shared)
     original_get_model = names["get_model"]
-
-    def _resolved():
-        from kd_plugin.config import resolve
-        return resolve(config)  # the job config over arcface_torch's base defaults
 
     def get_model(*args, **kwargs):
         model = original_get_model(*args, **kwargs)
@@ -143,18 +232,16 @@ def distill(config, teacher: str | None = None, method: str = "proxyless", **kd)
         return model
 
     def get_dataloader(root_dir, local_rank, batch_size, dali=False, dali_aug=False, seed=2048, num_workers=2):
-        from kd_plugin.data.datasets import open_dataset
-        from kd_plugin.data.sampler import IdentityBalancedBatchSampler
-
-        cfg = _resolved()
-        dataset = open_dataset(root_dir)
-        per_rank = cfg.kd.sampler.identities_per_batch if cfg.kd.sampler.balanced else 0
-        sampler = IdentityBalancedBatchSampler(dataset.labels, batch_size, per_rank,
-                                               cfg.kd.sampler.images_per_identity, seed=seed)
-        return HookLoader(dataset, sampler, num_workers, shared)
+        cfg = shared.resolved()  # refuses dali with what to do
+        given = {"rec": root_dir, "batch_size": batch_size, "seed": seed}
+        differs = {k: v for k, v in given.items() if v != cfg[k]}
+        if differs:
+            raise KDPluginError(f"kd_plugin.distill: train_v2 asks for a loader with {differs}, the config says "
+                                f"{ {k: cfg[k] for k in differs} }; the hook supports {SUPPORTED}")
+        return HookLoader(shared, torch.device("cuda", int(local_rank)), num_workers)
 
     def partial_fc(margin_loss, embedding_size, num_classes, sample_rate=1.0, fp16=False):
-        cfg = _resolved()
+        cfg = shared.resolved()
         if (embedding_size, num_classes) != (cfg.embedding_size, cfg.num_classes):
             raise KDPluginError(f"kd_plugin.distill: train_v2 asks for a classifier of {num_classes} classes x "
                                 f"{embedding_size}, the config says {cfg.num_classes} x {cfg.embedding_size}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -89,3 +90,71 @@ from kd_plugin import distill; distill(config, teacher={str(teacher)!r}, method=
              "print('ok', ck['global_step'])\n")
     out = subprocess.run([PYTHON, "-c", check], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-2000:]
+
+
+SYNCS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")
+
+
+def _count_syncs(patch):
+    """Count the calls that make the host wait for the device (a tensor read back), by name."""
+    counts = {name: 0 for name in SYNCS}
+    for name in SYNCS:
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _real=real, _name=name, **kwargs):
+            counts[_name] += 1
+            return _real(self, *args, **kwargs)
+        patch.setattr(torch.Tensor, name, spy)
+    return counts
+
+
+def _hook_head_under_a_fake_train_v2(monkeypatch, tmp_path, **kd):
+    from test_train import TinyStudent, ensure_registered, make_faces
+
+    ensure_registered()
+    fake = types.ModuleType("__main__")
+    fake.__file__ = str(tmp_path / "train_v2.py")
+    fake.get_model, fake.get_dataloader, fake.PartialFC_V2 = object(), object(), object()
+    monkeypatch.setitem(sys.modules, "__main__", fake)
+    torch.save(TinyStudent(16).state_dict(), tmp_path / "teacher.pth")
+    config = EasyDict(rec=str(make_faces(tmp_path / "faces")), num_classes=8, embedding_size=16, batch_size=6,
+                      frequent=3, num_image=0, output=str(tmp_path / "out"))
+    distill(config, teacher=f"test_tiny:{tmp_path / 'teacher.pth'}", method="ekd",
+            sampler=dict(identities_per_batch=1, images_per_identity=2), **kd)
+    return config, fake.PartialFC_V2(None, 16, 8, 1.0, False)
+
+
+def test_the_hook_honours_margin_on_random_part(monkeypatch, tmp_path):
+    _, head = _hook_head_under_a_fake_train_v2(monkeypatch, tmp_path, margin_on_random_part=True)
+    assert head.objective.margin_random_rows == 4  # batch 6 - 1 identity x 2 images
+    _, head = _hook_head_under_a_fake_train_v2(monkeypatch, tmp_path)
+    assert head.objective.margin_random_rows is None
+
+
+def test_the_hook_logs_its_scalars_every_frequent_steps_with_one_sync(monkeypatch, tmp_path):
+    config, head = _hook_head_under_a_fake_train_v2(monkeypatch, tmp_path)
+    torch.manual_seed(0)
+    images = torch.rand(6, 3, 112, 112) * 2 - 1
+    labels = torch.tensor([0, 1, 2, 3, 4, 4])
+    head.shared.images = images
+
+    def steps(n, direct=False):
+        with pytest.MonkeyPatch.context() as patch:
+            counts = _count_syncs(patch)
+            for _ in range(n):
+                emb = torch.randn(6, 16, requires_grad=True)
+                if direct:
+                    teacher = torch.as_tensor(head._teacher.embed(
+                        (images * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8))).float()
+                    head.objective(emb, labels, teacher)
+                else:
+                    head(emb, labels)
+        return counts
+
+    objective_alone = steps(1, direct=True)  # what the objective and the teacher need by themselves
+    steps(1)  # step 1 (frequent = 3) reads the resumable step count once
+    assert steps(1) == objective_alone  # step 2: nothing more than the objective's own
+    at_log = steps(1)  # step 3: the means are read back once
+    assert at_log == dict(objective_alone, tolist=objective_alone["tolist"] + 1)
+    log = [json.loads(line) for line in open(os.path.join(config.output, "train_log.jsonl"))]
+    assert [e["step"] for e in log] == [3] and {"loss", "loss_head", "loss_ekd"} <= set(log[0])

@@ -1,0 +1,96 @@
+"""The hook's contract with train_v2, in CI: a stand-in train_v2.py making upstream's calls (tests/emulated_upstream)
+runs under the CPU harness's strict device mode with 2 gloo processes, for 2 epochs, then resumes for a third.
+Strict mode raises where a GPU would raise a device mismatch; the real upstream run is in test_hook.py (local only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from test_train import TinyStudent, make_faces
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHIM = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "tools", "arcface_torch_cpu"))
+STAND_IN = os.path.join(HERE, "emulated_upstream", "train_v2.py")
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config(path, data, output, teachers, **overrides):
+    settings = dict(network="stand_in", embedding_size=16, batch_size=6, lr=0.1, rec=str(data), num_classes=8,
+                    num_image=0, num_epoch=2, num_workers=1, frequent=2, output=str(output), resume=False)
+    settings.update(overrides)
+    path.write_text(
+        "import sys\nsys.path.insert(0, " + repr(HERE) + ")\n"
+        "from easydict import EasyDict\n"
+        "from kd_plugin.networks import network_names, register_network\n"
+        "from test_train import TinyStudent\n"
+        "if 'test_tiny' not in network_names():\n    register_network('test_tiny', TinyStudent)\n"
+        f"config = EasyDict({settings!r})\n"
+        "from kd_plugin import distill\n"
+        "distill(config, teacher='test_tiny', method='multistep+ekd', margin_on_random_part=True,\n"
+        f"        multistep=dict(checkpoints={teachers!r}),\n"
+        "        sampler=dict(identities_per_batch=1, images_per_identity=2))\n")
+    return path
+
+
+def _run(config, world):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_port",
+           str(_free_port()), STAND_IN, str(config)]
+    env = dict(os.environ, PYTHONPATH=SHIM, OMP_NUM_THREADS="1")
+    env.pop("KD_CPU_SHIM_LAX", None)  # strict device mode
+    return subprocess.run(cmd, cwd=os.path.dirname(STAND_IN), env=env, capture_output=True, text=True, timeout=600)
+
+
+def _jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(SHIM, "sitecustomize.py")),
+                    reason=f"needs the CPU harness {SHIM} (../shared/tools beside the repository)")
+def test_the_hook_meets_train_v2s_loader_and_device_contract_over_epochs_ranks_and_resume(tmp_path):
+    data = make_faces(tmp_path / "faces")  # 8 identities x 6 images
+    for epoch in (1, 2, 3):  # multi-step KD: a different teacher after each of its epochs
+        torch.manual_seed(epoch)
+        torch.save(TinyStudent(16).state_dict(), tmp_path / f"teacher_e{epoch}.pth")
+    teachers = str(tmp_path / "teacher_e{epoch}.pth")
+    out = tmp_path / "run"
+    proc = _run(_config(tmp_path / "job.py", data, out, teachers), world=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    proc = _run(_config(tmp_path / "job.py", data, out, teachers, num_epoch=3, resume=True), world=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    # every rank: a DataLoader of float images and int64 labels; 48 images / (2 ranks x 4 random rows) = 6 steps
+    for rank in (0, 1):
+        steps = _jsonl(out / f"emulated_rank{rank}.jsonl")
+        assert [s["step"] for s in steps] == list(range(1, 19))
+        assert all(s["is_dataloader"] and s["image_dtype"] == "torch.float32" and s["label_dtype"] == "torch.int64"
+                   and s["steps_per_epoch"] == 6 and s["num_image"] == 6 * 6 * 2 for s in steps)
+        by_epoch = [[s["image_sum"] for s in steps if s["epoch"] == e] for e in range(3)]
+        assert by_epoch[0] != by_epoch[1] != by_epoch[2]  # set_epoch reached the sampler: new batches each epoch
+    # the KD scalars: rank 0, every `frequent` (2) steps, continued after the resume; the teacher of each epoch
+    log = _jsonl(out / "train_log.jsonl")
+    figures = [e for e in log if "loss" in e]
+    assert [e["step"] for e in figures] == list(range(2, 19, 2))
+    assert all({"loss_head", "loss_ekd", "loss_multistep"} <= set(e) for e in figures)
+    switches = [(e["epoch"], e["teacher"]) for e in log if "teacher" in e]
+    assert switches == [(e, f"test_tiny:{tmp_path / f'teacher_e{e + 1}.pth'}") for e in range(3)]
+    training_log = (out / "training.log").read_text()
+    assert "KD step 18 epoch 2: loss_head=" in training_log and "multi-step KD: epoch 1 learns from" in training_log
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(out / "tensorboard"))
+    # the EKD thresholds are the same on both ranks (the miner sees the gathered global batch) and were resumed
+    states = [torch.load(out / f"checkpoint_gpu_{r}.pt", weights_only=True)["state_dict_softmax_fc"] for r in (0, 1)]
+    assert int(states[0]["kd_step"]) == int(states[1]["kd_step"]) == 18
+    key = "objective.terms.ekd.miner.student_anchors"
+    assert torch.equal(states[0][key], states[1][key])
