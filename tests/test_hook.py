@@ -36,60 +36,138 @@ def test_a_train_v2_without_the_names_it_patches_stops_clearly(monkeypatch, tmp_
         distill(EasyDict(rec="x", num_classes=3), teacher="t.onnx", method="ekd")
 
 
-@pytest.mark.skipif(not (os.path.isfile(os.path.join(ROOT, "train_v2.py")) and os.path.isfile(PYTHON)),
-                    reason="needs an arcface_torch checkout (ARCFACE_TORCH_ROOT) and a python able to run it "
-                           "(ARCFACE_TORCH_PYTHON, e.g. the venv of ../shared/tools/arcface_torch_cpu/make_env.sh)")
-@pytest.mark.parametrize("world", [1, 2], ids=["1process", "2processes"])
-def test_unchanged_upstream_train_v2_distils_with_one_line(tmp_path, world):
-    teacher = shared("teachers", "mobilefacenet_ms1m", "mobilefacenet_dynamic.onnx")
+UPSTREAM = pytest.mark.skipif(
+    not (os.path.isfile(os.path.join(ROOT, "train_v2.py")) and os.path.isfile(PYTHON)),
+    reason="needs an arcface_torch checkout (ARCFACE_TORCH_ROOT) and a python able to run it (ARCFACE_TORCH_PYTHON, "
+           "e.g. the venv of ../shared/tools/arcface_torch_cpu/make_env.sh)")
+
+
+def _celeba_subset(tmp_path, identities):
+    """The first `identities` identities of the shared CelebA training set, packed as an insightface train.rec."""
     data = shared("celeba", "train.rec")
     subset = tmp_path / "celeba_sub"
     script = ("import os\nfrom kd_plugin.data import open_dataset\nfrom kd_plugin.data.pack import pack_dataset\n"
               f"ds = open_dataset({str(data)!r})\nroot = {str(tmp_path / 'images')!r}\n"
-              "for i in range(len(ds)):\n    c = int(ds.labels[i])\n    if c < 12:\n"
+              f"for i in range(len(ds)):\n    c = int(ds.labels[i])\n    if c < {identities}:\n"
               "        os.makedirs(f'{root}/{c:03d}', exist_ok=True)\n"
               "        open(f'{root}/{c:03d}/{i}.jpg', 'wb').write(ds.read_bytes(i))\n"
-              f"pack_dataset(open_dataset(root), {str(subset)!r}, progress=False)\n")
-    subprocess.run([PYTHON, "-c", script], check=True)
-    name = f"_kd_plugin_hook_test_{os.getpid()}"
+              f"pack_dataset(open_dataset(root), {str(subset)!r}, progress=False)\n"
+              f"print(len(open_dataset({str(subset)!r})))\n")
+    out = subprocess.run([PYTHON, "-c", script], check=True, capture_output=True, text=True)
+    return subset, int(out.stdout.split()[-1])
+
+
+def _upstream(name, config_text, world):
+    """Start unchanged upstream train_v2.py on `configs/<name>.py` under the CPU harness (strict device mode)."""
     config_path = os.path.join(ROOT, "configs", f"{name}.py")
     with open(config_path, "w") as f:
-        f.write(f"""from easydict import EasyDict as edict
-config = edict(margin_list=(1.0, 0.5, 0.0), network="mbf", resume=False, output={str(tmp_path / 'run')!r},
-               embedding_size=128, sample_rate=1.0, fp16=False, batch_size=32, lr=0.1, verbose=2000, dali=False,
-               rec={str(subset)!r}, num_classes=12, num_image=0, num_epoch=1, warmup_epoch=0, val_targets=[],
-               num_workers=1, save_all_states=True)
-from kd_plugin import distill; distill(config, teacher={str(teacher)!r}, method="proxyless+ekd",
-    teacher_mean="123.675,116.28,103.53", teacher_std="58.395,57.12,57.375", centres="estimate",
-    sampler=dict(identities_per_batch=4, images_per_identity=4))
-""")
+        f.write(config_text)
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(SHIM), OMP_NUM_THREADS="1")
+    env.pop("KD_CPU_SHIM_LAX", None)
+    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_port",
+                str(29500 + (os.getpid() + world) % 1000)]
+    return subprocess.Popen([PYTHON, *launcher, "train_v2.py", f"configs/{name}"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _finish(proc, config_name):
     try:
-        env = dict(os.environ, PYTHONPATH=os.path.abspath(SHIM))
-        launcher = [] if world == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={world}",
-                                          "--master_port", str(29500 + os.getpid() % 1000)]
-        proc = subprocess.run([PYTHON, *launcher, "train_v2.py", f"configs/{name}"], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=900)
+        out, _ = proc.communicate(timeout=1500)
     finally:
-        os.remove(config_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        os.remove(os.path.join(ROOT, "configs", f"{config_name}.py"))
+    assert proc.returncode == 0, out[-6000:]
+    return out
+
+
+def _job(output, subset, classes, epochs, resume, kd_call):
+    return f"""from easydict import EasyDict as edict
+config = edict(margin_list=(1.0, 0.5, 0.0), network="mbf", resume={resume}, output={str(output)!r},
+               embedding_size=128, sample_rate=1.0, fp16=False, batch_size=32, lr=0.1, verbose=2000, dali=False,
+               rec={str(subset)!r}, num_classes={classes}, num_image=0, num_epoch={epochs}, warmup_epoch=0,
+               val_targets=[], num_workers=1, save_all_states=True, frequent=2)
+from kd_plugin import distill; {kd_call}
+"""
+
+
+def _check(output, world, steps_per_epoch, epochs):
+    """model.pt loads into upstream's mbf; every rank ran epochs x ceil(N / (W x R)) steps; EKD thresholds agree."""
     check = ("import torch, sys\nsys.path.insert(0, '.')\nfrom backbones import get_model\n"
-             f"sd = torch.load({str(tmp_path / 'run' / 'model.pt')!r}, weights_only=True)\n"
+             f"sd = torch.load({str(output / 'model.pt')!r}, weights_only=True)\n"
              "get_model('mbf', fp16=False, num_features=128).load_state_dict(sd, strict=True)\n"
-             f"ck = torch.load({str(tmp_path / 'run' / 'checkpoint_gpu_0.pt')!r}, weights_only=True)\n"
-             "assert 'objective.terms.ekd.miner.student_anchors' in ck['state_dict_softmax_fc']\n"
-             "assert int(ck['state_dict_softmax_fc']['objective.terms.ekd.miner.steps']) == ck['global_step']\n"
-             # the balanced sampler's epoch: ceil(N / (W * R)) steps, R = 32 - 4 x 4 random images per rank
-             f"n = len(__import__('kd_plugin.data', fromlist=['x']).open_dataset({str(subset)!r}))\n"
-             f"assert ck['global_step'] == -(-n // ({world} * 16)), (ck['global_step'], n)\n"
-             # every rank holds the same EKD thresholds (the miner runs on the gathered global batch)
-             f"for r in range(1, {world}):\n"
-             f"    other = torch.load({str(tmp_path / 'run')!r} + f'/checkpoint_gpu_{{r}}.pt', weights_only=True)\n"
-             "    for key in ('student_anchors', 'teacher_anchors'):\n"
-             "        k = 'objective.terms.ekd.miner.' + key\n"
-             "        assert torch.equal(other['state_dict_softmax_fc'][k], ck['state_dict_softmax_fc'][k]), key\n"
-             "print('ok', ck['global_step'])\n")
+             f"cks = [torch.load({str(output)!r} + f'/checkpoint_gpu_{{r}}.pt', weights_only=True) for r in range({world})]\n"
+             f"assert all(ck['global_step'] == {steps_per_epoch * epochs} for ck in cks), [c['global_step'] for c in cks]\n"
+             "fc = [ck['state_dict_softmax_fc'] for ck in cks]\n"
+             "assert all(int(f['kd_step']) == cks[0]['global_step'] for f in fc)\n"
+             "for key in [k for k in fc[0] if k.endswith('_anchors')]:\n"
+             "    assert all(torch.equal(f[key], fc[0][key]) for f in fc), key\n"
+             "print('ok')\n")
     out = subprocess.run([PYTHON, "-c", check], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-2000:]
+
+
+def _kd_log(output):
+    with open(output / "train_log.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+@UPSTREAM
+@pytest.mark.parametrize("world", [1, 2], ids=["1process", "2processes"])
+def test_unchanged_upstream_train_v2_distils_with_one_line(tmp_path, world):
+    """proxyless+ekd from the shared ONNX teacher, 2 epochs, under strict device mode."""
+    teacher = shared("teachers", "mobilefacenet_ms1m", "mobilefacenet_dynamic.onnx")
+    subset, n = _celeba_subset(tmp_path, 12)
+    name = f"_kd_plugin_hook_test_{os.getpid()}_{world}"
+    kd_call = (f"distill(config, teacher={str(teacher)!r}, method='proxyless+ekd', "
+               "teacher_mean='123.675,116.28,103.53', teacher_std='58.395,57.12,57.375', centres='estimate', "
+               "margin_on_random_part=True, sampler=dict(identities_per_batch=4, images_per_identity=4))")
+    output = tmp_path / "run"
+    _finish(_upstream(name, _job(output, subset, 12, 2, False, kd_call), world), name)
+    steps = -(-n // (world * 16))  # the balanced sampler's epoch: R = 32 - 4 x 4 random images per rank
+    _check(output, world, steps, 2)
+    figures = [e for e in _kd_log(output) if "loss" in e]
+    assert [e["step"] for e in figures] == list(range(2, 2 * steps + 1, 2))
+    assert {"loss_head", "loss_ekd"} <= set(figures[0]) and (output / "training.log").read_text().count("KD step") \
+        == len(figures)
+
+
+@UPSTREAM
+def test_upstream_multistep_kd_killed_and_resumed_switches_teacher_each_epoch(tmp_path):
+    """2 processes, multi-step KD over 3 teacher checkpoints, killed during epoch 2 and resumed with resume=True."""
+    import signal
+    import time
+
+    from kd_plugin.networks import create_network
+
+    subset, n = _celeba_subset(tmp_path, 6)
+    for epoch in (1, 2, 3):
+        torch.manual_seed(epoch)
+        torch.save(create_network("mbf", 128).state_dict(), tmp_path / f"teacher_e{epoch}.pth")
+    name = f"_kd_plugin_hook_multistep_{os.getpid()}"
+    kd_call = (f"distill(config, teacher='mbf', method='multistep', multistep=dict(checkpoints="
+               f"{str(tmp_path / 'teacher_e{epoch}.pth')!r}), sampler=dict(identities_per_batch=4, "
+               "images_per_identity=4, balanced=True))")
+    output = tmp_path / "run"
+    proc = _upstream(name, _job(output, subset, 6, 3, False, kd_call), 2)
+    steps = -(-n // (2 * 16))
+    deadline = time.time() + 1200
+    try:  # wait until epoch 1 has saved its checkpoint and epoch 2 has started, then kill the whole job
+        while time.time() < deadline and proc.poll() is None:
+            if output.joinpath("train_log.jsonl").exists() and any(
+                    e.get("epoch") == 1 and "teacher" in e for e in _kd_log(output)):
+                break
+            time.sleep(1)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    finally:
+        os.remove(os.path.join(ROOT, "configs", f"{name}.py"))
+    assert torch.load(output / "checkpoint_gpu_1.pt", weights_only=True)["epoch"] == 1
+    _finish(_upstream(name, _job(output, subset, 6, 3, True, kd_call), 2), name)
+    _check(output, 2, steps, 3)
+    switches = [(e["epoch"], os.path.basename(e["teacher"])) for e in _kd_log(output) if "teacher" in e]
+    # epoch 1 started before the kill and again after the resume
+    assert switches == [(0, "teacher_e1.pth"), (1, "teacher_e2.pth"), (1, "teacher_e2.pth"), (2, "teacher_e3.pth")]
+    figures = {e["step"] for e in _kd_log(output) if "loss" in e}
+    assert set(range(2, 3 * steps + 1, 2)) <= figures
 
 
 SYNCS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")

@@ -16,6 +16,7 @@ import torch
 
 def main(argv: list[str] | None = None) -> int:
     """`kd-plugin bench cache` entry point."""
+    from kd_plugin.benchmarks.memory import require
     from kd_plugin.cli import _normalization
     from kd_plugin.data.datasets import open_dataset
     from kd_plugin.teachers import build_cache, load_embedder
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     teacher = load_embedder(args.teacher, _normalization(args.mean, args.std, False), batch_size=args.batch_size)
     dataset = open_dataset(args.data)
+    height, width = dataset.image_size
+    require(len(dataset) * 3 * height * width, f"bench cache: the {len(dataset)} decoded images of {args.data} held "
+            f"in memory", "cpu", "time it on a subset (kd-plugin pack a few identities of it) instead")
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     start = time.perf_counter()
     for s in range(0, len(images), args.batch_size):

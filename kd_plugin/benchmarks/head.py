@@ -13,35 +13,13 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
 
+from kd_plugin.benchmarks.memory import USABLE_FRACTION, available_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
+
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) so the peak reflects the training steps, not construction."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_one(mode: str, classes: int, storage: str, sample_rate: float, dim: int, batch: int, steps: int,
@@ -52,7 +30,7 @@ def run_one(mode: str, classes: int, storage: str, sample_rate: float, dim: int,
     from kd_plugin.heads import CombinedMarginLoss, PartialFCHead
 
     torch.manual_seed(0)
-    baseline = _rss_bytes()
+    baseline = rss_bytes()
     backbone = torch.nn.Linear(dim, dim).to(device)
     margin = CombinedMarginLoss(64, 1.0, 0.5, 0.0)
     if mode == "trainable":
@@ -69,7 +47,7 @@ def run_one(mode: str, classes: int, storage: str, sample_rate: float, dim: int,
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     else:
-        _reset_peak_rss()
+        reset_peak_rss()
     times = []
     for step in range(steps + 1):  # the first step warms up (allocations, optimizer state)
         if device.startswith("cuda"):
@@ -90,17 +68,11 @@ def run_one(mode: str, classes: int, storage: str, sample_rate: float, dim: int,
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = max(_peak_rss_bytes() - baseline, 0)  # tiny configurations can free more than they add
+        peak = max(peak_rss_bytes() - baseline, 0)  # tiny configurations can free more than they add
     return {"mode": mode, "classes": classes, "storage": storage if mode == "inherited" else "fp32",
             "sample_rate": sample_rate, "step_seconds": sorted(times)[len(times) // 2],
             "classifier_bytes": classifier_bytes, "classifier_bytes_per_class": classifier_bytes / classes,
             "peak_bytes": int(peak), "loss": loss.item()}
-
-
-def _available_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        info = dict(line.split(":", 1) for line in f)
-    return int(info["MemAvailable"].split()[0]) * 1024
 
 
 def run_all(classes: list[int], dim: int, batch: int, steps: int, device: str, sample_rate_check: float,
@@ -115,9 +87,10 @@ def run_all(classes: list[int], dim: int, batch: int, steps: int, device: str, s
     runs, skipped = [], []
     for mode, c, storage, rate in configs:
         need = _predicted_peak(runs, mode, c, storage)
-        if device == "cpu" and need and need > 0.85 * _available_bytes():
+        if need and need > USABLE_FRACTION * available_bytes(device):
             skipped.append({"mode": mode, "classes": c, "storage": storage, "reason":
-                            f"predicted peak {need / 2**30:.1f} GiB exceeds the memory available here"})
+                            f"predicted peak {need / 2**30:.1f} GiB, more than {USABLE_FRACTION:.0%} of the "
+                            f"{available_bytes(device) / 2**30:.1f} GiB available here; lower --classes to run it"})
             continue
         progress(f"bench head: {mode} C={c} storage={storage} sample_rate={rate} ...")
         cmd = [sys.executable, "-m", "kd_plugin.benchmarks.head", "--one",
