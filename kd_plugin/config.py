@@ -194,6 +194,20 @@ def check_trainer_keys(cfg: EasyDict) -> None:
                                                  f"config.kd; remove it or fix its spelling")
 
 
+def check_hook_keys(cfg: EasyDict) -> None:
+    """Under train_v2 the hook refuses kd_plugin settings that only `kd-plugin train` honours."""
+    student_norm = (cfg.kd.student_mean, cfg.kd.student_std)
+    if student_norm != (127.5, 127.5):
+        raise _fail("kd.student_mean/student_std", student_norm, "under train_v2 the student sees arcface_torch's "
+                                                                  "own normalisation (x - 127.5) / 127.5: remove "
+                                                                  "them (they apply to kd-plugin train only)")
+    own = {"amp_dtype": "float16", "max_steps": None, "checkpoint_every": BASE["checkpoint_every"]}
+    for key, default in own.items():
+        if cfg[key] != default:
+            raise _fail(key, cfg[key], f"a kd-plugin train setting; under train_v2 upstream's loop decides "
+                                       f"(fp16 with its GradScaler, num_epoch, a checkpoint per epoch): remove it")
+
+
 def load_config(path: str) -> EasyDict:
     """Import a python config file defining `config` (an EasyDict or dict), as arcface_torch's configs do."""
     if not os.path.isfile(path):

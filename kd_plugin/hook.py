@@ -49,8 +49,10 @@ class _Shared:
         self._sampler = None
 
     def resolved(self):
-        from kd_plugin.config import resolve
-        return resolve(self.config)  # the job config over arcface_torch's base defaults
+        from kd_plugin.config import check_hook_keys, resolve
+        cfg = resolve(self.config)  # the job config over arcface_torch's base defaults
+        check_hook_keys(cfg)
+        return cfg
 
     def dataset(self):
         """The training set, opened once per process."""

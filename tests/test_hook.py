@@ -236,3 +236,19 @@ def test_the_hook_logs_its_scalars_every_frequent_steps_with_one_sync(monkeypatc
     assert at_log == dict(objective_alone, tolist=objective_alone["tolist"] + 1)
     log = [json.loads(line) for line in open(os.path.join(config.output, "train_log.jsonl"))]
     assert [e["step"] for e in log] == [3] and {"loss", "loss_head", "loss_ekd"} <= set(log[0])
+
+
+@pytest.mark.parametrize("kd, top, message", [
+    ({"student_mean": 0.0}, {}, r"config.kd.student_mean/student_std = \(0.0, 127.5\): under train_v2 the student"),
+    ({}, {"amp_dtype": "bfloat16"}, r"config.amp_dtype = 'bfloat16': a kd-plugin train setting; under train_v2"),
+    ({}, {"max_steps": 10}, r"config.max_steps = 10: a kd-plugin train setting"),
+])
+def test_under_train_v2_settings_only_the_trainer_honours_are_refused(monkeypatch, tmp_path, kd, top, message):
+    fake = types.ModuleType("__main__")
+    fake.__file__ = str(tmp_path / "train_v2.py")
+    fake.get_model, fake.get_dataloader, fake.PartialFC_V2 = object(), object(), object()
+    monkeypatch.setitem(sys.modules, "__main__", fake)
+    from test_train import make_faces
+    config = EasyDict(rec=str(make_faces(tmp_path / "faces")), num_classes=8, num_image=0, **top)
+    with pytest.raises(KDPluginError, match=message):
+        distill(config, teacher="t.onnx", method="ekd", **kd)
