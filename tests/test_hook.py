@@ -133,7 +133,6 @@ def test_unchanged_upstream_train_v2_distils_with_one_line(tmp_path, world):
 @UPSTREAM
 def test_upstream_multistep_kd_killed_and_resumed_switches_teacher_each_epoch(tmp_path):
     """2 processes, multi-step KD over 3 teacher checkpoints, killed during epoch 2 and resumed with resume=True."""
-    import signal
     import time
 
     from kd_plugin.networks import create_network
@@ -156,8 +155,11 @@ def test_upstream_multistep_kd_killed_and_resumed_switches_teacher_each_epoch(tm
                     e.get("epoch") == 1 and "teacher" in e for e in _kd_log(output)):
                 break
             time.sleep(1)
-        os.killpg(proc.pid, signal.SIGKILL)
+        # torchrun's workers run in sessions of their own: kill every process of this job by its config
+        subprocess.run(["pkill", "-KILL", "-f", f"configs/{name}"], check=False)
         proc.communicate()
+        while subprocess.run(["pgrep", "-f", f"configs/{name}"], capture_output=True).returncode == 0:
+            time.sleep(0.5)
     finally:
         os.remove(os.path.join(ROOT, "configs", f"{name}.py"))
     assert torch.load(output / "checkpoint_gpu_1.pt", weights_only=True)["epoch"] == 1
