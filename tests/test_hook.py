@@ -14,6 +14,7 @@ from easydict import EasyDict
 
 from conftest import shared
 from kd_plugin import distill
+from test_train import _registered_for_this_module  # noqa: F401 (autouse: the test_tiny network, this module only)
 from kd_plugin.errors import KDPluginError
 
 ROOT = os.environ.get("ARCFACE_TORCH_ROOT", "")
@@ -189,9 +190,8 @@ def _count_syncs(patch):
 
 
 def _hook_head_under_a_fake_train_v2(monkeypatch, tmp_path, **kd):
-    from test_train import TinyStudent, ensure_registered, make_faces
+    from test_train import TinyStudent, make_faces
 
-    ensure_registered()
     fake = types.ModuleType("__main__")
     fake.__file__ = str(tmp_path / "train_v2.py")
     fake.get_model, fake.get_dataloader, fake.PartialFC_V2 = object(), object(), object()
