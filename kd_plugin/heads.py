@@ -57,8 +57,8 @@ class _AngularMargin(torch.autograd.Function):
         cos, theta, past = ctx.saved_tensors
         sin_theta = torch.sqrt((1.0 - cos * cos).clamp_min(0.0)).clamp_min(_SIN_FLOOR)
         # sin(m1 theta + m2) >= 0 before the turn; the clamp removes rounding just below it
-        exact = ctx.m1 * torch.sin(ctx.m1 * theta + ctx.m2).clamp_min(0.0) / sin_theta
-        return grad * torch.where(past, torch.ones_like(exact), exact), None, None
+        exact = grad * ctx.m1 * torch.sin(ctx.m1 * theta + ctx.m2).clamp_min(0.0) / sin_theta
+        return torch.where(past, grad, exact), None, None
 
 
 class CombinedMarginLoss(nn.Module):
