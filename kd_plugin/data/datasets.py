@@ -150,52 +150,85 @@ class RecordDataset(FaceDataset):
         self.identity_ranges: list[tuple[int, int]] = []
         self.range_keys: list[int] = []
         keys = self._image_keys()
-        labels = []
-        self.keys: list[int] = []
+        labels = self._labels_from_ranges(keys) if self.identity_ranges and not skip_bad_records else None
+        if labels is not None:
+            self._key_array = keys
+        else:
+            labels, kept = self._labels_from_headers(keys)
+            self._key_array = np.asarray(kept, dtype=np.int64)
+        if self.skipped:
+            warnings.warn(f"{self.source}: skipped {len(self.skipped)} bad records; first: {self.skipped[0]}")
+        self._check_identity_ranges()
+        self._finish_labels(labels, prop[0] if prop else None)
+
+    @property
+    def keys(self) -> list[int]:
+        """The record key of each sample, in sample order."""
+        return self._key_array.tolist()
+
+    def _labels_from_ranges(self, keys: np.ndarray) -> np.ndarray | None:
+        """Labels from the identity-range records alone (one read per class, not per image), when the ranges tile
+        the image keys in class order and evenly spaced image records agree; None means read every header."""
+        ranges = np.asarray(self.identity_ranges, dtype=np.int64)
+        starts, ends = ranges[:, 0], ranges[:, 1]
+        if (len(keys) == 0 or starts[0] != keys[0] or ends[-1] != keys[-1] + 1 or (ends < starts).any()
+                or (starts[1:] != ends[:-1]).any() or len(keys) != keys[-1] - keys[0] + 1):
+            return None
+        labels = np.repeat(np.arange(len(ranges), dtype=np.int64), ends - starts)
+        for i in np.unique(np.linspace(0, len(keys) - 1, min(64, len(keys))).astype(np.int64)):
+            header, has_image = self.reader.read_header(int(keys[i]))
+            if not has_image or int(header.class_label) != labels[i]:
+                warnings.warn(f"{self.reader.where(int(keys[i]))}: its label {int(header.class_label)} disagrees with "
+                              f"the identity ranges ({int(labels[i])}); reading every record's label instead")
+                return None
+        return labels
+
+    def _labels_from_headers(self, keys: np.ndarray) -> tuple[list[int], list[int]]:
+        """Labels read from every image record's header (im2rec files without identity ranges, or skip mode)."""
+        labels, kept = [], []
         bar = Progress(len(keys), f"reading labels of {self.source}", "records", enabled=len(keys) >= 200_000)
-        for key in keys:
+        for key in keys.tolist():
             bar.update()
             try:
                 header, has_image = self.reader.read_header(key)
                 if not has_image:
                     raise DataFormatError(f"{self.reader.where(key)}: record holds no image bytes; {_REPACK}")
             except DataFormatError as exc:
-                if not skip_bad_records:
+                if not self.skip_bad_records:
                     raise
                 self.skipped.append(str(exc))
                 continue
-            self.keys.append(key)
+            kept.append(key)
             labels.append(int(header.class_label))
-        if self.skipped:
-            warnings.warn(f"{self.source}: skipped {len(self.skipped)} bad records; first: {self.skipped[0]}")
-        self._check_identity_ranges()
-        self._finish_labels(labels, prop[0] if prop else None)
+        return labels, kept
 
-    def _image_keys(self) -> list[int]:
+    def _image_keys(self) -> np.ndarray:
         """Keys of the image records: 1..first_non_image_key-1 with the insightface header, else every key."""
-        first = self.reader.keys[0] if self.reader.keys else None
-        if first is None:
+        if len(self.reader.key_array) == 0:
             raise DataFormatError(f"{self.source}: the index lists no records")
+        first = int(self.reader.key_array[0])
         header, has_image = self.reader.read_header(first)
         if header.flag > 0 and not has_image:
             self.has_header = True
             end_images, end_ranges = (int(v) for v in header.labels[:2])
             self._read_identity_ranges(range(end_images, end_ranges))
-            keys = []
-            for key in range(first + 1, end_images):
-                if key in self.reader.offsets:
-                    keys.append(key)
-                    continue
+            candidates = np.arange(first + 1, end_images, dtype=np.int64)
+            present = self.reader.offsets.positions(candidates) >= 0
+            for key in candidates[~present].tolist():
                 msg = f"{self.source}: image record key {key} (below the header's first_non_image_key {end_images}) " \
                       f"is missing from {self.reader.idx_path}; {_REPACK}"
                 if not self.skip_bad_records:
                     raise DataFormatError(msg)
                 self.skipped.append(msg)
-            return keys
-        return list(self.reader.keys)
+            return candidates[present]
+        return self.reader.key_array.copy()
 
     def _read_identity_ranges(self, keys: range) -> None:
         """The per-identity [first, end) key ranges after the images; all or nothing (classes are their order)."""
+        fast = self.reader.read_label_pairs(np.arange(keys.start, keys.stop, dtype=np.int64))
+        if fast is not None:
+            self.identity_ranges, self.range_keys = [tuple(r) for r in fast.tolist()], list(keys)
+            return
         ranges, range_keys = [], []
         try:
             for key in keys:
@@ -226,12 +259,12 @@ class RecordDataset(FaceDataset):
                 warnings.warn(msg)
 
     def read_bytes(self, index: int) -> bytes:
-        key = self.keys[index]
+        key = int(self._key_array[index])
         _, data = unpack_payload(self.reader.read(key), self.reader.where(key))
         return data
 
     def where(self, index: int) -> str:
-        return self.reader.where(self.keys[index])
+        return self.reader.where(int(self._key_array[index]))
 
 
 
