@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ from torch import nn
 from kd_plugin.distributed import (all_reduce_, class_range, gather_no_grad, gather_sizes, gather_with_grad, get_rank,
                                    get_world_size)
 from kd_plugin.errors import KDPluginError
-from kd_plugin.teachers.classifier import read_classifier
+from kd_plugin.teachers.classifier import copy_rows, read_classifier_rows
 
 _SIN_FLOOR = 1e-6  # below this sin(theta) the margin's derivative is capped; only cos = +-1 exactly reaches it
 
@@ -145,17 +146,46 @@ class _FrozenCosine(torch.autograd.Function):
         return out, None
 
 
+def _normal_rows(generator: torch.Generator, total: int, dim: int, lo: int, hi: int, out: torch.Tensor,
+                 piece: int = 4096) -> None:
+    """out[:] = rows lo..hi of `torch.normal(0, 0.01, (total, dim), generator=generator)`, drawn in pieces of rows
+    (the same sequence: torch fills normals 16 at a time, so every piece but the last holds a multiple of 16 numbers
+    and the last ends where the whole draw ends), keeping only the wanted rows: memory beside `out` is one piece."""
+    bounds = list(range(0, total, piece)) + [total]
+    if len(bounds) > 2 and (bounds[-1] - bounds[-2]) * dim < 16:  # torch draws fewer than 16 numbers another way
+        del bounds[-2]
+    scratch = torch.empty(0, dim)
+    for p, q in zip(bounds[:-1], bounds[1:]):
+        if p >= hi:
+            break
+        if lo <= p and q <= hi:
+            out[p - lo:q - lo].normal_(0.0, 0.01, generator=generator)
+            continue
+        if len(scratch) < q - p:
+            scratch = torch.empty(q - p, dim)
+        drawn = scratch[:q - p].normal_(0.0, 0.01, generator=generator)
+        a, z = max(p, lo), min(q, hi)
+        if a < z:
+            out[a - lo:z - lo] = drawn[a - p:z - p]
+
+
 def _sharding_free_normal(rows: int, dim: int, start: int, count: int, seed: int, block: int = 1 << 16) -> torch.Tensor:
     """Rows start..start+count of an N(0, 0.01) (rows, dim) matrix drawn block by block from `seed`: the same values
-    whatever the sharding, without ever drawing the full matrix on one rank."""
-    parts = []
+    whatever the sharding, without ever drawing the full matrix (or a whole block beside the output) on one rank."""
+    out = torch.empty(count, dim)
     for b in range(start // block, (start + count + block - 1) // block):
         generator = torch.Generator().manual_seed(seed * 1_000_003 + b)
         size = min(block, rows - b * block)
-        chunk = torch.normal(0.0, 0.01, (size, dim), generator=generator)
         lo, hi = max(start, b * block) - b * block, min(start + count, b * block + size) - b * block
-        parts.append(chunk[lo:hi])
-    return torch.cat(parts) if parts else torch.zeros(0, dim)
+        _normal_rows(generator, size, dim, lo, hi, out[lo + b * block - start:hi + b * block - start])
+    return out
+
+
+class ClassSlice(NamedTuple):
+    """Rows `start .. start + len(rows)` of a (num_classes, d) centre matrix: what one rank holds."""
+
+    start: int
+    rows: torch.Tensor
 
 
 def class_draw(seed: int, step: int, num_classes: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -168,8 +198,10 @@ def class_draw(seed: int, step: int, num_classes: int, device: torch.device | st
 class PartialFCHead(nn.Module):
     """Class-sharded margin-softmax classifier, a drop-in for arcface_torch's `PartialFC_V2`.
 
-    `centres` (a (C, d) tensor, or any classifier layout `read_classifier` reads) makes it *inherited*: each rank keeps its class slice, L2-normalised once,
-    as a buffer (never a Parameter, no gradient, nothing for the optimizer, optionally fp16/bf16 via `centre_dtype`).
+    `centres` (a (C, d) tensor, this rank's `ClassSlice`, or any classifier layout `read_classifier` reads) makes it
+    *inherited*: each rank keeps its class slice, L2-normalised once, as a buffer (never a Parameter, no gradient,
+    nothing for the optimizer, optionally fp16/bf16 via `centre_dtype`). A classifier file is read for this rank's
+    class range only (memory-mapped) and converted chunk by chunk, so a rank holds C/W rows, never C.
     Without centres it is *trainable* like PartialFC_V2 (weights drawn from N(0, 0.01), from `seed`, the same values
     whatever the number of ranks). `forward(local_embeddings,
     local_labels)` gathers the global batch across ranks and returns the mean loss over it (the same on every rank)."""
@@ -177,7 +209,7 @@ class PartialFCHead(nn.Module):
     def __init__(self, margin_loss: nn.Module, embedding_size: int, num_classes: int, sample_rate: float = 1.0,
                  fp16: bool = False, centres: torch.Tensor | str | None = None, *,
                  centre_dtype: torch.dtype = torch.float32, trainable: bool | None = None, seed: int = 0,
-                 rank: int | None = None, world_size: int | None = None) -> None:
+                 rank: int | None = None, world_size: int | None = None, normalize_centres: bool = True) -> None:
         super().__init__()
         self.margin_softmax = margin_loss
         self.embedding_size, self.num_classes = int(embedding_size), int(num_classes)
@@ -193,21 +225,35 @@ class PartialFCHead(nn.Module):
                 raise ValueError("an inherited (frozen) head needs `centres`")
             local = _sharding_free_normal(self.num_classes, self.embedding_size, self.class_start, self.num_local, seed)
         else:
-            local = self._local_slice(centres)
+            dtype = torch.float32 if self.trainable else centre_dtype
+            local = self._local_slice(centres, dtype, normalize=normalize_centres and not self.trainable)
         if self.trainable:
-            self.weight = nn.Parameter(local.float())
+            self.weight = nn.Parameter(local)
         else:
-            self.register_buffer("weight", F.normalize(local.float(), dim=1).to(centre_dtype))
+            self.register_buffer("weight", local)
         self.register_buffer("sample_step", torch.zeros((), dtype=torch.int64))
 
-    def _local_slice(self, centres: torch.Tensor | str) -> torch.Tensor:
-        source = os.fspath(centres) if isinstance(centres, (str, os.PathLike)) else "the centres tensor"
-        full = read_classifier(source) if isinstance(centres, (str, os.PathLike)) else centres
-        if tuple(full.shape) != (self.num_classes, self.embedding_size):
-            raise KDPluginError(f"{source}: class centres are {tuple(full.shape)} (classes x dim) but the head expects "
-                                f"({self.num_classes}, {self.embedding_size}) (num_classes, embedding_size); check "
-                                f"config.num_classes / config.embedding_size, or re-estimate the centres for this dataset")
-        return full[self.class_start:self.class_start + self.num_local].detach().clone()
+    def _local_slice(self, centres: torch.Tensor | ClassSlice | str, dtype: torch.dtype,
+                     normalize: bool) -> torch.Tensor:
+        """This rank's rows of the centres, in `dtype`, normalised or not, without a full-size temporary."""
+        if isinstance(centres, (str, os.PathLike)):
+            return read_classifier_rows(os.fspath(centres), self.class_start, self.num_local, dtype, normalize,
+                                        self.num_classes, self.embedding_size)
+        if isinstance(centres, ClassSlice):
+            if (centres.start, tuple(centres.rows.shape)) != (self.class_start, (self.num_local, self.embedding_size)):
+                raise KDPluginError(f"centres for classes {centres.start}..{centres.start + len(centres.rows) - 1} "
+                                    f"(x {centres.rows.shape[1]}) given to rank {self.rank}, which holds classes "
+                                    f"{self.class_start}..{self.class_start + self.num_local - 1} (x "
+                                    f"{self.embedding_size}) of {self.num_classes}")
+            rows = centres.rows
+        else:
+            if tuple(centres.shape) != (self.num_classes, self.embedding_size):
+                raise KDPluginError(f"the centres tensor: class centres are {tuple(centres.shape)} (classes x dim) but "
+                                    f"the head expects ({self.num_classes}, {self.embedding_size}) (num_classes, "
+                                    f"embedding_size); check config.num_classes / config.embedding_size, or "
+                                    f"re-estimate the centres for this dataset")
+            rows = centres[self.class_start:self.class_start + self.num_local]
+        return copy_rows(rows.detach(), torch.empty(self.num_local, self.embedding_size, dtype=dtype), normalize)
 
     def extra_repr(self) -> str:
         mode = "trainable" if self.trainable else f"inherited ({self.weight.dtype})"
@@ -277,16 +323,20 @@ class AdaDistillHead(PartialFCHead):
     alpha = clip(c * lambda, 1e-6, 1) (the weighted alpha', the default) or clip(c, 0, 1); then
     W_y <- alpha W_y + (1 - alpha) f̂_t. The rank that owns class y updates it, from the gathered batch, so the
     sharded centres stay exactly those of one process. A class seen several times in a batch is updated once per
-    occurrence, in batch order. Centres start from N(0, 0.01) drawn from `seed` (the same on every rank)."""
+    occurrence, in batch order. Centres start as the rows of one N(0, 0.01) (C, d) draw from `seed`; each rank keeps
+    only its class range while drawing (the same values whatever the number of ranks, memory C/W)."""
 
     def __init__(self, margin_loss: nn.Module, embedding_size: int, num_classes: int, sample_rate: float = 1.0,
                  fp16: bool = False, *, weighted_alpha: bool = True, seed: int = 0, rank: int | None = None,
                  world_size: int | None = None) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        start = torch.normal(0.0, 0.01, (num_classes, embedding_size), generator=generator)
+        rank = get_rank() if rank is None else int(rank)
+        world_size = get_world_size() if world_size is None else int(world_size)
+        first, count = class_range(int(num_classes), rank, world_size)
+        rows = torch.empty(count, embedding_size)  # rows of one N(0, 0.01) (C, d) draw from `seed`, as before sharding
+        _normal_rows(torch.Generator().manual_seed(seed), num_classes, embedding_size, first, first + count, rows)
+        start = ClassSlice(first, rows)
         super().__init__(margin_loss, embedding_size, num_classes, sample_rate, fp16, start, trainable=False,
-                         seed=seed, rank=rank, world_size=world_size)
-        self.weight.copy_(start[self.class_start:self.class_start + self.num_local])  # raw, not normalised
+                         seed=seed, rank=rank, world_size=world_size, normalize_centres=False)  # raw, not normalised
         self.weighted_alpha = bool(weighted_alpha)
 
     def centres_for_logits(self) -> torch.Tensor:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import shared
 from kd_plugin.benchmarks.scale import write_synthetic_rec
 from kd_plugin.data import open_dataset
 from kd_plugin.data.recordio import RecordIOReader
+from kd_plugin.heads import AdaDistillHead, CombinedMarginLoss, _sharding_free_normal
 
 
 def test_real_celeba_labels_from_identity_ranges_equal_every_records_header():
@@ -40,3 +42,66 @@ def test_identity_ranges_that_disagree_with_the_records_fall_back_to_reading_the
     with pytest.warns(UserWarning, match="its label 7 disagrees with the identity ranges"):
         ds = open_dataset(str(tmp_path))
     assert ds.labels[0] == 7 and ds.labels[1] == 0
+
+
+def _block_normal_reference(rows, dim, start, count, seed, block):
+    """The definition: whole blocks drawn at once, then sliced (what a rank must reproduce without the memory)."""
+    parts = []
+    for b in range(start // block, (start + count + block - 1) // block):
+        size = min(block, rows - b * block)
+        chunk = torch.normal(0.0, 0.01, (size, dim), generator=torch.Generator().manual_seed(seed * 1_000_003 + b))
+        parts.append(chunk[max(start, b * block) - b * block:min(start + count, b * block + size) - b * block])
+    return torch.cat(parts)
+
+
+@pytest.mark.parametrize("rows, dim, start, count, block", [
+    (300, 8, 101, 99, 1 << 16), (70_000, 3, 65_000, 4_999, 1 << 16), (9_001, 5, 4_095, 4_097, 1_000),
+    (65_537, 1, 65_530, 7, 1 << 16), (20_000, 16, 0, 20_000, 6_000)])
+def test_initial_centres_drawn_piecewise_equal_whole_draws(rows, dim, start, count, block):
+    out = _sharding_free_normal(rows, dim, start, count, seed=3, block=block)
+    assert torch.equal(out, _block_normal_reference(rows, dim, start, count, 3, block))
+
+
+@pytest.mark.parametrize("classes, dim, world", [(1_000, 8, 3), (70_001, 3, 4), (10, 512, 3)])
+def test_adadistill_ranks_draw_only_their_rows_of_the_same_matrix(classes, dim, world):
+    full = torch.normal(0.0, 0.01, (classes, dim), generator=torch.Generator().manual_seed(7))
+    for rank in range(world):
+        head = AdaDistillHead(CombinedMarginLoss(), dim, classes, seed=7, rank=rank, world_size=world)
+        assert torch.equal(head.weight, full[head.class_start:head.class_start + head.num_local])
+
+
+def _mapped_head_step(rank, world, path, dtype_name):
+    """One step of a head whose centres are read from `path` for this rank's class range only."""
+    from kd_plugin.heads import PartialFCHead
+    torch.manual_seed(0)
+    emb, labels = torch.randn(12, 32), torch.randint(0, 500, (12,))
+    rows = torch.arange(12).chunk(world)[rank]
+    local = emb[rows].clone().requires_grad_(True)
+    head = PartialFCHead(CombinedMarginLoss(64, 1.0, 0.5, 0.0), 32, 500, centres=path,
+                         centre_dtype=getattr(torch, dtype_name))
+    loss = head(local, labels[rows])
+    loss.backward()
+    return float(loss), local.grad, head.class_start, head.weight.clone()
+
+
+@pytest.mark.parametrize("layout", ["file", "shards"])
+@pytest.mark.parametrize("dtype_name", ["float32", "float16"])
+def test_class_range_centres_read_from_files_give_one_process_losses(tmp_path, layout, dtype_name):
+    from distributed_helpers import run_ranks
+    from kd_plugin.teachers.classifier import save_classifier
+    torch.manual_seed(1)
+    full = torch.randn(500, 32)
+    if layout == "file":
+        path = tmp_path / "centres.pt"
+        save_classifier(full, str(path))
+    else:  # the teacher's 3-GPU run: arcface_torch's checkpoint shards (uneven: 167, 167, 166)
+        path = tmp_path
+        for r, part in enumerate((full[:167], full[167:334], full[334:])):
+            torch.save({"state_dict_softmax_fc": {"weight": part.clone()}}, tmp_path / f"checkpoint_gpu_{r}.pt")
+    one = run_ranks(_mapped_head_step, 1, str(path), dtype_name)[0]
+    two = run_ranks(_mapped_head_step, 2, str(path), dtype_name)
+    normalized = torch.nn.functional.normalize(full, dim=1).to(getattr(torch, dtype_name))
+    for loss, grad, start, weight in two:
+        assert loss == pytest.approx(one[0], rel=1e-5)
+        assert torch.equal(weight, normalized[start:start + len(weight)])  # only this rank's rows, in its dtype
+    assert torch.allclose(torch.cat([two[0][1], two[1][1]]), one[1], atol=1e-6)

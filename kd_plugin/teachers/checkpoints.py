@@ -10,15 +10,35 @@ import torch
 from kd_plugin.errors import KDPluginError, UnsafePickleError
 
 
-def safe_torch_load(path: str) -> Any:
-    """`torch.load(path, weights_only=True)` on the CPU; a file that would run code is refused, never executed."""
+def safe_torch_load(path: str, mmap: bool = False) -> Any:
+    """`torch.load(path, weights_only=True)` on the CPU; a file that would run code is refused, never executed.
+    `mmap=True` maps the file instead of reading it (see `mapped_torch_load`)."""
+    return mapped_torch_load(path)[0] if mmap else _load(path, False)
+
+
+def mapped_torch_load(path: str) -> tuple[Any, bool]:
+    """(content, mapped): the file memory-mapped, its tensors read from disk only when touched; a file in torch's
+    legacy (pre-zip) format cannot be mapped and is read whole (mapped False)."""
+    try:
+        return _load(path, True), True
+    except _NotMappable:
+        return _load(path, False), False
+
+
+class _NotMappable(Exception):
+    pass
+
+
+def _load(path: str, mmap: bool) -> Any:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises UnpicklingError (and others) for anything but plain tensors/containers
         text = str(exc)
+        if mmap and "mmap can only be used" in text:
+            raise _NotMappable() from None
         if "weights_only" in text or "Unsupported global" in text or "Unsupported operand" in text:
             raise UnsafePickleError(f"{path}: refused to load (nothing was executed): the file holds objects other "
                                     f"than tensors and plain containers. Re-save only the state_dict "

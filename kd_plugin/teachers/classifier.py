@@ -5,20 +5,25 @@ model-zoo releases hold `rank_{r}_softmax_weight.pt` (one (num_local, d) tensor 
 are optimizer momentum and are ignored); a single file may hold the full (C, d) tensor (bare, or under "weight" as
 this plugin writes it); forks (PocketNet, AdaDistill) keep one unsharded `kernel` of shape (d, C), transposed.
 Shards are concatenated in rank order, whatever the teacher's GPU count; the student's ranks then take their own
-class range of the full matrix.
+class range of the full matrix. `read_classifier_rows` reads only such a range: the files are memory-mapped, only the
+shards that overlap it are touched, and rows are converted chunk by chunk into the output (the mapped pages released
+after each chunk), so a rank's memory grows with C/W, never with C.
 """
 
 from __future__ import annotations
 
+import ctypes
 import glob
+import mmap
 import os
 import re
 
 import torch
+import torch.nn.functional as F
 
 from kd_plugin.distributed import class_range
 from kd_plugin.errors import KDPluginError
-from kd_plugin.teachers.checkpoints import safe_torch_load
+from kd_plugin.teachers.checkpoints import mapped_torch_load, safe_torch_load
 
 _SHARD_PATTERNS = (
     ("checkpoint_gpu_{}.pt", re.compile(r"checkpoint_gpu_(\d+)\.pt$")),
@@ -45,8 +50,12 @@ def _shard_files(path: str) -> tuple[list[str], str] | None:
     return None
 
 
-def _shard_weight(path: str) -> torch.Tensor:
-    obj = safe_torch_load(path)
+def _load(path: str, mapped: bool) -> tuple[object, bool]:
+    """The file's content, and whether it is memory-mapped (asked for, and the file's format allows it)."""
+    return mapped_torch_load(path) if mapped else (safe_torch_load(path), False)
+
+
+def _shard_weight(path: str, obj: object) -> torch.Tensor:
     if isinstance(obj, dict) and "state_dict_softmax_fc" in obj:
         obj = obj["state_dict_softmax_fc"].get("weight")
     if not isinstance(obj, torch.Tensor) or obj.dim() != 2:
@@ -56,8 +65,7 @@ def _shard_weight(path: str) -> torch.Tensor:
     return obj
 
 
-def _single_file_weight(path: str) -> torch.Tensor:
-    obj = safe_torch_load(path)
+def _single_file_weight(path: str, obj: object) -> torch.Tensor:
     if isinstance(obj, torch.Tensor):
         weight = obj
     elif isinstance(obj, dict) and isinstance(obj.get("weight"), torch.Tensor):
@@ -65,7 +73,7 @@ def _single_file_weight(path: str) -> torch.Tensor:
     elif isinstance(obj, dict) and isinstance(obj.get("kernel"), torch.Tensor):
         weight = obj["kernel"].T  # fdbtrs-style heads store (d, C)
     elif isinstance(obj, dict) and "state_dict_softmax_fc" in obj:
-        weight = _shard_weight(path)
+        weight = _shard_weight(path, obj)
     else:
         keys = list(obj)[:8] if isinstance(obj, dict) else "-"
         raise KDPluginError(f"{path}: no classifier found: expected a (C, d) tensor, a dict with 'weight' (C, d) or "
@@ -75,35 +83,107 @@ def _single_file_weight(path: str) -> torch.Tensor:
     return weight
 
 
-def read_classifier(path: str, num_classes: int | None = None, embedding_size: int | None = None) -> torch.Tensor:
-    """The teacher's full (num_classes, embedding_size) float32 class-centre matrix from any supported layout;
-    checks the class count and dimension when given and says exactly what disagrees."""
-    path = os.fspath(path)
+def _sources(path: str, mapped: bool) -> tuple[list[tuple[torch.Tensor, bool]], str]:
+    """The classifier's parts in class order (one per shard, or the single matrix), each with whether it is
+    memory-mapped, and a description of them."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"teacher classifier not found: {path}")
     shards = _shard_files(path)
     if shards is not None:
         files, template = shards
-        parts = [_shard_weight(f) for f in files]
-        dims = {p.shape[1] for p in parts}
+        parts = []
+        for f in files:
+            obj, is_mapped = _load(f, mapped)
+            parts.append((_shard_weight(f, obj), is_mapped))
+        dims = {p.shape[1] for p, _ in parts}
         if len(dims) != 1:
-            raise KDPluginError(f"{path}: shards disagree on the embedding size: {[tuple(p.shape) for p in parts]}")
-        weight = torch.cat(parts).float()
-        what = f"{len(files)} shards {template.format('{r}')} of " + "+".join(str(len(p)) for p in parts) + " classes"
-    elif os.path.isfile(path):
-        weight, what = _single_file_weight(path).float(), "a single file"
-    else:
-        raise KDPluginError(f"{path}: no classifier shards (checkpoint_gpu_{{r}}.pt or rank_{{r}}_softmax_weight.pt) "
-                            f"in this folder; pass the folder of the teacher's run or a single classifier file")
-    if num_classes is not None and weight.shape[0] != num_classes:
-        raise KDPluginError(f"{path}: the teacher classifier has {weight.shape[0]} classes ({what}) but the dataset "
+            raise KDPluginError(f"{path}: shards disagree on the embedding size: {[tuple(p.shape) for p, _ in parts]}")
+        return parts, f"{len(files)} shards {template.format('{r}')} of " + "+".join(str(len(p)) for p, _ in parts) \
+            + " classes"
+    if os.path.isfile(path):
+        obj, is_mapped = _load(path, mapped)
+        return [(_single_file_weight(path, obj), is_mapped)], "a single file"
+    raise KDPluginError(f"{path}: no classifier shards (checkpoint_gpu_{{r}}.pt or rank_{{r}}_softmax_weight.pt) "
+                        f"in this folder; pass the folder of the teacher's run or a single classifier file")
+
+
+def _check_shape(path: str, shape: tuple[int, int], what: str, num_classes: int | None,
+                 embedding_size: int | None) -> None:
+    if num_classes is not None and shape[0] != num_classes:
+        raise KDPluginError(f"{path}: the teacher classifier has {shape[0]} classes ({what}) but the dataset "
                             f"has {num_classes} (num_classes): the shards do not cover this dataset (insightface issue "
                             f"#2056). Use the matching dataset, or estimate the centres from the teacher instead: "
                             f"kd-plugin centers --teacher SPEC --data train.rec --out centres.pt")
-    if embedding_size is not None and weight.shape[1] != embedding_size:
-        raise KDPluginError(f"{path}: the teacher classifier has embedding size {weight.shape[1]} but the student's "
+    if embedding_size is not None and shape[1] != embedding_size:
+        raise KDPluginError(f"{path}: the teacher classifier has embedding size {shape[1]} but the student's "
                             f"is {embedding_size} (embedding_size); ProxylessKD needs them equal")
+
+
+def read_classifier(path: str, num_classes: int | None = None, embedding_size: int | None = None) -> torch.Tensor:
+    """The teacher's full (num_classes, embedding_size) float32 class-centre matrix from any supported layout;
+    checks the class count and dimension when given and says exactly what disagrees."""
+    path = os.fspath(path)
+    parts, what = _sources(path, mapped=False)
+    weight = torch.cat([p for p, _ in parts]).float() if len(parts) > 1 else parts[0][0].float()
+    _check_shape(path, tuple(weight.shape), what, num_classes, embedding_size)
     return weight.contiguous()
+
+
+_ROWS_PER_CHUNK = 4096
+_libc = None
+
+
+def _release(rows: torch.Tensor) -> None:
+    """Drop the file pages behind memory-mapped `rows` from this process (they are re-read if touched again):
+    without it a mapped read leaves every page it touched resident. Whole pages inside the rows' span only; a no-op
+    where madvise is unavailable. Only for tensors mapped read-only from a file: on ordinary memory it would zero it."""
+    global _libc
+    if rows.numel() == 0:
+        return
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        first = rows.data_ptr()
+        span = rows.element_size() * (1 + sum((n - 1) * st for n, st in zip(rows.shape, rows.stride())))
+        start, end = -(-first // mmap.PAGESIZE) * mmap.PAGESIZE, (first + span) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start:
+            _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+    except (OSError, AttributeError):
+        pass
+
+
+def copy_rows(source: torch.Tensor, out: torch.Tensor, normalize: bool, mapped: bool = False) -> torch.Tensor:
+    """`out[:] = source` (optionally each row L2-normalised in float32), a chunk of rows at a time, so no full-size
+    float32 copy exists beside `out`; a `mapped` source (memory-mapped from a file) gives its pages back after each
+    chunk."""
+    for a in range(0, len(source), _ROWS_PER_CHUNK):
+        rows = source[a:a + _ROWS_PER_CHUNK]
+        chunk = rows.float()
+        out[a:a + len(chunk)] = F.normalize(chunk, dim=1) if normalize else chunk
+        if mapped:
+            _release(rows)
+    return out
+
+
+def read_classifier_rows(path: str, start: int, count: int, dtype: torch.dtype = torch.float32,
+                         normalize: bool = False, num_classes: int | None = None,
+                         embedding_size: int | None = None) -> torch.Tensor:
+    """Rows start..start+count of the teacher's classifier, in `dtype` (each row L2-normalised with `normalize`),
+    read without holding the rest: the files are memory-mapped and only the shards overlapping the range are read."""
+    path = os.fspath(path)
+    parts, what = _sources(path, mapped=True)
+    total, dim = sum(len(p) for p, _ in parts), parts[0][0].shape[1]
+    _check_shape(path, (total, dim), what, num_classes, embedding_size)
+    if not 0 <= start <= start + count <= total:
+        raise KDPluginError(f"{path}: rows {start}..{start + count} asked of a classifier with {total} classes")
+    out = torch.empty(count, dim, dtype=dtype)
+    first = 0
+    for part, is_mapped in parts:
+        lo, hi = max(start, first), min(start + count, first + len(part))
+        if lo < hi:
+            copy_rows(part[lo - first:hi - first], out[lo - start:hi - start], normalize, is_mapped)
+        first += len(part)
+    return out
 
 
 def local_class_slice(weight: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
