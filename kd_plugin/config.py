@@ -50,7 +50,10 @@ KD_DEFAULTS = {
     "margin_on_random_part": False,  # the reference EKD recipe: margin loss on the random part only
     "reference_gradient_scaling": False,
     "teacher_batch_size": 256,
+    "teacher_amp": None,  # None (fp32), "float16" or "bfloat16": autocast for a torch teacher's forward
+    "centre_dtype": "float32",  # ProxylessKD's inherited centres in memory: "float32", "float16" or "bfloat16"
 }
+CENTRE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _fail(key: str, value: Any, allowed: str) -> KDPluginError:
@@ -151,6 +154,16 @@ def resolve(config: dict) -> EasyDict:
                                                  "classifier file, or 'estimate' (from kd.teacher)")
     if "multistep" in methods:
         _check_multistep(kd)
+    if kd["centre_dtype"] not in CENTRE_DTYPES:
+        raise _fail("kd.centre_dtype", kd["centre_dtype"], f"allowed: {', '.join(CENTRE_DTYPES)}")
+    if kd["centre_dtype"] != "float32" and kd["head"] != "proxyless":
+        raise _fail("kd.centre_dtype", kd["centre_dtype"], "only ProxylessKD's frozen inherited centres can be held in "
+                                                           "lower precision: remove it or add proxyless to kd.method")
+    if kd["teacher_amp"] not in (None,) + AMP_DTYPES:
+        raise _fail("kd.teacher_amp", kd["teacher_amp"], f"allowed: None (float32), {', '.join(AMP_DTYPES)}")
+    if kd["teacher_amp"] and str(kd["teacher"] or "").lower().endswith(".onnx"):
+        raise _fail("kd.teacher_amp", kd["teacher_amp"], "an ONNX teacher runs in the precision of its graph: remove "
+                                                         "kd.teacher_amp (or export the teacher in fp16)")
     if kd["ekd"]["unresolvable"] not in ("reference", "hold"):
         raise _fail("kd.ekd.unresolvable", kd["ekd"]["unresolvable"], "allowed: 'reference', 'hold'")
     sampler = kd["sampler"]

@@ -35,6 +35,19 @@ def class_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]
     return base * rank + min(rank, extra), base + int(rank < extra)
 
 
+def class_owners(labels: torch.Tensor, num_classes: int, world_size: int) -> torch.Tensor:
+    """The rank whose class range (`class_range`) holds each label."""
+    starts = torch.tensor([class_range(num_classes, r, world_size)[0] for r in range(world_size)],
+                          device=labels.device)
+    return torch.searchsorted(starts, labels, right=True) - 1
+
+
+def barrier() -> None:
+    """Wait for every rank; a no-op without a process group."""
+    if is_distributed():
+        dist.barrier()
+
+
 def gather_sizes(local_size: int, device: torch.device | str = "cpu") -> list[int]:
     """Every rank's batch size, in rank order."""
     if not is_distributed():
@@ -92,9 +105,9 @@ def gather_with_grad(tensor: torch.Tensor, sizes: list[int] | None = None) -> to
 
 
 def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce (`sum` or `max`); a no-op without a process group."""
+    """In-place all-reduce (`sum`, `max` or `min`); a no-op without a process group."""
     if is_distributed():
-        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return tensor
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +27,7 @@ from torch import nn
 from kd_plugin.distributed import (all_reduce_, class_range, gather_no_grad, gather_sizes, gather_with_grad, get_rank,
                                    get_world_size)
 from kd_plugin.errors import KDPluginError
-from kd_plugin.teachers.classifier import copy_rows, read_classifier_rows
+from kd_plugin.teachers.classifier import ClassSlice, copy_rows, read_classifier_rows
 
 _SIN_FLOOR = 1e-6  # below this sin(theta) the margin's derivative is capped; only cos = +-1 exactly reaches it
 
@@ -179,13 +178,6 @@ def _sharding_free_normal(rows: int, dim: int, start: int, count: int, seed: int
         lo, hi = max(start, b * block) - b * block, min(start + count, b * block + size) - b * block
         _normal_rows(generator, size, dim, lo, hi, out[lo + b * block - start:hi + b * block - start])
     return out
-
-
-class ClassSlice(NamedTuple):
-    """Rows `start .. start + len(rows)` of a (num_classes, d) centre matrix: what one rank holds."""
-
-    start: int
-    rows: torch.Tensor
 
 
 def class_draw(seed: int, step: int, num_classes: int, device: torch.device | str = "cpu") -> torch.Tensor:

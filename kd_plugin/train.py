@@ -31,8 +31,10 @@ from kd_plugin.heads import AdaDistillHead, CombinedMarginLoss, PartialFCHead
 from kd_plugin.losses import TERMS
 from kd_plugin.normalization import InputNormalization
 from kd_plugin.objective import KDObjective
-from kd_plugin.teachers import build_network, estimate_centers, load_cache, load_embedder, save_classifier
-from kd_plugin.teachers.centers import centers_from_cache
+from kd_plugin.teachers import build_network, load_cache, load_embedder
+from kd_plugin.teachers.cache import dataset_fingerprint
+from kd_plugin.teachers.centers import centers_from_cache, estimate_class_slice
+from kd_plugin.teachers.classifier import save_class_slices, saved_class_slices
 from kd_plugin.teachers.multistep import MultiStepTeacher, MultiStepTeacherSchedule
 
 
@@ -70,12 +72,34 @@ def build_teacher(cfg, dataset, device: torch.device):
     norm = None
     if kd.teacher_mean is not None or kd.teacher_std is not None or kd.teacher_bgr:
         norm = InputNormalization(kd.teacher_mean or 127.5, kd.teacher_std or 127.5, kd.teacher_bgr)
+    amp = getattr(torch, kd.teacher_amp) if kd.teacher_amp else None
     if kd.cache:
         return None, load_cache(kd.cache, dataset, teacher=kd.teacher)
     if "multistep" in kd.terms:
         schedule = MultiStepTeacherSchedule(kd.teacher, kd.multistep.checkpoints, kd.multistep.steps_per_epoch)
-        return MultiStepTeacher(schedule, norm, str(device), kd.teacher_batch_size), None
-    return load_embedder(kd.teacher, norm, device=str(device), batch_size=kd.teacher_batch_size), None
+        return MultiStepTeacher(schedule, norm, str(device), kd.teacher_batch_size, amp_dtype=amp), None
+    return load_embedder(kd.teacher, norm, device=str(device), batch_size=kd.teacher_batch_size, amp_dtype=amp), None
+
+
+def estimated_centres(cfg, dataset, teacher, cache):
+    """ProxylessKD's centres for `centres="estimate"`: this rank's class range, estimated from the cache or the
+    teacher and saved as `<output>/teacher_centres/rank_{r}_softmax_weight.pt` (+ meta.json); a resumed run
+    (`resume=True`) reads the saved ones back instead of running the teacher over the dataset again."""
+    folder = os.path.join(cfg.output, "teacher_centres")
+    fingerprint = dataset_fingerprint(dataset)
+    meta = {"kind": "estimated_centres", "teacher": cfg.kd.teacher, "num_classes": int(cfg.num_classes),
+            "num_images": fingerprint["num_images"], "labels_sha1": fingerprint["labels_sha1"],
+            "images_sha1": fingerprint["images_sha1"]}
+    if cfg.resume and saved_class_slices(folder, meta):
+        if get_rank() == 0:
+            print(f"resume: ProxylessKD reuses the centres estimated before, {folder}", flush=True)
+        return folder
+    if cache is not None:
+        part = centers_from_cache(cache, dataset.labels, cfg.num_classes)
+    else:
+        part = estimate_class_slice(teacher, dataset, batch_size=cfg.kd.teacher_batch_size)
+    save_class_slices(part, folder, get_rank(), get_world_size(), meta)
+    return part
 
 
 def build_head(cfg, dataset, teacher, cache, rank: int):
@@ -86,15 +110,8 @@ def build_head(cfg, dataset, teacher, cache, rank: int):
     if kd.head == "adadistill":
         return AdaDistillHead(*args, weighted_alpha=kd.adadistill.weighted_alpha, seed=cfg.seed)
     if kd.head == "proxyless":
-        centres = kd.centres
-        if centres == "estimate":
-            if cache is not None:
-                centres = centers_from_cache(cache, dataset.labels, cfg.num_classes)
-            else:
-                centres = estimate_centers(teacher, dataset, batch_size=kd.teacher_batch_size)
-            if rank == 0:
-                save_classifier(centres, os.path.join(cfg.output, "teacher_centres.pt"), teacher=kd.teacher)
-        return PartialFCHead(*args, centres=centres, seed=cfg.seed)
+        centres = estimated_centres(cfg, dataset, teacher, cache) if kd.centres == "estimate" else kd.centres
+        return PartialFCHead(*args, centres=centres, centre_dtype=getattr(torch, kd.centre_dtype), seed=cfg.seed)
     return PartialFCHead(*args, seed=cfg.seed)
 
 

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from conftest import shared
+from distributed_helpers import run_ranks
 from kd_plugin.benchmarks.scale import write_synthetic_rec
 from kd_plugin.data import open_dataset
 from kd_plugin.data.recordio import RecordIOReader
 from kd_plugin.heads import AdaDistillHead, CombinedMarginLoss, _sharding_free_normal
+from test_train import _registered_for_this_module  # noqa: F401 (autouse: the test_tiny network, this module only)
 
 
 def test_real_celeba_labels_from_identity_ranges_equal_every_records_header():
@@ -87,7 +89,6 @@ def _mapped_head_step(rank, world, path, dtype_name):
 @pytest.mark.parametrize("layout", ["file", "shards"])
 @pytest.mark.parametrize("dtype_name", ["float32", "float16"])
 def test_class_range_centres_read_from_files_give_one_process_losses(tmp_path, layout, dtype_name):
-    from distributed_helpers import run_ranks
     from kd_plugin.teachers.classifier import save_classifier
     torch.manual_seed(1)
     full = torch.randn(500, 32)
@@ -105,3 +106,71 @@ def test_class_range_centres_read_from_files_give_one_process_losses(tmp_path, l
         assert loss == pytest.approx(one[0], rel=1e-5)
         assert torch.equal(weight, normalized[start:start + len(weight)])  # only this rank's rows, in its dtype
     assert torch.allclose(torch.cat([two[0][1], two[1][1]]), one[1], atol=1e-6)
+
+
+def _slices(rank, world, folder, cache_dir):
+    from kd_plugin.teachers import load_cache
+    from kd_plugin.teachers.centers import centers_from_cache, estimate_class_slice
+    from test_teachers import _tiny_teacher
+    ds = open_dataset(folder)
+    online = estimate_class_slice(_tiny_teacher(), ds, batch_size=2, progress=False)
+    cached = centers_from_cache(load_cache(cache_dir), ds.labels, ds.num_classes)
+    return online, cached
+
+
+def test_each_rank_estimates_only_its_class_range_and_the_union_is_one_process(tmp_path):
+    from kd_plugin.distributed import class_range
+    from kd_plugin.teachers import build_cache, estimate_centers
+    from test_teachers import _tiny_teacher
+    from test_train import make_faces
+    data = make_faces(tmp_path / "faces", identities=7, per_identity=3)  # 21 images: uneven rounds across ranks
+    ds = open_dataset(str(data))
+    single = estimate_centers(_tiny_teacher(), ds, batch_size=2, progress=False)
+    build_cache(_tiny_teacher(), ds, str(tmp_path / "cache"), "tiny", batch_size=4, progress=False)
+    for world in (2, 3):
+        for rank, (online, cached) in enumerate(run_ranks(_slices, world, str(data), str(tmp_path / "cache"))):
+            start, count = class_range(7, rank, world)
+            assert (online.start, cached.start, len(online.rows), len(cached.rows)) == (start, start, count, count)
+            assert torch.allclose(online.rows, single[start:start + count], atol=1e-6)
+            assert torch.allclose(cached.rows, single[start:start + count], atol=1e-3)  # the cache holds fp16
+
+
+def test_a_resumed_run_reads_the_centres_it_estimated_instead_of_running_the_teacher_again(tmp_path, monkeypatch):
+    import kd_plugin.train
+    from kd_plugin.config import resolve
+    from test_train import KD, _config, _losses, _teacher, make_faces
+
+    data = make_faces(tmp_path / "faces")
+    kd = dict(KD, teacher=_teacher(tmp_path))
+    kd_plugin.train.train(resolve(_config(data, tmp_path / "out", max_steps=2, kd=kd)))
+    saved = tmp_path / "out" / "teacher_centres"
+    assert sorted(p.name for p in saved.iterdir()) == ["meta.json", "rank_0_softmax_weight.pt"]
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher ran over the dataset again")
+    monkeypatch.setattr(kd_plugin.train, "estimate_class_slice", no_teacher)
+    kd_plugin.train.train(resolve(_config(data, tmp_path / "out", max_steps=4, resume=True, kd=kd)))
+    assert [e["step"] for e in _losses(tmp_path / "out")] == [1, 2, 3, 4]
+    with pytest.raises(AssertionError, match="ran over the dataset again"):  # a fresh run estimates them anew
+        kd_plugin.train.train(resolve(_config(data, tmp_path / "fresh", max_steps=1, kd=kd)))
+
+
+def test_centre_dtype_and_teacher_autocast_are_reachable_from_a_config(tmp_path):
+    from kd_plugin.config import resolve
+    from kd_plugin.errors import KDPluginError
+    from kd_plugin.train import Trainer
+    from test_train import KD, _config, _teacher, make_faces
+
+    data = make_faces(tmp_path / "faces")
+    kd = dict(KD, teacher=_teacher(tmp_path), centre_dtype="float16", teacher_amp="bfloat16")
+    trainer = Trainer(resolve(_config(data, tmp_path / "out", max_steps=1, kd=kd)))
+    assert trainer.objective.head.weight.dtype == torch.float16
+    seen = []
+    trainer.teacher.module.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    trainer.run()
+    assert seen == [torch.bfloat16]  # the teacher's forward ran under bf16 autocast (its output is cast to fp32 after)
+    for bad, message in (({"centre_dtype": "float8"}, r"kd.centre_dtype = 'float8': allowed"),
+                         ({"method": "ekd", "centre_dtype": "float16"}, r"only ProxylessKD's frozen inherited"),
+                         ({"teacher_amp": "float16", "teacher": "t.onnx"}, r"an ONNX teacher runs in the precision")):
+        with pytest.raises(KDPluginError, match=message):
+            resolve({"rec": "x", "num_classes": 2, "kd": dict(kd, **bad)})

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import json
 import mmap
 import os
 import re
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,13 @@ import torch.nn.functional as F
 from kd_plugin.distributed import class_range
 from kd_plugin.errors import KDPluginError
 from kd_plugin.teachers.checkpoints import mapped_torch_load, safe_torch_load
+
+class ClassSlice(NamedTuple):
+    """Rows `start .. start + len(rows)` of a (num_classes, d) centre matrix: what one rank holds."""
+
+    start: int
+    rows: torch.Tensor
+
 
 _SHARD_PATTERNS = (
     ("checkpoint_gpu_{}.pt", re.compile(r"checkpoint_gpu_(\d+)\.pt$")),
@@ -201,3 +210,33 @@ def save_classifier(weight: torch.Tensor, out: str, **metadata: object) -> None:
     tmp = out + ".tmp"
     torch.save(payload, tmp)
     os.replace(tmp, out)
+
+
+def save_class_slices(part: ClassSlice, folder: str, rank: int, world_size: int, meta: dict) -> None:
+    """Each rank writes its rows as `rank_{r}_softmax_weight.pt` (the model zoo's shard layout, which
+    `read_classifier_rows` reads for any number of ranks); rank 0 then writes `meta.json`, the mark of a complete set
+    (call it on every rank: it ends with a barrier)."""
+    from kd_plugin.distributed import barrier
+
+    os.makedirs(folder, exist_ok=True)
+    shard = os.path.join(folder, f"rank_{rank}_softmax_weight.pt")
+    torch.save(part.rows.detach().contiguous(), shard + ".tmp")
+    os.replace(shard + ".tmp", shard)
+    barrier()
+    if rank == 0:
+        for stale in glob.glob(os.path.join(folder, "rank_*_softmax_weight.pt")):  # left by a run with more ranks
+            if int(re.search(r"rank_(\d+)_", os.path.basename(stale)).group(1)) >= world_size:
+                os.remove(stale)
+        with open(os.path.join(folder, "meta.json.tmp"), "w", encoding="utf-8") as f:
+            json.dump(meta, f)
+        os.replace(os.path.join(folder, "meta.json.tmp"), os.path.join(folder, "meta.json"))
+    barrier()
+
+
+def saved_class_slices(folder: str, meta: dict) -> bool:
+    """Whether `folder` holds a complete set written by `save_class_slices` with this `meta`."""
+    try:
+        with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
+            return json.load(f) == json.loads(json.dumps(meta))
+    except (OSError, ValueError):
+        return False

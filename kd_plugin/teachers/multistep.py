@@ -50,9 +50,9 @@ class MultiStepTeacher:
     epoch), `embed` uses the current one. Every KD term sees this teacher."""
 
     def __init__(self, schedule: MultiStepTeacherSchedule, normalization=None, device: str = "cpu",
-                 batch_size: int = 64, embedding_size: int | None = None) -> None:
+                 batch_size: int = 64, embedding_size: int | None = None, amp_dtype=None) -> None:
         self.schedule, self.normalization, self.device = schedule, normalization, device
-        self.batch_size, self.embedding_size = batch_size, embedding_size
+        self.batch_size, self.embedding_size, self.amp_dtype = batch_size, embedding_size, amp_dtype
         self.epoch: int | None = None
         self.spec: str | None = None
         self._embedder = None
@@ -65,7 +65,7 @@ class MultiStepTeacher:
 
         spec = self.schedule.spec_for_epoch(epoch)
         self._embedder = load_embedder(spec, self.normalization, device=self.device, batch_size=self.batch_size,
-                                       embedding_size=self.embedding_size)
+                                       embedding_size=self.embedding_size, amp_dtype=self.amp_dtype)
         self.epoch, self.spec = epoch, spec
         return True
 

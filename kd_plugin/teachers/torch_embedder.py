@@ -33,7 +33,7 @@ class TorchEmbedder:
         for start in range(0, len(batch), self.batch_size):
             x = self.normalization.torch(batch[start:start + self.batch_size].to(self.device, non_blocking=True))
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float16,
-                                enabled=self.amp_dtype is not None and self.device.type == "cuda"):
+                                enabled=self.amp_dtype is not None):
                 out.append(self.module(x).float())
         result = torch.cat(out) if out else torch.zeros(0, 0)
         return result.cpu().numpy() if as_numpy else result.to(images.device)
