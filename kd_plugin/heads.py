@@ -277,32 +277,40 @@ class PartialFCHead(nn.Module):
         """Mean margin-softmax loss over the global batch; gradients reach only the embeddings in inherited mode."""
         return self.global_loss(*self.gather(local_embeddings, local_labels))
 
-    def centres_for_logits(self) -> torch.Tensor:
-        """This rank's centres as the logits use them (inherited ones are stored normalised already)."""
-        return self.weight
+    def centres_for_logits(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's centres as the logits use them, and the factor per class that makes their products cosines
+        (None: inherited centres are stored normalised already)."""
+        return self.weight, None
+
+    def _frozen_cosines(self, norm_emb: torch.Tensor, weight: torch.Tensor,
+                        inverse_norms: torch.Tensor | None) -> torch.Tensor:
+        logits = _FrozenCosine.apply(norm_emb, weight)
+        return logits if inverse_norms is None else logits * inverse_norms
 
     def cosines(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Cosines of the global batch against this rank's class slice (no margin, no sampling): (N, num_local)."""
         norm_emb = F.normalize(embeddings.float(), dim=1)
         if self.trainable:
             return F.linear(norm_emb, F.normalize(self.weight, dim=1))
-        return _FrozenCosine.apply(norm_emb, self.centres_for_logits())
+        return self._frozen_cosines(norm_emb, *self.centres_for_logits())
 
     def global_loss(self, embeddings: torch.Tensor, global_labels: torch.Tensor) -> torch.Tensor:
         """The loss of an already gathered global batch (global class ids); the same value on every rank."""
         labels = global_labels - self.class_start
         owned = (labels >= 0) & (labels < self.num_local)
         labels[~owned] = -1
-        weight = self.centres_for_logits()
+        weight, inverse_norms = self.centres_for_logits()
         if self.sample_rate < 1.0:
             index, labels = self._sample(labels, owned)
             weight = weight[index]
+            inverse_norms = None if inverse_norms is None else inverse_norms[index]
         norm_emb = F.normalize(embeddings.float(), dim=1)
         if self.trainable:
             with torch.autocast("cuda", enabled=self.fp16 and norm_emb.is_cuda):
                 logits = F.linear(norm_emb, F.normalize(weight, dim=1)).float()
         else:
-            logits = _FrozenCosine.apply(norm_emb.half() if self.fp16 and norm_emb.is_cuda else norm_emb, weight)
+            logits = self._frozen_cosines(norm_emb.half() if self.fp16 and norm_emb.is_cuda else norm_emb, weight,
+                                          inverse_norms)
         logits = self.margin_softmax(logits.clamp(-1.0, 1.0), labels)
         return _DistributedCrossEntropy.apply(logits, labels)
 
@@ -331,8 +339,9 @@ class AdaDistillHead(PartialFCHead):
                          seed=seed, rank=rank, world_size=world_size, normalize_centres=False)  # raw, not normalised
         self.weighted_alpha = bool(weighted_alpha)
 
-    def centres_for_logits(self) -> torch.Tensor:
-        return F.normalize(self.weight.float(), dim=1)
+    def centres_for_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The raw adaptive centres and the inverse of their norms: cosines without a normalised copy of C/W rows."""
+        return self.weight, torch.linalg.vector_norm(self.weight.float(), dim=1).clamp_min(1e-12).reciprocal()
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,
                 local_teacher: torch.Tensor | None = None) -> torch.Tensor:

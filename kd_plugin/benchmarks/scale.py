@@ -10,11 +10,21 @@ the JSON."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import shutil
+import subprocess
+import sys
+import time
 
 import numpy as np
+import torch
 
+from kd_plugin.benchmarks.memory import peak_rss_bytes, require, reset_peak_rss, rss_bytes
 from kd_plugin.data.recordio import MAGIC
+from kd_plugin.distributed import get_rank, get_world_size
+from kd_plugin.errors import KDPluginError
 
 _LABELS2 = [("magic", "<u4"), ("lrec", "<u4"), ("flag", "<u4"), ("label", "<f4"), ("id", "<u8"), ("id2", "<u8"),
             ("first", "<f4"), ("second", "<f4")]  # a record holding two float32 labels and no image
@@ -50,3 +60,180 @@ def write_synthetic_rec(folder: str, num_images: int, num_classes: int) -> None:
         f.write("".join(f"{k}\t{o}\n" for k, o in enumerate(offsets.tolist())))
     with open(os.path.join(folder, "property"), "w", encoding="ascii") as f:
         f.write(f"{num_classes},112,112")
+
+
+# --- per-rank memory, W gloo ranks -------------------------------------------------------------------------------
+DIM = 512
+DATASETS = {"MS1MV3": (93_431, 5_179_510), "Glint360K": (360_232, 17_091_657), "WebFace42M": (2_059_906, 42_474_557)}
+
+
+def _write_classifier(path: str, classes: int, dim: int) -> None:
+    """A random (classes, dim) float32 classifier file, written by a child process (its memory is not ours)."""
+    code = ("import torch, sys\nfrom kd_plugin.teachers.classifier import save_classifier\n"
+            f"torch.manual_seed(0)\nsave_classifier(torch.randn({classes}, {dim}), {path!r})\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _task_classifier(classes: int, path: str) -> tuple[int, int]:
+    from kd_plugin.heads import CombinedMarginLoss, PartialFCHead
+
+    head = PartialFCHead(CombinedMarginLoss(), DIM, classes, centres=path, centre_dtype=torch.float16)
+    return head.weight.numel(), head.weight.element_size()
+
+
+def _task_adadistill(classes: int, path: str) -> tuple[int, int]:
+    from kd_plugin.heads import AdaDistillHead, CombinedMarginLoss
+
+    head = AdaDistillHead(CombinedMarginLoss(), DIM, classes, seed=0)
+    generator = torch.Generator().manual_seed(get_rank())
+    student, teacher = torch.randn(128, DIM, generator=generator), torch.randn(128, DIM, generator=generator)
+    labels = torch.randint(0, classes, (128,), generator=generator)
+    head(student, labels, teacher)  # gathers the global batch, updates the owned centres, computes the loss
+    return head.weight.numel(), head.weight.element_size()
+
+
+def _task_centres(classes: int, path: str, rows_per_class: int = 2, chunk: int = 4096) -> tuple[int, int]:
+    from kd_plugin.teachers.centers import ClassSums
+
+    rank, world = get_rank(), get_world_size()
+    total = classes * rows_per_class
+    mine = torch.arange(rank, total, world)  # this rank's share of the images, as estimate_class_slice splits them
+    sums = ClassSums(classes, DIM)
+    generator = torch.Generator().manual_seed(rank)
+    for a in range(0, -(-(-(-total // world)) // chunk) * chunk, chunk):  # the same number of rounds on every rank
+        part = mine[a:a + chunk]
+        sums.add(part % classes, torch.nn.functional.normalize(torch.randn(len(part), DIM, generator=generator), dim=1))
+    centres = sums.centres("synthetic embeddings")
+    return centres.rows.numel(), centres.rows.element_size()
+
+
+TASKS = {"classifier": _task_classifier, "adadistill": _task_adadistill, "centres": _task_centres}
+
+
+def _rank_main(rank: int, world: int, port: int, task: str, classes: int, path: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        import kd_plugin.heads  # noqa: F401  (imports outside the measured span)
+        import kd_plugin.teachers.centers  # noqa: F401
+        dist.barrier()
+        base = rss_bytes()
+        reset_peak_rss()
+        start = time.perf_counter()
+        elements, size = TASKS[task](classes, path)
+        seconds = time.perf_counter() - start
+        added = max(peak_rss_bytes() - base, 0)
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w", encoding="utf-8") as f:
+            json.dump({"added_bytes": added, "held_elements": elements, "dtype_bytes": size, "seconds": seconds}, f)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def per_rank_memory(task: str, classes: int, world: int, path: str) -> dict:
+    """Run `task` on `world` gloo ranks: the largest peak any rank added, over C·d·bytes/W for the dtype it holds."""
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_rank_main, args=(world, port, task, classes, path, out_dir), nprocs=world, join=True)
+        ranks = []
+        for r in range(world):
+            with open(os.path.join(out_dir, f"rank{r}.json"), encoding="utf-8") as f:
+                ranks.append(json.load(f))
+    dtype_bytes = ranks[0]["dtype_bytes"]
+    ideal = classes * DIM * dtype_bytes / world
+    return {"ratio": round(max(r["added_bytes"] for r in ranks) / ideal, 4), "ideal_bytes": int(ideal),
+            "added_bytes": [r["added_bytes"] for r in ranks], "dtype_bytes": dtype_bytes,
+            "seconds": round(max(r["seconds"] for r in ranks), 3)}
+
+
+def rec_open(records: int, classes: int, folder: str) -> dict:
+    """Write a synthetic .rec, then time `open_dataset` on it in a fresh process."""
+    start = time.perf_counter()
+    write_synthetic_rec(folder, records, classes)
+    written = time.perf_counter() - start
+    code = ("import time\nfrom kd_plugin.data import open_dataset\nt = time.perf_counter()\n"
+            f"ds = open_dataset({folder!r})\nprint(time.perf_counter() - t, len(ds), ds.num_classes)\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
+    seconds, opened, found = float(out[-3]), int(out[-2]), int(out[-1])
+    if (opened, found) != (records, classes):
+        raise KDPluginError(f"bench scale: the synthetic .rec opened as {opened} records of {found} classes, written "
+                            f"as {records} of {classes}")
+    return {"rec_open_seconds": round(seconds, 3), "records_per_second": int(records / seconds),
+            "records": records, "classes": classes, "write_seconds": round(written, 2)}
+
+
+def _per_gpu(result: dict, gpus: int = 8) -> dict:
+    """What the measured ratios mean per GPU for the public datasets on `gpus` GPUs (d = 512)."""
+    out = {}
+    for name, (classes, images) in DATASETS.items():
+        row = {"classes": classes, "images": images,
+               "rec_open_seconds": round(images / result["records_per_second"], 1)}
+        for key, dtype_bytes in (("classifier", 2), ("adadistill", 4), ("centres", 4)):
+            held = classes * DIM * dtype_bytes / gpus
+            ratio = max(result[f"{key}_rank_memory_ratio"].values())
+            row[f"{key}_gib_per_gpu"] = round(held / 2**30, 3)
+            row[f"{key}_host_peak_gib_per_rank"] = round(held * ratio / 2**30, 3)
+        out[name] = row
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`kd-plugin bench scale` entry point."""
+    parser = argparse.ArgumentParser(prog="kd-plugin bench scale", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=int, default=5_000_000, help="records of the synthetic .rec")
+    parser.add_argument("--rec-classes", type=int, default=100_000, help="identities of the synthetic .rec")
+    parser.add_argument("--classes", type=int, default=1_000_000, help="C for the per-rank memory figures (d = 512)")
+    parser.add_argument("--worlds", default="1,2,4", help="numbers of gloo ranks")
+    parser.add_argument("--work-dir", help="where the synthetic files go (default: a temporary folder, removed)")
+    parser.add_argument("--json", action="store_true", help="print the results JSON as the last line of stdout")
+    args = parser.parse_args(argv)
+    import tempfile
+
+    worlds = [int(w) for w in args.worlds.split(",") if w]
+    # the classifier file, the largest rank's memory, and twice that for the spawned ranks' own overhead
+    require(args.classes * DIM * 4 * 2, f"bench scale: a {args.classes} x {DIM} classifier and its per-rank copies",
+            "cpu", "lower --classes")
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
+        print(f"bench scale: writing and opening a .rec of {args.records} records ...", file=sys.stderr, flush=True)
+        result = rec_open(args.records, args.rec_classes, os.path.join(work, "rec"))
+        shutil.rmtree(os.path.join(work, "rec"))
+        print(f"  opened in {result['rec_open_seconds']} s ({result['records_per_second']} records/s)",
+              file=sys.stderr, flush=True)
+        path = os.path.join(work, "classifier.pt")
+        print(f"bench scale: writing a {args.classes} x {DIM} float32 classifier ...", file=sys.stderr, flush=True)
+        _write_classifier(path, args.classes, DIM)
+        result.update(classes=args.classes, embedding_size=DIM, worlds=worlds)
+        for task, label in (("classifier", "loading the inherited classifier (float16 centres)"),
+                            ("adadistill", "AdaDistill's centres and one update (float32)"),
+                            ("centres", "estimating class centres from 2 embeddings per class (float32)")):
+            runs = {}
+            for world in worlds:
+                print(f"bench scale: {label}, {world} gloo rank(s) ...", file=sys.stderr, flush=True)
+                runs[str(world)] = per_rank_memory(task, args.classes, world, path)
+                print(f"  ratio {runs[str(world)]['ratio']:.3f} (largest added peak over C·d·bytes/W), "
+                      f"{runs[str(world)]['seconds']:.1f} s", file=sys.stderr, flush=True)
+            result[f"{task}_rank_memory_ratio"] = {w: r["ratio"] for w, r in runs.items()}
+            result[f"{task}_runs"] = runs
+    result["per_gpu_on_8_gpus"] = _per_gpu(result)
+    for name, row in result["per_gpu_on_8_gpus"].items():
+        print(f"{name} ({row['classes']} identities, {row['images']} images) on 8 GPUs: opening train.rec about "
+              f"{row['rec_open_seconds']} s; inherited fp16 classifier {row['classifier_gib_per_gpu']} GiB per GPU "
+              f"(host peak while loading {row['classifier_host_peak_gib_per_rank']} GiB per rank); AdaDistill "
+              f"{row['adadistill_gib_per_gpu']} GiB; centre estimation {row['centres_gib_per_gpu']} GiB per rank",
+              file=sys.stderr if args.json else sys.stdout)
+    print(json.dumps(result) if args.json else json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
