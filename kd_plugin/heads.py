@@ -190,8 +190,8 @@ def class_draw(seed: int, step: int, num_classes: int, device: torch.device | st
 class PartialFCHead(nn.Module):
     """Class-sharded margin-softmax classifier, a drop-in for arcface_torch's `PartialFC_V2`.
 
-    `centres` (a (C, d) tensor, this rank's `ClassSlice`, or any classifier layout `read_classifier` reads) makes it
-    *inherited*: each rank keeps its class slice, L2-normalised once, as a buffer (never a Parameter, no gradient,
+    `centres` (a (C, d) tensor, this rank's `ClassSlice` — whose rows the head then owns —, or any classifier layout
+    `read_classifier` reads) makes it *inherited*: each rank keeps its class slice, L2-normalised once, as a buffer (never a Parameter, no gradient,
     nothing for the optimizer, optionally fp16/bf16 via `centre_dtype`). A classifier file is read for this rank's
     class range only (memory-mapped) and converted chunk by chunk, so a rank holds C/W rows, never C.
     Without centres it is *trainable* like PartialFC_V2 (weights drawn from N(0, 0.01), from `seed`, the same values
@@ -237,6 +237,8 @@ class PartialFCHead(nn.Module):
                                     f"(x {centres.rows.shape[1]}) given to rank {self.rank}, which holds classes "
                                     f"{self.class_start}..{self.class_start + self.num_local - 1} (x "
                                     f"{self.embedding_size}) of {self.num_classes}")
+            if centres.rows.dtype == dtype:  # the head takes the slice over: converted in place, no second copy
+                return copy_rows(centres.rows.detach(), centres.rows.detach(), normalize)
             rows = centres.rows
         else:
             if tuple(centres.shape) != (self.num_classes, self.embedding_size):

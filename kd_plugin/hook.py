@@ -118,7 +118,7 @@ class HookHead(nn.Module):
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         dataset = shared.dataset()
         self._teacher, self._cache = build_teacher(cfg, dataset, device)  # plain attributes: not in the state_dict
-        head = build_head(cfg, dataset, self._teacher, self._cache, self.rank)
+        head = build_head(cfg, dataset, self._teacher, self._cache)
         random_rows = shared.sampler().random_size if cfg.kd.margin_on_random_part else None
         self.objective = KDObjective(head, build_terms(cfg), cfg.kd.reference_gradient_scaling, random_rows)
         self.register_buffer("kd_step", torch.zeros((), dtype=torch.int64))  # forward calls so far, resumed

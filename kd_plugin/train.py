@@ -102,7 +102,7 @@ def estimated_centres(cfg, dataset, teacher, cache):
     return part
 
 
-def build_head(cfg, dataset, teacher, cache, rank: int):
+def build_head(cfg, dataset, teacher, cache):
     """The classifier: inherited teacher centres (ProxylessKD), AdaDistill's adaptive centres, or trainable."""
     kd = cfg.kd
     margin = CombinedMarginLoss(64, *cfg.margin_list, cfg.interclass_filtering_threshold)
@@ -169,7 +169,7 @@ class Trainer:
         self.student_norm = InputNormalization(kd.student_mean, kd.student_std)
         self.student = build_network(cfg.network, cfg.embedding_size, fp16=cfg.fp16).to(self.device)
         self.teacher, self.cache = build_teacher(cfg, self.dataset, self.device)
-        head = build_head(cfg, self.dataset, self.teacher, self.cache, self.rank)
+        head = build_head(cfg, self.dataset, self.teacher, self.cache)
         self.objective = KDObjective(head, build_terms(cfg), kd.reference_gradient_scaling,
                                      self.sampler.random_size if kd.margin_on_random_part else None).to(self.device)
         self.model = (DistributedDataParallel(self.student, device_ids=[self.device.index] if self.device.type == "cuda"

@@ -3,6 +3,7 @@ estimation holding only their slice (equal to one process), estimated centres re
 
 from __future__ import annotations
 
+import json
 
 import numpy as np
 import pytest
@@ -174,3 +175,18 @@ def test_centre_dtype_and_teacher_autocast_are_reachable_from_a_config(tmp_path)
                          ({"teacher_amp": "float16", "teacher": "t.onnx"}, r"an ONNX teacher runs in the precision")):
         with pytest.raises(KDPluginError, match=message):
             resolve({"rec": "x", "num_classes": 2, "kd": dict(kd, **bad)})
+
+
+def test_the_scale_benchmark_prints_its_figures_as_json(capsys):
+    """Structure only, at a small size: the figures themselves come from `kd-plugin bench scale --json`."""
+    from kd_plugin.cli import main
+    assert main(["bench", "scale", "--records", "20000", "--rec-classes", "200", "--classes", "3000",
+                 "--worlds", "1,2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["records"] == 20000 and result["rec_open_seconds"] > 0 and result["records_per_second"] > 0
+    for key in ("classifier", "adadistill", "centres"):
+        ratios = result[f"{key}_rank_memory_ratio"]
+        assert set(ratios) == {"1", "2"} and all(r > 0 for r in ratios.values())
+        assert len(result[f"{key}_runs"]["2"]["added_bytes"]) == 2
+    assert result["classifier_runs"]["1"]["dtype_bytes"] == 2 and result["centres_runs"]["1"]["dtype_bytes"] == 4
+    assert set(result["per_gpu_on_8_gpus"]) == {"MS1MV3", "Glint360K", "WebFace42M"}

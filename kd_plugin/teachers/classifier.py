@@ -138,7 +138,7 @@ def read_classifier(path: str, num_classes: int | None = None, embedding_size: i
     return weight.contiguous()
 
 
-_ROWS_PER_CHUNK = 4096
+_ROWS_PER_CHUNK = 1024
 _libc = None
 
 
