@@ -191,9 +191,10 @@ class PartialFCHead(nn.Module):
     """Class-sharded margin-softmax classifier, a drop-in for arcface_torch's `PartialFC_V2`.
 
     `centres` (a (C, d) tensor, this rank's `ClassSlice` — whose rows the head then owns —, or any classifier layout
-    `read_classifier` reads) makes it *inherited*: each rank keeps its class slice, L2-normalised once, as a buffer (never a Parameter, no gradient,
-    nothing for the optimizer, optionally fp16/bf16 via `centre_dtype`). A classifier file is read for this rank's
-    class range only (memory-mapped) and converted chunk by chunk, so a rank holds C/W rows, never C.
+    `read_classifier` reads) makes it *inherited*: each rank keeps its class slice, L2-normalised once, as a buffer
+    (never a Parameter, no gradient, nothing for the optimizer, optionally fp16/bf16 via `centre_dtype`). A classifier
+    file is read for this rank's class range only (memory-mapped) and converted chunk by chunk, so a rank holds C/W
+    rows, never C.
     Without centres it is *trainable* like PartialFC_V2 (weights drawn from N(0, 0.01), from `seed`, the same values
     whatever the number of ranks). `forward(local_embeddings,
     local_labels)` gathers the global batch across ranks and returns the mean loss over it (the same on every rank)."""
