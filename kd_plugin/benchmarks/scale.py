@@ -184,8 +184,8 @@ def _per_gpu(result: dict, gpus: int = 8) -> dict:
         for key, dtype_bytes in (("classifier", 2), ("adadistill", 4), ("centres", 4)):
             held = classes * DIM * dtype_bytes / gpus
             ratio = max(result[f"{key}_rank_memory_ratio"].values())
-            row[f"{key}_gib_per_gpu"] = round(held / 2**30, 3)
-            row[f"{key}_host_peak_gib_per_rank"] = round(held * ratio / 2**30, 3)
+            row[f"{key}_mib_per_gpu"] = round(held / 2**20, 1)
+            row[f"{key}_host_peak_mib_per_rank"] = round(held * ratio / 2**20, 1)
         out[name] = row
     return out
 
@@ -232,9 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     result["per_gpu_on_8_gpus"] = _per_gpu(result)
     for name, row in result["per_gpu_on_8_gpus"].items():
         print(f"{name} ({row['classes']} identities, {row['images']} images) on 8 GPUs: opening train.rec about "
-              f"{row['rec_open_seconds']} s; inherited fp16 classifier {row['classifier_gib_per_gpu']} GiB per GPU "
-              f"(host peak while loading {row['classifier_host_peak_gib_per_rank']} GiB per rank); AdaDistill "
-              f"{row['adadistill_gib_per_gpu']} GiB; centre estimation {row['centres_gib_per_gpu']} GiB per rank",
+              f"{row['rec_open_seconds']} s; inherited fp16 classifier {row['classifier_mib_per_gpu']} MiB per GPU "
+              f"(host peak while loading {row['classifier_host_peak_mib_per_rank']} MiB per rank); AdaDistill "
+              f"{row['adadistill_mib_per_gpu']} MiB (peak {row['adadistill_host_peak_mib_per_rank']}); centre "
+              f"estimation {row['centres_mib_per_gpu']} MiB per rank (peak {row['centres_host_peak_mib_per_rank']})",
               file=sys.stderr if args.json else sys.stdout)
     print(json.dumps(result) if args.json else json.dumps(result, indent=1))
     return 0
