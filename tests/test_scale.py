@@ -190,3 +190,21 @@ def test_the_scale_benchmark_prints_its_figures_as_json(capsys):
         assert len(result[f"{key}_runs"]["2"]["added_bytes"]) == 2
     assert result["classifier_runs"]["1"]["dtype_bytes"] == 2 and result["centres_runs"]["1"]["dtype_bytes"] == 4
     assert set(result["per_gpu_on_8_gpus"]) == {"MS1MV3", "Glint360K", "WebFace42M"}
+
+
+def test_a_full_header_read_leaves_a_label_index_that_the_next_open_uses(tmp_path, monkeypatch):
+    import kd_plugin.data.datasets as datasets
+    monkeypatch.setattr(datasets, "LABEL_INDEX_MIN_RECORDS", 100)
+    monkeypatch.setattr(datasets, "FLOAT32_EXACT", 500)  # as if the keys passed 2^24: the ranges are not trusted
+    write_synthetic_rec(str(tmp_path), 1_000, 10)
+    first = open_dataset(str(tmp_path))
+    assert (tmp_path / "train.kd_labels.npz").is_file()
+    reads = []
+    real = RecordIOReader.read_header
+    monkeypatch.setattr(RecordIOReader, "read_header", lambda self, key: reads.append(key) or real(self, key))
+    again = open_dataset(str(tmp_path))
+    assert len(reads) == 1 and np.array_equal(again.labels, first.labels)  # only the header record was read
+    with open(tmp_path / "train.rec", "ab") as f:  # the .rec changed: the index no longer applies
+        f.write(b"\0" * 4)
+    reads.clear()
+    assert np.array_equal(open_dataset(str(tmp_path)).labels, first.labels) and len(reads) > 1000

@@ -19,6 +19,8 @@ from kd_plugin.data.recordio import RecordIOReader, unpack_payload
 from kd_plugin.errors import DataFormatError
 from kd_plugin.progress import Progress
 
+LABEL_INDEX_MIN_RECORDS = 200_000  # a full header read of a file this large leaves a label index beside it
+FLOAT32_EXACT = 1 << 24  # identity-range records store keys as float32: exact integers up to here
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 Item = int | tuple[int, bool]
 _REPACK = "re-pack the data (kd-plugin pack) or pass skip_bad_records=True to skip and count bad records"
@@ -153,9 +155,13 @@ class RecordDataset(FaceDataset):
         labels = self._labels_from_ranges(keys) if self.identity_ranges and not skip_bad_records else None
         if labels is not None:
             self._key_array = keys
+        elif not skip_bad_records and (indexed := self._read_label_index(keys)) is not None:
+            self._key_array, labels = keys, indexed
         else:
             labels, kept = self._labels_from_headers(keys)
             self._key_array = np.asarray(kept, dtype=np.int64)
+            if not skip_bad_records and len(keys) >= LABEL_INDEX_MIN_RECORDS:
+                self._write_label_index(self._key_array, np.asarray(labels, dtype=np.int64))
         if self.skipped:
             warnings.warn(f"{self.source}: skipped {len(self.skipped)} bad records; first: {self.skipped[0]}")
         self._check_identity_ranges()
@@ -166,9 +172,42 @@ class RecordDataset(FaceDataset):
         """The record key of each sample, in sample order."""
         return self._key_array.tolist()
 
+    def _label_index_path(self) -> str:
+        return os.path.splitext(self.reader.rec_path)[0] + ".kd_labels.npz"
+
+    def _label_index_stamp(self) -> np.ndarray:
+        """What the label index was written for: the .rec's and .idx's sizes and modification times."""
+        stats = [os.stat(p) for p in (self.reader.rec_path, self.reader.idx_path) if p]
+        return np.asarray([v for st in stats for v in (st.st_size, st.st_mtime_ns)], dtype=np.int64)
+
+    def _read_label_index(self, keys: np.ndarray) -> np.ndarray | None:
+        """The labels saved beside the .rec by an earlier full read, if they were written for this very file."""
+        try:
+            with np.load(self._label_index_path()) as saved:
+                if np.array_equal(saved["stamp"], self._label_index_stamp()) and np.array_equal(saved["keys"], keys):
+                    return saved["labels"].astype(np.int64)
+        except (OSError, KeyError, ValueError):
+            pass
+        return None
+
+    def _write_label_index(self, keys: np.ndarray, labels: np.ndarray) -> None:
+        """Save the labels read from every header beside the .rec, so the next open of this file takes a second; a
+        read-only dataset folder just means the next open reads the headers again."""
+        path = self._label_index_path()
+        try:
+            with open(path + ".tmp", "wb") as f:
+                np.savez(f, keys=keys, labels=labels, stamp=self._label_index_stamp())
+            os.replace(path + ".tmp", path)
+        except OSError as exc:
+            warnings.warn(f"{self.source}: could not save the label index {path} ({exc}); the next open reads every "
+                          f"record's header again")
+
     def _labels_from_ranges(self, keys: np.ndarray) -> np.ndarray | None:
         """Labels from the identity-range records alone (one read per class, not per image), when the ranges tile
-        the image keys in class order and evenly spaced image records agree; None means read every header."""
+        the image keys in class order and evenly spaced image records agree; None means read every header. Range
+        records hold float32 keys, exact only up to 2^24: beyond that they are not used."""
+        if len(keys) and keys[-1] + 1 > FLOAT32_EXACT:
+            return None
         ranges = np.asarray(self.identity_ranges, dtype=np.int64)
         starts, ends = ranges[:, 0], ranges[:, 1]
         if (len(keys) == 0 or starts[0] != keys[0] or ends[-1] != keys[-1] + 1 or (ends < starts).any()
