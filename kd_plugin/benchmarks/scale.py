@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -104,7 +105,7 @@ def _task_centres(classes: int, path: str, rows_per_class: int = 2, chunk: int =
     mine = torch.arange(rank, total, world)  # this rank's share of the images, as estimate_class_slice splits them
     sums = ClassSums(classes, DIM)
     generator = torch.Generator().manual_seed(rank)
-    for a in range(0, -(-(-(-total // world)) // chunk) * chunk, chunk):  # the same number of rounds on every rank
+    for a in range(0, math.ceil(math.ceil(total / world) / chunk) * chunk, chunk):  # the same rounds on every rank
         part = mine[a:a + chunk]
         sums.add(part % classes, torch.nn.functional.normalize(torch.randn(len(part), DIM, generator=generator), dim=1))
     centres = sums.centres("synthetic embeddings")

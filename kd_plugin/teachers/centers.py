@@ -8,6 +8,8 @@ a rank reads just the cached rows of its own classes and needs no communication.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -91,20 +93,20 @@ def estimate_class_slice(embedder, dataset: FaceDataset, batch_size: int = 256, 
     """This rank's rows of the (num_classes, d) unit-norm centre matrix; runs on every rank of a process group."""
     rank, world = get_rank(), get_world_size()
     mine = np.arange(rank, len(dataset), world)
-    rounds = -(-(-(-len(dataset) // world)) // batch_size)  # the most chunks any rank has: all ranks take part in each
-    sums = None
+    rounds = math.ceil(math.ceil(len(dataset) / world) / batch_size)  # the most chunks any rank has: all take part
     pairs = embed_pairs(embedder, dataset, mine, batch_size, "estimating centres", progress and rank == 0)
-    for _ in range(rounds):
-        chunk, plain, flipped = next(pairs, (np.zeros(0, np.int64), None, None))
+    sums = None
+    for _ in range(rounds):  # at least one: a dataset has images
+        chunk, plain, flipped = next(pairs, (None, None, None))
         if sums is None:  # the width: from this rank's first chunk, or one embedding when it has none
             width = plain.shape[1] if plain is not None else \
                 torch.as_tensor(embedder.embed(dataset[0][0][None])).shape[1]
             sums = ClassSums(dataset.num_classes, width)
-        both = (F.normalize(plain, dim=1) + F.normalize(flipped, dim=1)) if plain is not None else \
-            torch.zeros(0, sums.dim)
-        sums.add(torch.from_numpy(dataset.labels[chunk]), both, weight=2.0)
-    if sums is None:
-        sums = ClassSums(dataset.num_classes, torch.as_tensor(embedder.embed(dataset[0][0][None])).shape[1])
+        if plain is None:  # this rank is done; the others still send it rows of its classes
+            sums.add(torch.zeros(0, dtype=torch.int64), torch.zeros(0, sums.dim), weight=2.0)
+        else:
+            both = F.normalize(plain, dim=1) + F.normalize(flipped, dim=1)
+            sums.add(torch.from_numpy(dataset.labels[chunk]), both, weight=2.0)
     return sums.centres(dataset.source)
 
 
