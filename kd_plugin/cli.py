@@ -216,6 +216,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embedding-size", type=int, help="with a spec: embedding size (default: from the checkpoint)")
     p.add_argument("--input-size", type=int, default=112, help="image side the student takes (default 112)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--format", default="insightface", choices=["insightface", "uint8"],
+                   help="insightface (default): float32 RGB 0..255 input that insightface's model_zoo loads and feeds "
+                        "as it is; uint8: uint8 RGB input")
     p.set_defaults(func=_run_export)
 
 
@@ -224,7 +227,7 @@ def _run_export(args: argparse.Namespace) -> int:
     from kd_plugin.teachers import build_network, parse_model_spec
 
     if args.model.endswith(".py"):
-        result = export_from_config(args.model, args.out, args.checkpoint, args.opset)
+        result = export_from_config(args.model, args.out, args.checkpoint, args.opset, args.format)
     else:
         spec = parse_model_spec(args.model)
         if spec.kind == "onnx" or spec.checkpoint is None:
@@ -234,8 +237,10 @@ def _run_export(args: argparse.Namespace) -> int:
             raise KDPluginError("kd-plugin export NETWORK:CHECKPOINT: give --out FILE.onnx")
         norm = _normalization(args.mean, args.std, args.bgr)  # None: arcface_torch's 127.5 / 127.5
         network = build_network(spec, args.embedding_size)
-        result = export_onnx(network, args.out, norm, (args.input_size, args.input_size), args.opset)
-    print(f"wrote {result['path']}: input uint8 RGB (N, 3, {result['input_size'][0]}, {result['input_size'][1]}) "
+        result = export_onnx(network, args.out, norm, (args.input_size, args.input_size), args.opset,
+                             input_format=args.format)
+    kind = "uint8 RGB" if result["format"] == "uint8" else "float32 RGB 0..255 (insightface's model_zoo loads it)"
+    print(f"wrote {result['path']}: input {kind} (N, 3, {result['input_size'][0]}, {result['input_size'][1]}) "
           f"normalised inside, output embedding (N, {result['embedding_size']}); onnxruntime matches torch "
           f"(relative error {result['relative_error']:.1e})")
     return 0

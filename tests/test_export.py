@@ -25,7 +25,7 @@ def test_onnx_student_embeds_like_the_torch_student(tmp_path, norm):
     torch.manual_seed(0)
     network = create_network("mbf", 128).eval()
     path = str(tmp_path / "student.onnx")
-    result = export_onnx(network, path, norm)
+    result = export_onnx(network, path, norm, input_format="uint8")
     assert result["embedding_size"] == 128 and result["relative_error"] < 1e-4
     onnx_student = load_embedder(path)  # a uint8 graph: fed as is, any batch size
     assert onnx_student.takes_uint8 and onnx_student.fixed_batch is None
@@ -83,3 +83,49 @@ def test_export_stops_when_onnx_disagrees_with_torch(tmp_path, monkeypatch):
     with pytest.raises(KDPluginError, match="differs from the torch module"):
         export_onnx(create_network("mbf", 128).eval(), str(path))
     assert not path.exists() and not (tmp_path / "bad.onnx.tmp").exists()
+
+
+def _aligned_bgr_face():
+    """An aligned 112x112 face as insightface takes it (BGR, HWC, uint8): a real one from the shared CelebA set when
+    it is there, else a smooth synthetic image."""
+    from conftest import SHARED_DATA
+    from kd_plugin.data import open_dataset
+    rec = SHARED_DATA / "celeba" / "val.rec"
+    if rec.exists():
+        rgb = open_dataset(str(rec))[0][0].numpy()  # (3, 112, 112) RGB
+    else:
+        rgb = np.repeat(np.linspace(0, 255, 112, dtype=np.uint8)[None, None, :], 112, axis=1).repeat(3, axis=0)
+    return np.ascontiguousarray(rgb.transpose(1, 2, 0)[:, :, ::-1])
+
+
+@pytest.mark.parametrize("norm", [InputNormalization(), InputNormalization(IMAGENET_MEAN, IMAGENET_STD, bgr=True)],
+                         ids=["arcface", "imagenet_bgr"])
+def test_insightface_model_zoo_loads_the_export_and_embeds_like_the_torch_student(tmp_path, norm):
+    model_zoo = pytest.importorskip("insightface.model_zoo", reason="the insightface package is not installed "
+                                                                    "(pip install insightface; the test extra has it)")
+    torch.manual_seed(0)
+    network = create_network("mbf", 128).eval()
+    path = str(tmp_path / "student.onnx")
+    assert export_onnx(network, path, norm)["format"] == "insightface"  # the default
+    model = model_zoo.get_model(path, providers=["CPUExecutionProvider"])
+    assert type(model).__name__ == "ArcFaceONNX" and (model.input_mean, model.input_std) == (0.0, 1.0)
+    face = _aligned_bgr_face()
+    got = model.get_feat(face).reshape(-1)
+    expected = TorchEmbedder(network, norm).embed(np.ascontiguousarray(face[:, :, ::-1].transpose(2, 0, 1))[None])[0]
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    batch = model.get_feat([face, face[:, ::-1].copy()])  # a dynamic batch
+    assert batch.shape == (2, 128) and np.allclose(batch[0], got, rtol=1e-5, atol=1e-6)
+    ours = load_embedder(path).embed(np.ascontiguousarray(face[:, :, ::-1].transpose(2, 0, 1))[None])[0]
+    assert np.abs(ours - expected).max() <= 1e-4 * np.abs(expected).max()  # kd-plugin eval reads it the same way
+
+
+def test_the_insightface_graph_starts_with_its_named_normalisation_nodes(tmp_path):
+    from kd_plugin.teachers.onnx_embedder import graph_normalises_inside
+    path = tmp_path / "s.onnx"
+    export_onnx(create_network("mbf", 64).eval(), str(path), InputNormalization(IMAGENET_MEAN, IMAGENET_STD))
+    model = onnx.load(str(path))
+    assert graph_normalises_inside(model) and model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    names = [n.name for n in model.graph.node[:8]]
+    assert "Sub_input_mean" in names and "Mul_input_scale" in names
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["kd_plugin.format"] == "insightface" and meta["kd_plugin.mean"] == "123.675,116.28,103.53"
