@@ -21,7 +21,6 @@ Under any other program (e.g. `kd-plugin train`) `distill` only fills in `config
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 
@@ -29,11 +28,11 @@ import torch
 from torch import nn
 
 from kd_plugin.errors import KDPluginError
+from kd_plugin.training_log import LOG  # under train_v2 it reaches upstream's root handlers: training.log and stdout
 
 PATCHED_NAMES = ("get_dataloader", "get_model", "PartialFC_V2")
 SUPPORTED = ("insightface's recognition/arcface_torch train_v2.py with PartialFC_V2 (checked against insightface "
              "commit 7fadd42, 2026-07)")
-LOG = logging.getLogger("kd_plugin")  # train_v2's root handlers write it to training.log and stdout on rank 0
 
 
 class _Shared:

@@ -5,8 +5,9 @@ student embeddings (under autocast with `fp16`: float16 by default, `amp_dtype="
 embeddings from the cache (by index and flip) or from the frozen teacher; the KD objective (head + weighted terms, exact
 one-process gradients); the student's embedding gradient times W for DDP's averaging; as arcface_torch: backward of the
 GradScaler-scaled loss (fp16), and every `gradient_acc` steps unscale, clip 5, SGD/AdamW step; arcface_torch's linear
-warm-up then linear decay, stepped every step. Rank 0 writes `train_log.jsonl` (every step's
-losses, each epoch's wall time), tensorboard scalars and `model.pt` (the student backbone's state_dict); every rank writes
+warm-up then linear decay, stepped every step. Rank 0 logs as arcface_torch does (`<output>/training.log` and the
+console: its speed line every `frequent` steps, with every loss term and EKD diagnostic) and writes `train_log.jsonl`
+(every step's losses, each epoch's wall time), tensorboard scalars and `model.pt` (the student's state_dict); every rank writes
 `checkpoint_gpu_{rank}.pt` (arcface_torch's keys plus `state_kd`), atomically, every `checkpoint_every` steps and at
 each epoch end. `resume=True` continues from it exactly; SIGTERM writes one and exits; a non-finite loss stops with the
 last good checkpoint left in place."""
@@ -36,6 +37,7 @@ from kd_plugin.teachers.cache import dataset_fingerprint
 from kd_plugin.teachers.centers import centers_from_cache, estimate_class_slice
 from kd_plugin.teachers.classifier import save_class_slices, saved_class_slices
 from kd_plugin.teachers.multistep import MultiStepTeacher, MultiStepTeacherSchedule
+from kd_plugin.training_log import LOG, SpeedLine, training_log
 
 
 class StudentEmbedder:
@@ -92,7 +94,7 @@ def estimated_centres(cfg, dataset, teacher, cache):
             "images_sha1": fingerprint["images_sha1"]}
     if cfg.resume and saved_class_slices(folder, meta):
         if get_rank() == 0:
-            print(f"resume: ProxylessKD reuses the centres estimated before, {folder}", flush=True)
+            LOG.info(f"resume: ProxylessKD reuses the centres estimated before, {folder}")
         return folder
     if cache is not None:
         part = centers_from_cache(cache, dataset.labels, cfg.num_classes)
@@ -158,9 +160,9 @@ class Trainer:
         if cfg.num_image and int(cfg.num_image) != len(self.dataset):
             raise KDPluginError(f"config.num_image = {cfg.num_image} but {cfg.rec} has {len(self.dataset)} images; "
                                 f"set num_image to match the data (or leave it unset: the schedule comes from the data)")
-        if not cfg.save_all_states and get_rank() == 0:
-            print("note: save_all_states = False, but kd-plugin train still writes checkpoint_gpu_{rank}.pt (its "
-                  "resume and crash safety need it)", flush=True)
+        self._notes = [] if cfg.save_all_states else [
+            "save_all_states = False, but kd-plugin train still writes checkpoint_gpu_{rank}.pt (its resume and crash "
+            "safety need it)"]
         per_rank = (kd.sampler.identities_per_batch if kd.sampler.balanced else 0)
         self.sampler = IdentityBalancedBatchSampler(self.dataset.labels, cfg.batch_size, per_rank,
                                                     kd.sampler.images_per_identity, seed=cfg.seed)
@@ -279,7 +281,7 @@ class Trainer:
     def _teacher_for_epoch(self, log_path: str) -> None:
         """Multi-step KD: load the teacher checkpoint of this epoch (logged on rank 0)."""
         if isinstance(self.teacher, MultiStepTeacher) and self.teacher.set_epoch(self.epoch) and self.rank == 0:
-            print(f"multi-step KD: epoch {self.epoch} learns from {self.teacher.spec}", flush=True)
+            LOG.info(f"multi-step KD: epoch {self.epoch} learns from {self.teacher.spec}")
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": self.global_step, "epoch": self.epoch, "teacher": self.teacher.spec}) + "\n")
 
@@ -291,13 +293,20 @@ class Trainer:
         return bool(all_reduce_(flag, "max").item() > 0)
 
     def run(self) -> dict:
-        """Train to the end (or `max_steps`, or SIGTERM); returns a short summary."""
+        """Train to the end (or `max_steps`, or SIGTERM); returns a short summary. Logs as arcface_torch does: rank 0
+        writes `<output>/training.log` and the console."""
+        with training_log(self.rank, self.cfg.output):
+            for note in self._notes:
+                LOG.info(f"note: {note}")
+            return self._run()
+
+    def _run(self) -> dict:
         if self.cfg.resume:
             self.load()
         previous = signal.signal(signal.SIGTERM, self._request_stop)
         log_path = os.path.join(self.cfg.output, "train_log.jsonl")
         writer = self._tensorboard()
-        start, done_at_start = time.perf_counter(), self.global_step
+        speed = SpeedLine(self.cfg.frequent, self.total_steps, self.cfg.batch_size * self.world, self.global_step)
         try:
             while self.epoch < self.cfg.num_epoch and self.global_step < self.total_steps:
                 self.sampler.set_epoch(self.epoch)
@@ -315,8 +324,7 @@ class Trainer:
                             for key, value in stats.items():
                                 writer.add_scalar(f"train/{key}", value, self.global_step)
                             writer.add_scalar("train/lr", lr, self.global_step)
-                        if self.global_step % self.cfg.frequent == 0 or self.global_step == self.total_steps:
-                            self._progress(stats, lr, start, done_at_start)
+                        speed(self.global_step, self.epoch, stats, lr, stats.get("grad_scale"))
                     if self.cfg.val_targets and self.global_step % self.cfg.verbose == 0 and self.rank == 0:
                         self.verify(writer, log_path)
                     if self.global_step % self.cfg.checkpoint_every == 0:
@@ -325,7 +333,7 @@ class Trainer:
                         break
                     if self._agreed_stop():
                         self.save()
-                        print(f"[rank {self.rank}] SIGTERM: checkpoint written at step {self.global_step}", flush=True)
+                        LOG.warning(f"[rank {self.rank}] SIGTERM: checkpoint written at step {self.global_step}")
                         return {"stopped": "sigterm", "global_step": self.global_step}
                 self._epoch_done(log_path, time.perf_counter() - epoch_start, self.global_step - steps_at_epoch_start,
                                  stats)
@@ -360,8 +368,7 @@ class Trainer:
                 writer.add_scalar(key, value, self.global_step)
         with open(log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": self.global_step, "verification": results}) + "\n")
-        print(f"verification at step {self.global_step}: "
-              + ", ".join(f"{k}={v:.4f}" for k, v in results.items()), flush=True)
+        LOG.info(f"verification at step {self.global_step}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
         return results
 
     def _tensorboard(self):
@@ -379,18 +386,9 @@ class Trainer:
         if self.rank != 0:
             return
         loss = f", loss {stats['loss']:.4f}" if "loss" in stats else ""
-        print(f"epoch {self.epoch + 1}/{self.cfg.num_epoch} done: {steps} steps in {seconds:.1f}s{loss}", flush=True)
+        LOG.info(f"epoch {self.epoch + 1}/{self.cfg.num_epoch} done: {steps} steps in {seconds:.1f}s{loss}")
         with open(log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"epoch": self.epoch, "epoch_seconds": seconds, "epoch_steps": steps}) + "\n")
-
-    def _progress(self, stats: dict, lr: float, start: float, done_at_start: int) -> None:
-        elapsed = time.perf_counter() - start
-        steps = self.global_step - done_at_start
-        rate = steps * self.cfg.batch_size * self.world / max(elapsed, 1e-9)
-        eta = (self.total_steps - self.global_step) * elapsed / max(steps, 1)
-        terms = " ".join(f"{k}={v:.4f}" for k, v in stats.items() if k.startswith("loss"))
-        print(f"step {self.global_step}/{self.total_steps} epoch {self.epoch} {terms} lr={lr:.5f} "
-              f"{rate:.1f} img/s ETA {eta / 60:.1f} min", flush=True)
 
 
 def train(config_path_or_cfg) -> dict:

@@ -156,3 +156,20 @@ def test_the_trainer_refuses_keys_it_would_not_honour(tmp_path, overrides, messa
     with pytest.raises(KDPluginError, match=message):
         _trainer(_config(data, tmp_path / "out", **overrides))
     _trainer(_config(data, tmp_path / "ok", using_wandb=False, wandb_key="x", num_image=48))  # inert values pass
+
+
+def test_a_run_leaves_arcface_torchs_training_log_with_the_kd_terms(tmp_path):
+    import logging
+    data = make_faces(tmp_path / "faces")
+    kd = dict(KD, teacher=_teacher(tmp_path))
+    for name in ("first", "second"):
+        _trainer(_config(data, tmp_path / name, frequent=2, max_steps=4, fp16=True, kd=kd)).run()
+    log = (tmp_path / "first" / "training.log").read_text().splitlines()
+    speed = [line for line in log if "Speed " in line]
+    assert len(speed) == 2 and all(line.startswith("Training: ") for line in speed)
+    assert "samples/sec   Loss " in speed[0] and "Global Step: 2   Fp16 Grad Scale: " in speed[0]
+    assert "Required: " in speed[0] and "loss_head=" in speed[0] and "loss_ekd=" in speed[0]
+    assert "ekd_" in speed[0].split("loss_ekd=")[1]  # the EKD diagnostics follow the loss terms
+    assert any("epoch 1/2 done" in line for line in log)
+    assert len((tmp_path / "second" / "training.log").read_text().splitlines()) == len(log)  # no cross-talk
+    assert not logging.getLogger("kd_plugin").handlers  # the handlers are taken off after each run
