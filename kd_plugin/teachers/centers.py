@@ -34,8 +34,8 @@ def embed_pairs(embedder, dataset: FaceDataset, indices: np.ndarray, batch_size:
         chunk = chunk.numpy()
         plain = torch.as_tensor(embedder.embed(images)).float()
         flipped = torch.as_tensor(embedder.embed(images.flip(3))).float()
+        bar.update(len(chunk))  # before the yield: a caller may never resume the generator after its last chunk
         yield chunk, plain, flipped
-        bar.update(len(chunk))
 
 
 class ClassSums:
