@@ -33,6 +33,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     target.add_argument("--bin", help="arcface_torch verification set (.bin): 10-fold accuracy")
     target.add_argument("--pairs-from", help="identity-labelled dataset (train.rec, its folder, image folder, "
                                              "label.txt): all-pairs TPR@FPR")
+    target.add_argument("--ijb", metavar="ROOT", help="IJB-B/IJB-C release folder (meta/, loose_crop/): 1:1 template "
+                                                      "verification, TPR@FAR, arcface_torch's protocol")
+    p.add_argument("--target", choices=["IJBC", "IJBB"], help="with --ijb: which set (default IJBC)")
     p.add_argument("--gallery-model", help="cross-model: embed the gallery side with this model instead")
     p.add_argument("--gallery-mean", help="gallery model's input mean (default: --mean)")
     p.add_argument("--gallery-std", help="gallery model's input std (default: --std)")
@@ -59,7 +62,15 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.gallery_model:
         norm = _normalization(args.gallery_mean or args.mean, args.gallery_std or args.std, args.gallery_bgr)
         gallery = load_embedder(args.gallery_model, norm, batch_size=args.batch_size)
-    if args.bin:
+    if args.target and not args.ijb:
+        raise KDPluginError(f"--target {args.target}: applies to --ijb only; drop it or evaluate with --ijb ROOT")
+    if args.ijb:
+        if gallery is not None:
+            raise KDPluginError("--ijb with --gallery-model: cross-model IJB evaluation is not implemented; drop "
+                                "--gallery-model")
+        from kd_plugin.ijb import evaluate_ijb
+        result = evaluate_ijb(args.ijb, model, args.target or "IJBC", fprs, batch_size=args.batch_size)
+    elif args.bin:
         result = evaluate_bin(args.bin, model, gallery, fprs)
     else:
         result = evaluate_pairs(args.pairs_from, model, gallery, fprs)
