@@ -186,6 +186,9 @@ def resolve(config: dict) -> EasyDict:
                                                       "before each optimizer step)")
     if cfg.amp_dtype not in AMP_DTYPES:
         raise _fail("amp_dtype", cfg.amp_dtype, f"allowed: {', '.join(AMP_DTYPES)} (used when fp16 = True)")
+    if cfg.amp_dtype != "float16" and not cfg.fp16:
+        raise _fail("amp_dtype", cfg.amp_dtype, "applies only with fp16 = True (mixed precision); set fp16 = True or "
+                                                "remove amp_dtype")
     if cfg.optimizer not in ("sgd", "adamw"):
         raise _fail("optimizer", cfg.optimizer, "allowed: 'sgd', 'adamw'")
     if not 0 < float(cfg.sample_rate) <= 1:

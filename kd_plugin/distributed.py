@@ -42,6 +42,13 @@ def class_owners(labels: torch.Tensor, num_classes: int, world_size: int) -> tor
     return torch.searchsorted(starts, labels, right=True) - 1
 
 
+def collective_device() -> torch.device:
+    """Where a tensor must be for a collective: NCCL reduces CUDA tensors only; gloo and no process group use the CPU."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def barrier() -> None:
     """Wait for every rank; a no-op without a process group."""
     if is_distributed():

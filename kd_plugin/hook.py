@@ -123,7 +123,7 @@ class HookHead(nn.Module):
         self.register_buffer("kd_step", torch.zeros((), dtype=torch.int64))  # forward calls so far, resumed
         self._step: int | None = None  # its host copy, read once after a resume
         self._sums: dict[str, torch.Tensor] = {}
-        self._count = 0
+        self._counts: dict[str, int] = {}
         self._writer = None
 
     def _teacher_embeddings(self, device: torch.device) -> torch.Tensor | None:
@@ -155,15 +155,16 @@ class HookHead(nn.Module):
         """Sum the scalars on their device; every `frequent` steps rank 0 reads their means at once and logs them."""
         if self.rank != 0:
             return
-        for key, value in stats.items():
-            value = value.detach().float()
+        for key, value in stats.items():  # some figures are CPU scalars: gather everything on the head's device
+            value = value.detach().float().to(self.kd_step.device)
             self._sums[key] = self._sums[key] + value if key in self._sums else value.clone()
-        self._count += 1
+            self._counts[key] = self._counts.get(key, 0) + 1  # a figure may be absent on some steps
         if self._step % self.cfg.frequent:
             return
         keys = list(self._sums)
-        means = (torch.stack([self._sums[k] for k in keys]) / self._count).tolist()  # the one sync
-        self._sums, self._count = {}, 0
+        counts = torch.tensor([float(self._counts[k]) for k in keys], device=self.kd_step.device)
+        means = (torch.stack([self._sums[k] for k in keys]) / counts).tolist()  # the one sync
+        self._sums, self._counts = {}, {}
         figures = dict(zip(keys, means))
         self._log_line({"step": self._step, "epoch": self.shared.epoch, **figures},
                        f"KD step {self._step} epoch {self.shared.epoch}: "
@@ -205,6 +206,22 @@ def _align_epoch_length(config, shared: _Shared) -> None:
     config.num_image = shared.sampler().steps_per_epoch * cfg.batch_size * world
 
 
+def _calling_module() -> str:
+    """The module name of the code that called `distill` (the job config: `configs.<job>` under train_v2)."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "kd_plugin":
+        frame = frame.f_back
+    return frame.f_globals.get("__name__", "job") if frame is not None else "job"
+
+
+def _upstream_output(job_module: str) -> str:
+    """arcface_torch's output folder for a job config that leaves `output` unset: its base config's value, or
+    `work_dirs/<job name>` where that is None (utils_config.get_config)."""
+    base = sys.modules.get("configs.base")
+    value = getattr(getattr(base, "config", None), "output", None) if base is not None else None
+    return value if value is not None else os.path.join("work_dirs", job_module.rsplit(".", 1)[-1])
+
+
 def distill(config, teacher: str | None = None, method: str = "proxyless", **kd) -> None:
     """Make the unchanged arcface_torch `train_v2.py` distil with `method` from `teacher` (see the module docstring)."""
     block = dict(config.get("kd") or {})
@@ -220,6 +237,8 @@ def distill(config, teacher: str | None = None, method: str = "proxyless", **kd)
     if missing:
         raise KDPluginError(f"kd_plugin.distill: {main.__file__} has no {missing[0]!r} to replace; the hook supports "
                             f"{SUPPORTED}. Update kd_plugin, or train with `kd-plugin train CONFIG` instead")
+    if config.get("output") is None:  # what upstream's get_config does after importing this job config
+        config.output = _upstream_output(_calling_module())
     shared = _Shared(config)
     _align_epoch_length(config, shared)
     original_get_model = names["get_model"]

@@ -26,7 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 from kd_plugin.config import check_trainer_keys, load_config
 from kd_plugin.data.datasets import open_dataset
 from kd_plugin.data.sampler import IdentityBalancedBatchSampler
-from kd_plugin.distributed import all_reduce_, get_rank, get_world_size, init_from_env, is_distributed, scale_grad
+from kd_plugin.distributed import (all_reduce_, collective_device, get_rank, get_world_size, init_from_env,
+                                   is_distributed, scale_grad)
 from kd_plugin.errors import KDPluginError
 from kd_plugin.heads import AdaDistillHead, CombinedMarginLoss, PartialFCHead
 from kd_plugin.losses import TERMS
@@ -91,8 +92,10 @@ def estimated_centres(cfg, dataset, teacher, cache):
     fingerprint = dataset_fingerprint(dataset)
     meta = {"kind": "estimated_centres", "teacher": cfg.kd.teacher, "num_classes": int(cfg.num_classes),
             "num_images": fingerprint["num_images"], "labels_sha1": fingerprint["labels_sha1"],
-            "images_sha1": fingerprint["images_sha1"]}
-    if cfg.resume and saved_class_slices(folder, meta):
+            "images_sha1": fingerprint["images_sha1"], "world_size": get_world_size()}
+    # every rank must take the same branch (estimation is collective): reuse only if every rank sees the saved set
+    saved = torch.tensor([1.0 if cfg.resume and saved_class_slices(folder, meta) else 0.0], device=collective_device())
+    if all_reduce_(saved, "min").item() > 0:
         if get_rank() == 0:
             LOG.info(f"resume: ProxylessKD reuses the centres estimated before, {folder}")
         return folder

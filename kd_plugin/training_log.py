@@ -51,22 +51,24 @@ class SpeedLine:
         self.start_step, self.start = start_step, time.time()
         self.tic = self.start
         self.sums: dict[str, float] = {}
-        self.count = 0
+        self.counts: dict[str, int] = {}
+        self.steps = 0
 
     def __call__(self, step: int, epoch: int, stats: dict[str, float], lr: float,
                  grad_scale: float | None = None) -> None:
-        for key, value in stats.items():
+        for key, value in stats.items():  # a figure may be absent on some steps: each is averaged over its own
             self.sums[key] = self.sums.get(key, 0.0) + float(value)
-        self.count += 1
+            self.counts[key] = self.counts.get(key, 0) + 1
+        self.steps += 1
         if step % self.frequent and step != self.total_steps:
             return
         now = time.time()
-        speed = self.count * self.global_batch / max(now - self.tic, 1e-9)
+        speed = self.steps * self.global_batch / max(now - self.tic, 1e-9)
         per_step = (now - self.start) / max(step - self.start_step, 1)
         hours = per_step * (self.total_steps - step) / 3600
-        means = {k: v / self.count for k, v in self.sums.items() if k != "grad_scale"}
+        means = {k: v / self.counts[k] for k, v in self.sums.items() if k != "grad_scale"}
         scale = f"Fp16 Grad Scale: {grad_scale:2.0f}   " if grad_scale is not None else ""
         LOG.info(f"Speed {speed:.2f} samples/sec   Loss {means.get('loss', float('nan')):.4f}   LearningRate "
                  f"{lr:.6f}   Epoch: {epoch}   Global Step: {step}   {scale}Required: {hours:.1f} hours   "
                  + " ".join(f"{k}={v:.4g}" for k, v in means.items() if k != "loss"))
-        self.sums, self.count, self.tic = {}, 0, now
+        self.sums, self.counts, self.steps, self.tic = {}, {}, 0, now

@@ -242,7 +242,8 @@ def test_the_hook_logs_its_scalars_every_frequent_steps_with_one_sync(monkeypatc
 
 @pytest.mark.parametrize("kd, top, message", [
     ({"student_mean": 0.0}, {}, r"config.kd.student_mean/student_std = \(0.0, 127.5\): under train_v2 the student"),
-    ({}, {"amp_dtype": "bfloat16"}, r"config.amp_dtype = 'bfloat16': a kd-plugin train setting; under train_v2"),
+    ({}, {"amp_dtype": "bfloat16", "fp16": True}, r"config.amp_dtype = 'bfloat16': a kd-plugin train setting; under "
+                                                  r"train_v2"),
     ({}, {"max_steps": 10}, r"config.max_steps = 10: a kd-plugin train setting"),
 ])
 def test_under_train_v2_settings_only_the_trainer_honours_are_refused(monkeypatch, tmp_path, kd, top, message):
@@ -254,3 +255,29 @@ def test_under_train_v2_settings_only_the_trainer_honours_are_refused(monkeypatc
     config = EasyDict(rec=str(make_faces(tmp_path / "faces")), num_classes=8, num_image=0, **top)
     with pytest.raises(KDPluginError, match=message):
         distill(config, teacher="t.onnx", method="ekd", **kd)
+
+
+def test_an_unset_output_becomes_upstreams_default(monkeypatch, tmp_path):
+    """arcface_torch's get_config sets output = work_dirs/<job name> after importing the job config; the hook's
+    logs and estimated centres must go where upstream writes model.pt."""
+    from test_train import make_faces
+    fake = types.ModuleType("__main__")
+    fake.__file__ = str(tmp_path / "train_v2.py")
+    fake.get_model, fake.get_dataloader, fake.PartialFC_V2 = object(), object(), object()
+    monkeypatch.setitem(sys.modules, "__main__", fake)
+    monkeypatch.delitem(sys.modules, "configs.base", raising=False)
+    job = {"__name__": "configs.ms1mv3_mbf_kd", "EasyDict": EasyDict, "distill": distill,
+           "rec": str(make_faces(tmp_path / "faces"))}
+    exec("config = EasyDict(rec=rec, num_classes=8, num_image=0, output=None)\n"
+         "distill(config, teacher='t.onnx', method='ekd')\n", job)
+    assert job["config"].output == os.path.join("work_dirs", "ms1mv3_mbf_kd")
+
+
+def test_the_hook_sums_its_figures_on_the_heads_device(monkeypatch, tmp_path):
+    """EKD reports some figures as CPU scalars; on a GPU the others are CUDA tensors and one stack of both fails.
+    The meta device stands in for CUDA here."""
+    _, head = _hook_head_under_a_fake_train_v2(monkeypatch, tmp_path)
+    head.kd_step = torch.zeros((), dtype=torch.int64, device="meta")
+    head._step = 1
+    head._accumulate({"on_cpu": torch.tensor(2.0), "elsewhere": torch.tensor(1.0, device="meta")})
+    assert {v.device.type for v in head._sums.values()} == {"meta"}

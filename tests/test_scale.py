@@ -208,3 +208,21 @@ def test_a_full_header_read_leaves_a_label_index_that_the_next_open_uses(tmp_pat
         f.write(b"\0" * 4)
     reads.clear()
     assert np.array_equal(open_dataset(str(tmp_path)).labels, first.labels) and len(reads) > 1000
+
+
+def test_a_malformed_idx_line_is_named_even_when_the_numbers_add_up(tmp_path):
+    from kd_plugin.data.recordio import read_idx
+    from kd_plugin.errors import DataFormatError
+    (tmp_path / "x.idx").write_text("0\t0\t40\n1\n2\t80\n")  # six numbers on three lines, but not two per line
+    with pytest.raises(DataFormatError, match="x.idx, line 2: expected 'key<TAB>offset'"):
+        read_idx(str(tmp_path / "x.idx"))
+
+
+def test_a_broken_label_index_is_ignored(tmp_path, monkeypatch):
+    import kd_plugin.data.datasets as datasets
+    monkeypatch.setattr(datasets, "LABEL_INDEX_MIN_RECORDS", 100)
+    monkeypatch.setattr(datasets, "FLOAT32_EXACT", 500)
+    write_synthetic_rec(str(tmp_path), 1_000, 10)
+    (tmp_path / "train.kd_labels.npz").write_bytes(b"")  # an interrupted write elsewhere, say
+    assert np.bincount(open_dataset(str(tmp_path)).labels).tolist() == [100] * 10
+    assert (tmp_path / "train.kd_labels.npz").stat().st_size > 0  # rewritten from the headers

@@ -134,6 +134,7 @@ def test_resume_in_the_middle_of_an_accumulation_is_exact(tmp_path, monkeypatch)
     ({"dali": True}, r"config.dali = True: kd_plugin reads train.rec itself .* set dali = False"),
     ({"gradient_acc": 0}, r"config.gradient_acc = 0: expected an integer >= 1"),
     ({"amp_dtype": "float8"}, r"config.amp_dtype = 'float8': allowed: float16, bfloat16"),
+    ({"amp_dtype": "bfloat16"}, r"config.amp_dtype = 'bfloat16': applies only with fp16 = True"),
     ({"kd": {"method": "ekd", "teacher": "t.onnx", "weights": {"ekdd": 2.0}}},
      r"config.kd.weights.ekdd = 2.0: no term 'ekdd' in method 'ekd' \(its terms: ekd;"),
     ({"kd": {"method": "proxyless", "centres": "c.pt", "weights": {"ekd": 2.0}}},

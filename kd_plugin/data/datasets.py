@@ -186,7 +186,7 @@ class RecordDataset(FaceDataset):
             with np.load(self._label_index_path()) as saved:
                 if np.array_equal(saved["stamp"], self._label_index_stamp()) and np.array_equal(saved["keys"], keys):
                     return saved["labels"].astype(np.int64)
-        except (OSError, KeyError, ValueError):
+        except Exception:  # a missing, truncated or foreign file (EOFError, BadZipFile, ...): read the headers
             pass
         return None
 
@@ -194,10 +194,11 @@ class RecordDataset(FaceDataset):
         """Save the labels read from every header beside the .rec, so the next open of this file takes a second; a
         read-only dataset folder just means the next open reads the headers again."""
         path = self._label_index_path()
+        tmp = f"{path}.{os.getpid()}.tmp"  # ranks opening the same file at once each write their own
         try:
-            with open(path + ".tmp", "wb") as f:
+            with open(tmp, "wb") as f:
                 np.savez(f, keys=keys, labels=labels, stamp=self._label_index_stamp())
-            os.replace(path + ".tmp", path)
+            os.replace(tmp, path)
         except OSError as exc:
             warnings.warn(f"{self.source}: could not save the label index {path} ({exc}); the next open reads every "
                           f"record's header again")
@@ -290,7 +291,7 @@ class RecordDataset(FaceDataset):
     def _check_identity_ranges(self) -> None:
         """Empty identity ranges in the header layout mean an identity without images."""
         for cls, (start, end) in enumerate(self.identity_ranges):
-            if end <= start:
+            if end <= start and end <= FLOAT32_EXACT:  # past 2^24 the float32 keys are rounded: not evidence
                 msg = (f"{self.reader.where(self.range_keys[cls])}: the identity range record of class {cls} is empty "
                        f"([{start}, {end})): that identity has no image; {_EMPTY_CLASS_HINT}")
                 if not self.skip_bad_records:

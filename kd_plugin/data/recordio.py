@@ -121,6 +121,20 @@ def _read_idx_lines(idx_path: str) -> tuple[list[int], list[int]]:
     return keys, offsets
 
 
+_WHITESPACE = np.zeros(256, dtype=bool)
+_WHITESPACE[list(b" \t\r\n\v\f")] = True
+
+
+def _two_tokens_per_line(raw: bytes) -> bool:
+    """Whether every non-empty line of `raw` holds exactly two whitespace-separated tokens (vectorised)."""
+    text = np.frombuffer(raw, dtype=np.uint8)
+    space = _WHITESPACE[text]
+    token_starts = np.flatnonzero(~space & np.r_[True, space[:-1]])
+    newlines = np.flatnonzero(text == ord("\n"))
+    per_line = np.bincount(np.searchsorted(newlines, token_starts), minlength=len(newlines) + 1)
+    return bool(np.all((per_line == 2) | (per_line == 0)))
+
+
 def read_idx(idx_path: str) -> tuple[np.ndarray, np.ndarray]:
     """Parse a `.idx` file into int64 arrays of the keys (file order) and their byte offsets.
 
@@ -135,7 +149,7 @@ def read_idx(idx_path: str) -> tuple[np.ndarray, np.ndarray]:
             values = np.fromstring(raw, dtype=np.int64, sep=" ") if raw.strip() else np.zeros(0, np.int64)
     except (DeprecationWarning, ValueError):
         values = None
-    if values is None or len(values) != 2 * lines:
+    if values is None or len(values) != 2 * lines or not _two_tokens_per_line(raw):
         keys, offsets = _read_idx_lines(idx_path)
         return np.asarray(keys, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
     keys, offsets = values[0::2].copy(), values[1::2].copy()

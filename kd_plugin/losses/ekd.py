@@ -150,7 +150,8 @@ class EKDLoss(nn.Module):
         stats = {"ekd_positive": pos_loss.detach(), "ekd_negative": neg_loss.detach(),
                  "ekd_critical_positive": self._critical(s_pos, picked["teacher_pos"], a_s, a_t),
                  "ekd_critical_negative": self._critical(s_neg, picked["teacher_neg"], a_s, a_t),
-                 "ekd_positive_pairs": torch.tensor(float(len(s_pos))), "ekd_skipped": torch.zeros(())}
+                 "ekd_positive_pairs": torch.tensor(float(len(s_pos)), device=s_unit.device),
+                 "ekd_skipped": torch.zeros((), device=s_unit.device)}
         all_s, all_t = self.miner.anchors()
         for k, fpr in enumerate(self.fprs):
             stats[f"ekd_threshold_student@{fpr:.0e}"] = all_s[k].detach()
@@ -162,6 +163,6 @@ class EKDLoss(nn.Module):
     def _critical(s: torch.Tensor, t: torch.Tensor, a_s: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
         """Pairs the two models place on different sides of at least one of their thresholds."""
         if len(s) == 0:
-            return torch.zeros(())
+            return torch.zeros((), device=s.device)
         disagree = (s.detach()[:, None] > a_s[None, :]) != (t[:, None] > a_t[None, :])
         return disagree.any(dim=1).sum().float()

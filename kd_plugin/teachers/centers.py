@@ -16,8 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from kd_plugin.data.datasets import FaceDataset
-from kd_plugin.distributed import (all_reduce_, class_owners, class_range, gather_no_grad, get_rank, get_world_size,
-                                   is_distributed)
+from kd_plugin.distributed import (all_reduce_, class_owners, class_range, collective_device, gather_no_grad, get_rank,
+                                   get_world_size, is_distributed)
 from kd_plugin.errors import KDPluginError
 from kd_plugin.progress import Progress
 from kd_plugin.teachers.classifier import ClassSlice
@@ -62,7 +62,7 @@ class ClassSums:
 
     def _to_owners(self, labels: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One all_to_all: every row goes to the rank that owns its class; returns the rows this rank received."""
-        device = _collective_device()
+        device = collective_device()
         owners = class_owners(labels, self.num_classes, self.world)
         order = torch.argsort(owners, stable=True)
         send = torch.bincount(owners, minlength=self.world).to(device)
@@ -79,7 +79,7 @@ class ClassSums:
         """This rank's unit-norm class means (normalised in place); every class in 0..C-1 must have a row."""
         empty = torch.nonzero(self.counts == 0).squeeze(1)
         found = torch.tensor([float(len(empty)), float(self.start + empty[0]) if len(empty) else float("inf")])
-        device = _collective_device()
+        device = collective_device()
         total, first = all_reduce_(found[:1].to(device)), all_reduce_(found[1:].to(device), "min")
         if int(total.item()):
             raise KDPluginError(f"{source}: {int(total.item())} classes have no image (first: class "
@@ -118,14 +118,7 @@ def estimate_centers(embedder, dataset: FaceDataset, batch_size: int = 256, prog
     if not is_distributed():
         return part.rows
     sizes = [class_range(dataset.num_classes, r, get_world_size())[1] for r in range(get_world_size())]
-    return gather_no_grad(part.rows.to(_collective_device()), sizes).cpu()
-
-
-def _collective_device() -> torch.device:
-    """NCCL reduces CUDA tensors only; gloo and no process group use the CPU."""
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return gather_no_grad(part.rows.to(collective_device()), sizes).cpu()
 
 
 def centers_from_cache(cache, labels: np.ndarray, num_classes: int, rank: int | None = None,

@@ -234,9 +234,13 @@ def save_class_slices(part: ClassSlice, folder: str, rank: int, world_size: int,
 
 
 def saved_class_slices(folder: str, meta: dict) -> bool:
-    """Whether `folder` holds a complete set written by `save_class_slices` with this `meta`."""
+    """Whether `folder` holds a complete set written by `save_class_slices` with this `meta` (which names the world
+    size): the meta and every rank's shard."""
     try:
         with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
-            return json.load(f) == json.loads(json.dumps(meta))
+            if json.load(f) != json.loads(json.dumps(meta)):
+                return False
     except (OSError, ValueError):
         return False
+    return all(os.path.isfile(os.path.join(folder, f"rank_{r}_softmax_weight.pt"))
+               for r in range(int(meta.get("world_size", 1))))
