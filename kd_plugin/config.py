@@ -220,8 +220,8 @@ def check_hook_keys(cfg: EasyDict) -> None:
     own = {"amp_dtype": "float16", "max_steps": None, "checkpoint_every": BASE["checkpoint_every"]}
     for key, default in own.items():
         if cfg[key] != default:
-            raise _fail(key, cfg[key], f"a kd-plugin train setting; under train_v2 upstream's loop decides "
-                                       f"(fp16 with its GradScaler, num_epoch, a checkpoint per epoch): remove it")
+            raise _fail(key, cfg[key], "a kd-plugin train setting; under train_v2 upstream's loop decides "
+                                       "(fp16 with its GradScaler, num_epoch, a checkpoint per epoch): remove it")
 
 
 def load_config(path: str) -> EasyDict:

@@ -20,7 +20,6 @@ import signal
 import time
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from kd_plugin.config import check_trainer_keys, load_config
