@@ -197,6 +197,13 @@ def resolve(config: dict) -> EasyDict:
     return cfg
 
 
+def check_num_image(cfg: EasyDict, num_images: int) -> None:
+    """A `num_image` that contradicts the data is refused (the epoch length comes from the data, in both ways in)."""
+    if cfg.num_image and int(cfg.num_image) != num_images:
+        raise KDPluginError(f"config.num_image = {cfg.num_image} but {cfg.rec} has {num_images} images; set num_image "
+                            f"to match the data, or leave it unset (0 or None): the epoch length comes from the data")
+
+
 def check_trainer_keys(cfg: EasyDict) -> None:
     """`kd-plugin train` refuses top-level keys it would not honour (under train_v2, upstream reads them itself)."""
     if cfg.get("using_wandb"):

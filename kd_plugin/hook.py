@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from kd_plugin.errors import KDPluginError
+from kd_plugin.normalization import InputNormalization
 from kd_plugin.training_log import LOG  # under train_v2 it reaches upstream's root handlers: training.log and stdout
 
 PATCHED_NAMES = ("get_dataloader", "get_model", "PartialFC_V2")
@@ -63,11 +64,8 @@ class _Shared:
     def sampler(self):
         """The batch sampler of this rank (one per process: train_v2 builds one loader)."""
         if self._sampler is None:
-            from kd_plugin.data.sampler import IdentityBalancedBatchSampler
-            cfg = self.resolved()
-            per_rank = cfg.kd.sampler.identities_per_batch if cfg.kd.sampler.balanced else 0
-            self._sampler = IdentityBalancedBatchSampler(self.dataset().labels, cfg.batch_size, per_rank,
-                                                         cfg.kd.sampler.images_per_identity, seed=cfg.seed)
+            from kd_plugin.train import build_sampler
+            self._sampler = build_sampler(self.resolved(), self.dataset().labels)
         return self._sampler
 
 
@@ -84,7 +82,7 @@ class _Batches(torch.utils.data.Dataset):
     def __getitem__(self, items):
         images, labels, indices = zip(*(self.dataset[item] for item in items))
         flips = torch.tensor([bool(flip) for _, flip in items])
-        images = (torch.stack(images).float() - 127.5) / 127.5
+        images = InputNormalization().torch(torch.stack(images))  # arcface_torch's (x - 127.5) / 127.5
         return images, torch.stack(labels), torch.stack(indices), flips
 
 
@@ -196,12 +194,11 @@ class HookHead(nn.Module):
 def _align_epoch_length(config, shared: _Shared) -> None:
     """train_v2 derives its LR schedule from num_image // (batch_size * W) steps per epoch; kd_plugin's sampler takes
     ceil(N / (W * R)) steps (R = the random part of each rank's batch), so num_image is set to match."""
+    from kd_plugin.config import check_num_image
     from kd_plugin.distributed import get_world_size
 
     cfg, dataset = shared.resolved(), shared.dataset()
-    if cfg.num_image and int(cfg.num_image) != len(dataset):
-        raise KDPluginError(f"kd_plugin.distill: config.num_image = {cfg.num_image} but {cfg.rec} has {len(dataset)} "
-                            f"images; set num_image to match the data (or to 0: the hook sets it)")
+    check_num_image(cfg, len(dataset))
     world = get_world_size() if torch.distributed.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     config.num_image = shared.sampler().steps_per_epoch * cfg.batch_size * world
 

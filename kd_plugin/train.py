@@ -22,7 +22,7 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from kd_plugin.config import check_trainer_keys, load_config
+from kd_plugin.config import check_num_image, check_trainer_keys, load_config
 from kd_plugin.data.datasets import open_dataset
 from kd_plugin.data.sampler import IdentityBalancedBatchSampler
 from kd_plugin.distributed import (all_reduce_, collective_device, get_rank, get_world_size, init_from_env,
@@ -106,6 +106,13 @@ def estimated_centres(cfg, dataset, teacher, cache):
     return part
 
 
+def build_sampler(cfg, labels) -> IdentityBalancedBatchSampler:
+    """This rank's batch sampler: the identity-balanced part (P x K) when `kd.sampler.balanced`, else random only."""
+    per_rank = cfg.kd.sampler.identities_per_batch if cfg.kd.sampler.balanced else 0
+    return IdentityBalancedBatchSampler(labels, cfg.batch_size, per_rank, cfg.kd.sampler.images_per_identity,
+                                        seed=cfg.seed)
+
+
 def build_head(cfg, dataset, teacher, cache):
     """The classifier: inherited teacher centres (ProxylessKD), AdaDistill's adaptive centres, or trainable."""
     kd = cfg.kd
@@ -159,15 +166,11 @@ class Trainer:
         if self.dataset.num_classes != cfg.num_classes:
             raise KDPluginError(f"config.num_classes = {cfg.num_classes} but {cfg.rec} has {self.dataset.num_classes} "
                                 f"classes; set num_classes to match the data")
-        if cfg.num_image and int(cfg.num_image) != len(self.dataset):
-            raise KDPluginError(f"config.num_image = {cfg.num_image} but {cfg.rec} has {len(self.dataset)} images; "
-                                f"set num_image to match the data (or leave it unset: the schedule comes from the data)")
+        check_num_image(cfg, len(self.dataset))
         self._notes = [] if cfg.save_all_states else [
             "save_all_states = False, but kd-plugin train still writes checkpoint_gpu_{rank}.pt (its resume and crash "
             "safety need it)"]
-        per_rank = (kd.sampler.identities_per_batch if kd.sampler.balanced else 0)
-        self.sampler = IdentityBalancedBatchSampler(self.dataset.labels, cfg.batch_size, per_rank,
-                                                    kd.sampler.images_per_identity, seed=cfg.seed)
+        self.sampler = build_sampler(cfg, self.dataset.labels)
         self.loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler,
                                                   num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda")
         self.student_norm = InputNormalization(kd.student_mean, kd.student_std)
