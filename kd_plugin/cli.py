@@ -8,19 +8,12 @@ import sys
 from typing import Sequence
 
 from kd_plugin.errors import KDPluginError
-from kd_plugin.normalization import ARCFACE_MEAN, ARCFACE_STD, InputNormalization
+from kd_plugin.normalization import given_normalization
 
 
 def _triplet_help(what: str) -> str:
     return (f"{what} in pixel units, RGB order: one number or 'R,G,B' (default: the model's convention, 127.5 for "
             f"arcface_torch networks and insightface packs)")
-
-
-def _normalization(mean: str | None, std: str | None, bgr: bool) -> InputNormalization | None:
-    """None (the model's own convention) unless mean or std is given."""
-    if mean is None and std is None and not bgr:
-        return None
-    return InputNormalization(mean or ARCFACE_MEAN, std or ARCFACE_STD, bgr)
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -57,10 +50,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     if not fprs or not all(0.0 < f < 1.0 for f in fprs):
         raise KDPluginError(f"--fprs: expected comma-separated false-positive rates between 0 and 1 (exclusive) like "
                             f"1e-2,1e-3, got {args.fprs!r}")
-    model = load_embedder(args.model, _normalization(args.mean, args.std, args.bgr), batch_size=args.batch_size)
+    model = load_embedder(args.model, given_normalization(args.mean, args.std, args.bgr), batch_size=args.batch_size)
     gallery = None
     if args.gallery_model:
-        norm = _normalization(args.gallery_mean or args.mean, args.gallery_std or args.std, args.gallery_bgr)
+        norm = given_normalization(args.gallery_mean or args.mean, args.gallery_std or args.std, args.gallery_bgr)
         gallery = load_embedder(args.gallery_model, norm, batch_size=args.batch_size)
     if args.target and not args.ijb:
         raise KDPluginError(f"--target {args.target}: applies to --ijb only; drop it or evaluate with --ijb ROOT")
@@ -138,7 +131,7 @@ def _teacher_and_data(args: argparse.Namespace):
     if device == "cuda":  # torchrun: each rank on its own GPU
         import torch
         device = f"cuda:{torch.cuda.current_device()}"
-    teacher = load_embedder(args.teacher, _normalization(args.mean, args.std, args.bgr), device=device,
+    teacher = load_embedder(args.teacher, given_normalization(args.mean, args.std, args.bgr), device=device,
                             batch_size=args.batch_size)
     return teacher, open_dataset(args.data), get_rank()
 
@@ -246,7 +239,7 @@ def _run_export(args: argparse.Namespace) -> int:
                                 f"NETWORK:CHECKPOINT, e.g. mbf:work_dirs/job/model.pt")
         if not args.out:
             raise KDPluginError("kd-plugin export NETWORK:CHECKPOINT: give --out FILE.onnx")
-        norm = _normalization(args.mean, args.std, args.bgr)  # None: arcface_torch's 127.5 / 127.5
+        norm = given_normalization(args.mean, args.std, args.bgr)  # None: arcface_torch's 127.5 / 127.5
         network = build_network(spec, args.embedding_size)
         result = export_onnx(network, args.out, norm, (args.input_size, args.input_size), args.opset,
                              input_format=args.format)

@@ -29,24 +29,15 @@ AMP_DTYPES = ("float16", "bfloat16")
 WANDB_KEYS = ("using_wandb", "wandb_key", "suffix_run_name", "wandb_entity", "wandb_project", "wandb_log_all",
               "save_artifacts", "wandb_resume", "notes")
 
-METHODS = ("proxyless", "ekd", "l2", "cosine", "cckd", "sp", "rkd", "logit", "adadistill", "multistep")
-HEAD_METHODS = ("proxyless", "adadistill")  # these change the classifier rather than add a term
-
-KD_DEFAULTS = {
+# config.kd's own settings; each registered method adds its block `config.kd.<name>` (kd_plugin.methods)
+KD_SETTINGS = {
     "method": "none",  # "proxyless+ekd", a list, or {term: weight}
     "weights": {},  # per-term weight overrides; otherwise each term's published default
     "teacher": None, "teacher_mean": None, "teacher_std": None, "teacher_bgr": False,
     "student_mean": 127.5, "student_std": 127.5,
     "centres": None,  # ProxylessKD: teacher shards folder / one classifier file, or "estimate"
     "cache": None,  # folder written by `kd-plugin cache`
-    "ekd": {"fprs": (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6), "momentum": 0.01, "tau": 0.01, "top_k": 2000,
-            "positive_weight": 0.02, "negative_weight": 0.01, "unresolvable": "reference", "bias_correction": False},
-    "cckd": {"gamma": 0.4, "order": 2},
-    "rkd": {"distance_weight": 25.0, "angle_weight": 50.0},
-    "logit": {"temperature": 4.0, "scale": 64.0},
-    "adadistill": {"weighted_alpha": True},
-    "multistep": {"checkpoints": None, "steps_per_epoch": None},
-    "sampler": {"identities_per_batch": 8, "images_per_identity": 4, "balanced": None},  # balanced: None = with EKD
+    "sampler": {"identities_per_batch": 8, "images_per_identity": 4, "balanced": None},  # None: on when a term needs it
     "margin_on_random_part": False,  # the reference EKD recipe: margin loss on the random part only
     "reference_gradient_scaling": False,
     "teacher_batch_size": 256,
@@ -60,24 +51,44 @@ def _fail(key: str, value: Any, allowed: str) -> KDPluginError:
     return KDPluginError(f"config.{key} = {value!r}: {allowed}")
 
 
+def kd_defaults() -> dict:
+    """config.kd's settings plus the block of every registered method that has one, with their defaults."""
+    from kd_plugin.methods import methods
+
+    out = copy.deepcopy(KD_SETTINGS)
+    for name, method in methods().items():
+        if name in KD_SETTINGS:
+            raise KDPluginError(f"method {name!r} ({method.origin}) has the name of the config.kd setting {name!r}; "
+                                f"register it under another name")
+        if method.defaults:
+            out[name] = method.block()
+    return out
+
+
 def parse_method(method: Any) -> dict[str, float | None]:
-    """`"proxyless+ekd"`, `["proxyless", "ekd"]` or `{"ekd": 1.0, "l2": 50}` -> {term: weight or None (default)}."""
+    """`"proxyless+ekd"`, `["proxyless", "ekd"]` or `{"ekd": 1.0, "l2": 50}` -> {name: weight or None (default)}."""
+    from kd_plugin.methods import methods, names as split
+
     if method in (None, "none", ""):
         return {}
     if isinstance(method, str):
-        names = {m.strip(): None for m in method.split("+") if m.strip()}
+        names = {m: None for m in split(method)}
     elif isinstance(method, (list, tuple)):
         names = {str(m): None for m in method}
     elif isinstance(method, dict):
         names = {str(k): float(v) for k, v in method.items()}
     else:
         raise _fail("kd.method", method, "expected a string like 'proxyless+ekd', a list of names, or {name: weight}")
-    unknown = [n for n in names if n not in METHODS]
+    catalogue = methods()
+    unknown = [n for n in names if n not in catalogue]
     if unknown:
-        raise _fail("kd.method", method, f"unknown {unknown}; allowed: {', '.join(METHODS)}, or 'none'")
-    if "proxyless" in names and "adadistill" in names:
-        raise _fail("kd.method", method, "proxyless (fixed teacher centres) and adadistill (adaptive centres) both "
-                                         "replace the classifier: choose one")
+        raise _fail("kd.method", method, f"unknown {unknown}; allowed: {', '.join(catalogue)}, or 'none' (a term of "
+                                         f"your own: kd_plugin.register_term in the config file; list: kd-plugin "
+                                         f"methods)")
+    heads = [n for n in names if catalogue[n].kind == "head"]
+    if len(heads) > 1:
+        raise _fail("kd.method", method, f"{' and '.join(heads)} each replace the classifier "
+                                         f"({', '.join(catalogue[h].title for h in heads)}): choose one")
     return names
 
 
@@ -95,68 +106,47 @@ def _merge(defaults: dict, given: dict, prefix: str) -> dict:
     return out
 
 
-def _check_multistep(kd: dict) -> None:
-    """Multi-step KD: kd.teacher names the teacher's network, kd.multistep.checkpoints its per-epoch weights."""
-    if not kd["multistep"]["checkpoints"]:
-        raise _fail("kd.multistep.checkpoints", None, "multi-step KD needs the teacher's per-epoch checkpoints "
-                                                      "(a pattern with {epoch} or {step}, or a list)")
-    from kd_plugin.networks import network_names
-
-    if kd["teacher"] not in network_names():
-        raise _fail("kd.teacher", kd["teacher"], "with multistep, kd.teacher is the teacher's network name (r100, "
-                                                 "mbf, ...; the weights come from kd.multistep.checkpoints)")
-    if kd["cache"]:
-        raise _fail("kd.cache", kd["cache"], "a cache holds one fixed teacher; multi-step KD changes the teacher "
-                                             "every epoch: remove kd.cache")
-    if kd["centres"] == "estimate":
-        raise _fail("kd.centres", "estimate", "with multistep the teacher changes every epoch: give a centres file "
-                                              "or the teacher's classifier shards instead")
-    try:
-        from kd_plugin.teachers.multistep import MultiStepTeacherSchedule
-        MultiStepTeacherSchedule(kd["teacher"], kd["multistep"]["checkpoints"], kd["multistep"]["steps_per_epoch"])
-    except ValueError as exc:
-        raise _fail("kd.multistep", dict(kd["multistep"]), str(exc)) from None
+def _check_needs(kd: dict, chosen: dict) -> None:
+    """What the chosen methods ({name: Method}) need from the config, checked once for all of them."""
+    for method in chosen.values():
+        if method.check is not None:
+            method.check(kd)
+    for name, method in chosen.items():
+        if "logits" in method.needs and not any("centres" in m.needs for m in chosen.values() if m.kind == "head"):
+            raise _fail("kd.method", kd["method"], f"{method.title} compares teacher and student logits over the "
+                                                   f"inherited class centres: add proxyless (e.g. 'proxyless+{name}') "
+                                                   f"and set kd.centres")
+    if any("teacher" in m.needs for m in chosen.values()) and not kd["teacher"] and not kd["cache"]:
+        raise _fail("kd.teacher", kd["teacher"], f"method {kd['method']!r} needs the teacher's embeddings: set "
+                                                 f"kd.teacher (a model spec) or kd.cache")
+    if any("centres" in m.needs for m in chosen.values()) and not kd["centres"]:
+        raise _fail("kd.centres", kd["centres"], "ProxylessKD needs the teacher's class centres: the folder of its "
+                                                 "checkpoint_gpu_*.pt / rank_*_softmax_weight.pt shards, one "
+                                                 "classifier file, or 'estimate' (from kd.teacher)")
 
 
 def resolve(config: dict) -> EasyDict:
     """Defaults filled in and everything checked; `cfg.kd.terms` = {term: weight} (head methods excluded)."""
     cfg = EasyDict(copy.deepcopy(BASE))
     cfg.update({k: v for k, v in dict(config).items() if k != "kd"})
-    kd = _merge(KD_DEFAULTS, dict(config.get("kd") or {}), "kd")
-    methods = parse_method(kd["method"])
-    from kd_plugin.losses import TERMS
+    kd = _merge(kd_defaults(), dict(config.get("kd") or {}), "kd")
+    from kd_plugin.methods import methods as catalogue
 
-    defaults = {name: TERMS[name].default_weight for name in TERMS}
-    defaults["multistep"] = 100.0  # PocketNet: w * MSE of normalised embeddings, w = 100
-    terms = {}
-    for name, weight in methods.items():
-        if name in HEAD_METHODS:
-            continue
-        weight = kd["weights"].get(name, weight if weight is not None else defaults[name])
-        terms[name] = float(weight)
-    kd["terms"], kd["head"] = terms, next((m for m in methods if m in HEAD_METHODS), "trainable")
-    unused = [name for name in kd["weights"] if name not in terms]
+    weights = parse_method(kd["method"])
+    chosen = {name: catalogue()[name] for name in weights}
+    kd["terms"] = {name: float(kd["weights"].get(name, weights[name] if weights[name] is not None else m.weight))
+                   for name, m in chosen.items() if m.kind == "term"}
+    kd["head"] = next((name for name, m in chosen.items() if m.kind == "head"), "trainable")
+    unused = [name for name in kd["weights"] if name not in kd["terms"]]
     if unused:
         raise _fail(f"kd.weights.{unused[0]}", kd["weights"][unused[0]],
-                    f"no term {unused[0]!r} in method {kd['method']!r} (its terms: {', '.join(terms) or 'none'}; "
-                    f"weights exist for {', '.join(m for m in METHODS if m not in HEAD_METHODS)}): fix the name or "
-                    f"add the term to kd.method")
-    if "logit" in terms and kd["head"] != "proxyless":
-        raise _fail("kd.method", kd["method"], "logit KD compares teacher and student logits over the teacher's "
-                                               "inherited class centres: add proxyless (e.g. 'proxyless+logit') and "
-                                               "set kd.centres")
-    if methods and methods != {"proxyless": None} and not kd["teacher"] and not kd["cache"]:
-        raise _fail("kd.teacher", kd["teacher"], f"method {kd['method']!r} needs the teacher's embeddings: set "
-                                                 f"kd.teacher (a model spec) or kd.cache")
-    if kd["head"] == "proxyless" and not kd["centres"]:
-        raise _fail("kd.centres", kd["centres"], "ProxylessKD needs the teacher's class centres: the folder of its "
-                                                 "checkpoint_gpu_*.pt / rank_*_softmax_weight.pt shards, one "
-                                                 "classifier file, or 'estimate' (from kd.teacher)")
-    if "multistep" in methods:
-        _check_multistep(kd)
+                    f"no term {unused[0]!r} in method {kd['method']!r} (its terms: {', '.join(kd['terms']) or 'none'}; "
+                    f"weights exist for {', '.join(n for n, m in catalogue().items() if m.kind == 'term')}): fix the "
+                    f"name or add the term to kd.method")
+    _check_needs(kd, chosen)
     if kd["centre_dtype"] not in CENTRE_DTYPES:
         raise _fail("kd.centre_dtype", kd["centre_dtype"], f"allowed: {', '.join(CENTRE_DTYPES)}")
-    if kd["centre_dtype"] != "float32" and kd["head"] != "proxyless":
+    if kd["centre_dtype"] != "float32" and not any("centres" in m.needs for m in chosen.values()):
         raise _fail("kd.centre_dtype", kd["centre_dtype"], "only ProxylessKD's frozen inherited centres can be held in "
                                                            "lower precision: remove it or add proxyless to kd.method")
     if kd["teacher_amp"] not in (None,) + AMP_DTYPES:
@@ -164,10 +154,9 @@ def resolve(config: dict) -> EasyDict:
     if kd["teacher_amp"] and str(kd["teacher"] or "").lower().endswith(".onnx"):
         raise _fail("kd.teacher_amp", kd["teacher_amp"], "an ONNX teacher runs in the precision of its graph: remove "
                                                          "kd.teacher_amp (or export the teacher in fp16)")
-    if kd["ekd"]["unresolvable"] not in ("reference", "hold"):
-        raise _fail("kd.ekd.unresolvable", kd["ekd"]["unresolvable"], "allowed: 'reference', 'hold'")
     sampler = kd["sampler"]
-    balanced = sampler["balanced"] if sampler["balanced"] is not None else "ekd" in terms
+    balanced = sampler["balanced"] if sampler["balanced"] is not None else any("balanced" in m.needs
+                                                                               for m in chosen.values())
     sampler["balanced"] = bool(balanced)
     if balanced and sampler["identities_per_batch"] * sampler["images_per_identity"] >= cfg.batch_size:
         raise _fail("kd.sampler", dict(sampler), f"P x K = {sampler['identities_per_batch']} x "

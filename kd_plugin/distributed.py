@@ -10,6 +10,8 @@ factor into its gather instead).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -116,6 +118,16 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return tensor
+
+
+def sharded_exp_sum(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pieces of a softmax over columns split across ranks (each rank holds a class slice of every row), without
+    gradient: `(top, exp(z - top), total)` with `top` the row maximum over every rank's columns and `total` the sum of
+    exp(z - top) over them, both (N, 1); log-sum-exp = top + log(total). A rank may hold no column."""
+    top = z.max(dim=1, keepdim=True).values if z.shape[1] else z.new_full((len(z), 1), -math.inf)
+    all_reduce_(top, "max")
+    shifted = torch.exp(z - top)
+    return top, shifted, all_reduce_(shifted.sum(dim=1, keepdim=True), "sum")
 
 
 def init_from_env() -> bool:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kd_plugin.atomic import replacing
 from kd_plugin.errors import KDPluginError
 from kd_plugin.normalization import InputNormalization
 
@@ -108,33 +109,31 @@ def export_onnx(network: nn.Module, path: str, normalization: InputNormalization
         expected = wrapper(example).numpy()
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = path + ".tmp"
-    with warnings.catch_warnings():
-        # the TorchScript exporter (it needs no onnxscript) warns of its deprecation, and of the traced constants
-        warnings.simplefilter("ignore")
-        torch.onnx.export(wrapper, (example,), tmp, input_names=["input"], output_names=["embedding"],
-                          dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}}, opset_version=opset,
-                          dynamo=False)
-    model = onnx.load(tmp)
-    if input_format == "insightface":
-        _name_normalisation_nodes(model)
-    meta = {"kd_plugin.input": INPUT_DOCS[input_format], "kd_plugin.format": input_format,
-            "kd_plugin.mean": ",".join(f"{v:g}" for v in normalization.mean),
-            "kd_plugin.std": ",".join(f"{v:g}" for v in normalization.std),
-            "kd_plugin.channels": "BGR inside the graph" if normalization.bgr else "RGB",
-            "kd_plugin.output": f"embedding (N, {expected.shape[1]}) float32, not L2-normalised"}
-    for key, value in meta.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.save(model, tmp)
-    session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
-    got = session.run(None, {"input": example.numpy()})[0]
-    error = float(np.abs(got - expected).max() / max(1e-12, float(np.abs(expected).max())))
-    if not error < 1e-4:
-        os.remove(tmp)
-        raise KDPluginError(f"{path}: the ONNX export differs from the torch module (relative error {error:.2e}); "
-                            f"the file was not written. Try another --opset")
-    os.replace(tmp, path)
+    with replacing(path) as tmp:  # a failed check leaves no file behind
+        with warnings.catch_warnings():
+            # the TorchScript exporter (it needs no onnxscript) warns of its deprecation, and of the traced constants
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapper, (example,), tmp, input_names=["input"], output_names=["embedding"],
+                              dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}}, opset_version=opset,
+                              dynamo=False)
+        model = onnx.load(tmp)
+        if input_format == "insightface":
+            _name_normalisation_nodes(model)
+        meta = {"kd_plugin.input": INPUT_DOCS[input_format], "kd_plugin.format": input_format,
+                "kd_plugin.mean": ",".join(f"{v:g}" for v in normalization.mean),
+                "kd_plugin.std": ",".join(f"{v:g}" for v in normalization.std),
+                "kd_plugin.channels": "BGR inside the graph" if normalization.bgr else "RGB",
+                "kd_plugin.output": f"embedding (N, {expected.shape[1]}) float32, not L2-normalised"}
+        for key, value in meta.items():
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save(model, tmp)
+        session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+        got = session.run(None, {"input": example.numpy()})[0]
+        error = float(np.abs(got - expected).max() / max(1e-12, float(np.abs(expected).max())))
+        if not error < 1e-4:
+            raise KDPluginError(f"{path}: the ONNX export differs from the torch module (relative error {error:.2e}); "
+                                f"the file was not written. Try another --opset")
     return {"path": path, "embedding_size": int(expected.shape[1]), "input_size": list(input_size),
             "relative_error": error, "metadata": meta, "format": input_format}
 

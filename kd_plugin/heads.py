@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_plugin.distributed import (all_reduce_, class_range, gather_no_grad, gather_sizes, gather_with_grad, get_rank,
-                                   get_world_size)
+                                   get_world_size, sharded_exp_sum)
 from kd_plugin.errors import KDPluginError
+from kd_plugin.registry import register_head
 from kd_plugin.teachers.classifier import ClassSlice, copy_rows, read_classifier_rows
 
 _SIN_FLOOR = 1e-6  # below this sin(theta) the margin's derivative is capped; only cos = +-1 exactly reaches it
@@ -101,10 +102,7 @@ class _DistributedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         rows = torch.nonzero(labels >= 0).squeeze(1)
-        top = logits.max(dim=1, keepdim=True).values if logits.shape[1] else logits.new_full((len(logits), 1), -math.inf)
-        all_reduce_(top, "max")
-        prob = torch.exp(logits - top)
-        total = all_reduce_(prob.sum(dim=1, keepdim=True), "sum")
+        top, prob, total = sharded_exp_sum(logits)
         prob /= total
         target = logits.new_zeros(len(logits))
         target[rows] = logits[rows, labels[rows]]
@@ -326,8 +324,8 @@ class AdaDistillHead(PartialFCHead):
     alpha = clip(c * lambda, 1e-6, 1) (the weighted alpha', the default) or clip(c, 0, 1); then
     W_y <- alpha W_y + (1 - alpha) f̂_t. The rank that owns class y updates it, from the gathered batch, so the
     sharded centres stay exactly those of one process. A class seen several times in a batch is updated once per
-    occurrence, in batch order. Centres start as the rows of one N(0, 0.01) (C, d) draw from `seed`; each rank keeps
-    only its class range while drawing (the same values whatever the number of ranks, memory C/W)."""
+    occurrence, in batch order. Centres start as the trainable head's N(0, 0.01) weights from `seed` (each rank draws
+    only its class range: the same values whatever the number of ranks, memory C/W)."""
 
     def __init__(self, margin_loss: nn.Module, embedding_size: int, num_classes: int, sample_rate: float = 1.0,
                  fp16: bool = False, *, weighted_alpha: bool = True, seed: int = 0, rank: int | None = None,
@@ -335,9 +333,8 @@ class AdaDistillHead(PartialFCHead):
         rank = get_rank() if rank is None else int(rank)
         world_size = get_world_size() if world_size is None else int(world_size)
         first, count = class_range(int(num_classes), rank, world_size)
-        rows = torch.empty(count, embedding_size)  # rows of one N(0, 0.01) (C, d) draw from `seed`, as before sharding
-        _normal_rows(torch.Generator().manual_seed(seed), num_classes, embedding_size, first, first + count, rows)
-        start = ClassSlice(first, rows)
+        # the trainable head's starting centres: the same values whatever the number of ranks
+        start = ClassSlice(first, _sharding_free_normal(int(num_classes), embedding_size, first, count, seed))
         super().__init__(margin_loss, embedding_size, num_classes, sample_rate, fp16, start, trainable=False,
                          seed=seed, rank=rank, world_size=world_size, normalize_centres=False)  # raw, not normalised
         self.weighted_alpha = bool(weighted_alpha)
@@ -379,3 +376,32 @@ class AdaDistillHead(PartialFCHead):
             lam = F.cosine_similarity(centre, t_unit[r], dim=1).clamp(1e-6, 1.0)
             alpha = (agreement[r] * lam).clamp(1e-6, 1.0) if self.weighted_alpha else agreement[r].clamp(0.0, 1.0)
             self.weight[cls] = (alpha[:, None] * centre + (1 - alpha[:, None]) * t_unit[r]).to(self.weight.dtype)
+
+
+def head_arguments(cfg) -> tuple:
+    """The positional arguments every head takes, from a resolved config: arcface_torch's margin (s = 64), the
+    embedding size, the classes, the sample rate and fp16."""
+    margin = CombinedMarginLoss(64, *cfg.margin_list, cfg.interclass_filtering_threshold)
+    return margin, cfg.embedding_size, cfg.num_classes, cfg.sample_rate, cfg.fp16
+
+
+def trainable_head(cfg) -> PartialFCHead:
+    """The classifier without distillation of the centres: PartialFC_V2's trainable weights."""
+    return PartialFCHead(*head_arguments(cfg), seed=cfg.seed)
+
+
+def _proxyless_head(cfg, centres) -> PartialFCHead:
+    return PartialFCHead(*head_arguments(cfg), centres=centres, centre_dtype=getattr(torch, cfg.kd.centre_dtype),
+                         seed=cfg.seed)
+
+
+def _adadistill_head(cfg, centres) -> AdaDistillHead:
+    return AdaDistillHead(*head_arguments(cfg), weighted_alpha=cfg.kd.adadistill.weighted_alpha, seed=cfg.seed)
+
+
+register_head("proxyless", _proxyless_head, title="ProxylessKD", needs=("centres", "labels"), baseline=False,
+              summary="the student trains with the margin softmax against the teacher's frozen class centres",
+              _builtin=True)
+register_head("adadistill", _adadistill_head, title="AdaDistill", defaults={"weighted_alpha": True},
+              needs=("teacher", "labels", "equal_dims"),
+              summary="class centres moved towards the teacher's embeddings every step (ECCV 2024)", _builtin=True)

@@ -64,7 +64,7 @@ class _Shared:
     def sampler(self):
         """The batch sampler of this rank (one per process: train_v2 builds one loader)."""
         if self._sampler is None:
-            from kd_plugin.train import build_sampler
+            from kd_plugin.build import build_sampler
             self._sampler = build_sampler(self.resolved(), self.dataset().labels)
         return self._sampler
 
@@ -107,33 +107,29 @@ class HookHead(nn.Module):
 
     def __init__(self, cfg, shared: _Shared) -> None:
         super().__init__()
+        from kd_plugin.build import build_objective, build_teacher
         from kd_plugin.distributed import get_rank
-        from kd_plugin.objective import KDObjective
-        from kd_plugin.train import build_head, build_teacher, build_terms
+        from kd_plugin.training_log import ScalarMeans
 
         self.shared, self.cfg, self.rank = shared, cfg, get_rank()
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        dataset = shared.dataset()
-        self._teacher, self._cache = build_teacher(cfg, dataset, device)  # plain attributes: not in the state_dict
-        head = build_head(cfg, dataset, self._teacher, self._cache)
-        random_rows = shared.sampler().random_size if cfg.kd.margin_on_random_part else None
-        self.objective = KDObjective(head, build_terms(cfg), cfg.kd.reference_gradient_scaling, random_rows)
+        self._teacher = build_teacher(cfg, shared.dataset(), device)  # a plain attribute: not in the state_dict
+        self.objective = build_objective(cfg, shared.dataset(), self._teacher, shared.sampler())
         self.register_buffer("kd_step", torch.zeros((), dtype=torch.int64))  # forward calls so far, resumed
         self._step: int | None = None  # its host copy, read once after a resume
-        self._sums: dict[str, torch.Tensor] = {}
-        self._counts: dict[str, int] = {}
+        self._means = ScalarMeans()
         self._writer = None
 
     def _teacher_embeddings(self, device: torch.device) -> torch.Tensor | None:
-        if not self.objective.needs_teacher:
+        if not self.objective.needs_teacher:  # e.g. ProxylessKD alone: the teacher only estimated the centres
             return None
-        if self._cache is not None:
-            return self._cache.get(self.shared.indices, self.shared.flips).to(device)
-        if hasattr(self._teacher, "set_epoch") and self._teacher.set_epoch(self.shared.epoch):  # multi-step KD
-            self._log_line({"step": self._step, "epoch": self.shared.epoch, "teacher": self._teacher.spec},
-                           f"multi-step KD: epoch {self.shared.epoch} learns from {self._teacher.spec}")
-        images = (self.shared.images.detach().float() * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8)
-        return torch.as_tensor(self._teacher.embed(images)).float().to(device)
+        spec = self._teacher.set_epoch(self.shared.epoch)  # multi-step KD
+        if spec:
+            self._log_line({"step": self._step, "epoch": self.shared.epoch, "teacher": spec},
+                           f"multi-step KD: epoch {self.shared.epoch} learns from {spec}")
+        # the backbone's input back to uint8 (arcface_torch normalised it to (x - 127.5) / 127.5), when it is needed
+        images = lambda: (self.shared.images.detach().float() * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8)  # noqa: E731
+        return self._teacher.embeddings(self.shared.indices, self.shared.flips, images, device)
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         from kd_plugin.distributed import get_world_size, scale_grad
@@ -146,24 +142,16 @@ class HookHead(nn.Module):
                                      teacher)
         self._step += 1
         self.kd_step.fill_(self._step)
-        self._accumulate(stats)
+        if self.rank == 0:
+            self._accumulate(stats)
         return loss
 
     def _accumulate(self, stats: dict[str, torch.Tensor]) -> None:
-        """Sum the scalars on their device; every `frequent` steps rank 0 reads their means at once and logs them."""
-        if self.rank != 0:
-            return
-        for key, value in stats.items():  # some figures are CPU scalars: gather everything on the head's device
-            value = value.detach().float().to(self.kd_step.device)
-            self._sums[key] = self._sums[key] + value if key in self._sums else value.clone()
-            self._counts[key] = self._counts.get(key, 0) + 1  # a figure may be absent on some steps
+        """Sum the scalars on the head's device; every `frequent` steps read their means at once and log them."""
+        self._means.add(stats, self.kd_step.device)
         if self._step % self.cfg.frequent:
             return
-        keys = list(self._sums)
-        counts = torch.tensor([float(self._counts[k]) for k in keys], device=self.kd_step.device)
-        means = (torch.stack([self._sums[k] for k in keys]) / counts).tolist()  # the one sync
-        self._sums, self._counts = {}, {}
-        figures = dict(zip(keys, means))
+        figures = self._means.pop()  # the one sync
         self._log_line({"step": self._step, "epoch": self.shared.epoch, **figures},
                        f"KD step {self._step} epoch {self.shared.epoch}: "
                        + " ".join(f"{k}={v:.4f}" for k, v in figures.items()))

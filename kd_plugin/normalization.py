@@ -66,3 +66,11 @@ class InputNormalization:
         std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
         x = (x - mean) / std
         return x.flip(1) if self.bgr else x
+
+
+def given_normalization(mean=None, std=None, bgr: bool = False) -> InputNormalization | None:
+    """A model's normalisation as a command line or config.kd gives it: None (the model's own convention, see
+    `kd_plugin.teachers.spec.default_normalization`) unless mean, std or bgr is given; a missing half is 127.5."""
+    if mean is None and std is None and not bgr:
+        return None
+    return InputNormalization(ARCFACE_MEAN if mean is None else mean, ARCFACE_STD if std is None else std, bgr)

@@ -22,42 +22,16 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from kd_plugin.atomic import save_torch
+from kd_plugin.build import build_objective, build_sampler, build_teacher
 from kd_plugin.config import check_num_image, check_trainer_keys, load_config
 from kd_plugin.data.datasets import open_dataset
-from kd_plugin.data.sampler import IdentityBalancedBatchSampler
-from kd_plugin.distributed import (all_reduce_, collective_device, get_rank, get_world_size, init_from_env,
-                                   is_distributed, scale_grad)
+from kd_plugin.distributed import all_reduce_, get_rank, get_world_size, init_from_env, is_distributed, scale_grad
 from kd_plugin.errors import KDPluginError
-from kd_plugin.heads import AdaDistillHead, CombinedMarginLoss, PartialFCHead
-from kd_plugin.losses import TERMS
 from kd_plugin.normalization import InputNormalization
-from kd_plugin.objective import KDObjective
-from kd_plugin.teachers import build_network, load_cache, load_embedder
-from kd_plugin.teachers.cache import dataset_fingerprint
-from kd_plugin.teachers.centers import centers_from_cache, estimate_class_slice
-from kd_plugin.teachers.classifier import save_class_slices, saved_class_slices
-from kd_plugin.teachers.multistep import MultiStepTeacher, MultiStepTeacherSchedule
+from kd_plugin.teachers import build_network
+from kd_plugin.teachers.torch_embedder import TorchEmbedder
 from kd_plugin.training_log import LOG, SpeedLine, training_log
-
-
-class StudentEmbedder:
-    """The training student as an evaluation embedder: eval mode and no gradient while embedding, then back."""
-
-    def __init__(self, module: torch.nn.Module, normalization: InputNormalization, device: torch.device,
-                 batch_size: int = 256) -> None:
-        self.module, self.normalization, self.device, self.batch_size = module, normalization, device, batch_size
-
-    @torch.inference_mode()
-    def embed(self, images):
-        was_training = self.module.training
-        self.module.eval()
-        try:
-            batch = torch.as_tensor(images)
-            out = torch.cat([self.module(self.normalization.torch(batch[i:i + self.batch_size].to(self.device))).float()
-                             for i in range(0, len(batch), self.batch_size)])
-        finally:
-            self.module.train(was_training)
-        return out.cpu().numpy() if not isinstance(images, torch.Tensor) else out
 
 
 def verification_targets(cfg) -> list[str]:
@@ -66,89 +40,11 @@ def verification_targets(cfg) -> list[str]:
     return [t if os.path.exists(t) else os.path.join(folder, f"{t}.bin") for t in cfg.val_targets]
 
 
-def build_teacher(cfg, dataset, device: torch.device):
-    """(embedder, cache): the teacher's cache when configured, else the frozen teacher, else (None, None)."""
-    kd = cfg.kd
-    if not kd.terms and kd.head != "adadistill" and not (kd.head == "proxyless" and kd.centres == "estimate"):
-        return None, None
-    norm = None
-    if kd.teacher_mean is not None or kd.teacher_std is not None or kd.teacher_bgr:
-        norm = InputNormalization(kd.teacher_mean or 127.5, kd.teacher_std or 127.5, kd.teacher_bgr)
-    amp = getattr(torch, kd.teacher_amp) if kd.teacher_amp else None
-    if kd.cache:
-        return None, load_cache(kd.cache, dataset, teacher=kd.teacher)
-    if "multistep" in kd.terms:
-        schedule = MultiStepTeacherSchedule(kd.teacher, kd.multistep.checkpoints, kd.multistep.steps_per_epoch)
-        return MultiStepTeacher(schedule, norm, str(device), kd.teacher_batch_size, amp_dtype=amp), None
-    return load_embedder(kd.teacher, norm, device=str(device), batch_size=kd.teacher_batch_size, amp_dtype=amp), None
-
-
-def estimated_centres(cfg, dataset, teacher, cache):
-    """ProxylessKD's centres for `centres="estimate"`: this rank's class range, estimated from the cache or the
-    teacher and saved as `<output>/teacher_centres/rank_{r}_softmax_weight.pt` (+ meta.json); a resumed run
-    (`resume=True`) reads the saved ones back instead of running the teacher over the dataset again."""
-    folder = os.path.join(cfg.output, "teacher_centres")
-    fingerprint = dataset_fingerprint(dataset)
-    meta = {"kind": "estimated_centres", "teacher": cfg.kd.teacher, "num_classes": int(cfg.num_classes),
-            "num_images": fingerprint["num_images"], "labels_sha1": fingerprint["labels_sha1"],
-            "images_sha1": fingerprint["images_sha1"], "world_size": get_world_size()}
-    # every rank must take the same branch (estimation is collective): reuse only if every rank sees the saved set
-    saved = torch.tensor([1.0 if cfg.resume and saved_class_slices(folder, meta) else 0.0], device=collective_device())
-    if all_reduce_(saved, "min").item() > 0:
-        if get_rank() == 0:
-            LOG.info(f"resume: ProxylessKD reuses the centres estimated before, {folder}")
-        return folder
-    if cache is not None:
-        part = centers_from_cache(cache, dataset.labels, cfg.num_classes)
-    else:
-        part = estimate_class_slice(teacher, dataset, batch_size=cfg.kd.teacher_batch_size)
-    save_class_slices(part, folder, get_rank(), get_world_size(), meta)
-    return part
-
-
-def build_sampler(cfg, labels) -> IdentityBalancedBatchSampler:
-    """This rank's batch sampler: the identity-balanced part (P x K) when `kd.sampler.balanced`, else random only."""
-    per_rank = cfg.kd.sampler.identities_per_batch if cfg.kd.sampler.balanced else 0
-    return IdentityBalancedBatchSampler(labels, cfg.batch_size, per_rank, cfg.kd.sampler.images_per_identity,
-                                        seed=cfg.seed)
-
-
-def build_head(cfg, dataset, teacher, cache):
-    """The classifier: inherited teacher centres (ProxylessKD), AdaDistill's adaptive centres, or trainable."""
-    kd = cfg.kd
-    margin = CombinedMarginLoss(64, *cfg.margin_list, cfg.interclass_filtering_threshold)
-    args = (margin, cfg.embedding_size, cfg.num_classes, cfg.sample_rate, cfg.fp16)
-    if kd.head == "adadistill":
-        return AdaDistillHead(*args, weighted_alpha=kd.adadistill.weighted_alpha, seed=cfg.seed)
-    if kd.head == "proxyless":
-        centres = estimated_centres(cfg, dataset, teacher, cache) if kd.centres == "estimate" else kd.centres
-        return PartialFCHead(*args, centres=centres, centre_dtype=getattr(torch, kd.centre_dtype), seed=cfg.seed)
-    return PartialFCHead(*args, seed=cfg.seed)
-
-
-def build_terms(cfg) -> dict:
-    """{name: (module, weight)} of the configured distillation terms, with their config hyper-parameters."""
-    kd, terms = cfg.kd, {}
-    for name, weight in kd.terms.items():
-        if name == "multistep":  # PocketNet: the L2 term against the teacher of the same maturity
-            terms[name] = (TERMS["l2"](), weight)
-            continue
-        params = dict(kd[name]) if name in ("ekd", "cckd", "rkd", "logit") else {}
-        terms[name] = (TERMS[name](**params), weight)
-    return terms
-
-
 def poly_warmup_factor(step: int, warmup: int, total: int) -> float:
     """arcface_torch's PolynomialLRWarmup (power 1): linear warm-up over `warmup` steps, then linear decay to 0."""
     if warmup > 0 and step <= warmup:
         return step / warmup
     return max(0.0, 1.0 - (min(step, total) - warmup) / max(1, total - warmup))
-
-
-def _atomic_save(obj: dict, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class Trainer:
@@ -175,10 +71,8 @@ class Trainer:
                                                   num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda")
         self.student_norm = InputNormalization(kd.student_mean, kd.student_std)
         self.student = build_network(cfg.network, cfg.embedding_size, fp16=cfg.fp16).to(self.device)
-        self.teacher, self.cache = build_teacher(cfg, self.dataset, self.device)
-        head = build_head(cfg, self.dataset, self.teacher, self.cache)
-        self.objective = KDObjective(head, build_terms(cfg), kd.reference_gradient_scaling,
-                                     self.sampler.random_size if kd.margin_on_random_part else None).to(self.device)
+        self.teacher = build_teacher(cfg, self.dataset, self.device)
+        self.objective = build_objective(cfg, self.dataset, self.teacher, self.sampler).to(self.device)
         self.model = (DistributedDataParallel(self.student, device_ids=[self.device.index] if self.device.type == "cuda"
                                               else None) if is_distributed() else self.student)
         params = [{"params": self.student.parameters()}, {"params": self.objective.parameters()}]
@@ -212,9 +106,9 @@ class Trainer:
                  "state_kd": {"objective": self.objective.state_dict(), "position": self.position,
                               "rng": torch.get_rng_state(), "world_size": self.world,
                               "scaler": self.scaler.state_dict(), "accumulated_grads": self._accumulated_grads()}}
-        _atomic_save(state, self._checkpoint_path())
+        save_torch(state, self._checkpoint_path())
         if self.rank == 0:
-            _atomic_save(self.student.state_dict(), os.path.join(self.cfg.output, "model.pt"))
+            save_torch(self.student.state_dict(), os.path.join(self.cfg.output, "model.pt"))
 
     def load(self) -> None:
         """Resume from this rank's checkpoint_gpu_{rank}.pt."""
@@ -247,19 +141,12 @@ class Trainer:
         return [None if p.grad is None else p.grad.detach().clone() for p in self._trained_parameters()]
 
     # --- the loop -------------------------------------------------------------------------------------------------
-    def _teacher_embeddings(self, images: torch.Tensor, indices: torch.Tensor, flips: list[bool]):
-        if self.cache is not None:
-            return self.cache.get(indices, flips).to(self.device)
-        if self.teacher is not None:
-            return torch.as_tensor(self.teacher.embed(images)).float().to(self.device)
-        return None
-
     def step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, flips: list[bool]) -> dict:
         """One training step as arcface_torch takes it: forward under autocast (fp16), backward of the scaled loss;
         every `gradient_acc` steps the summed gradients are unscaled, clipped to norm 5 and applied. Returns the
         logged scalars."""
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-        teacher = self._teacher_embeddings(images, indices, flips)
+        teacher = self.teacher.embeddings(indices, flips, images, self.device) if self.objective.needs_teacher else None
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=bool(self.cfg.fp16)):
             embeddings = self.model(self.student_norm.torch(images))
         # each rank's gradient is the one-process gradient of its rows; DDP averages over ranks: multiply by W once
@@ -285,10 +172,11 @@ class Trainer:
 
     def _teacher_for_epoch(self, log_path: str) -> None:
         """Multi-step KD: load the teacher checkpoint of this epoch (logged on rank 0)."""
-        if isinstance(self.teacher, MultiStepTeacher) and self.teacher.set_epoch(self.epoch) and self.rank == 0:
-            LOG.info(f"multi-step KD: epoch {self.epoch} learns from {self.teacher.spec}")
+        spec = None if self.teacher is None else self.teacher.set_epoch(self.epoch)
+        if spec and self.rank == 0:
+            LOG.info(f"multi-step KD: epoch {self.epoch} learns from {spec}")
             with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": self.global_step, "epoch": self.epoch, "teacher": self.teacher.spec}) + "\n")
+                f.write(json.dumps({"step": self.global_step, "epoch": self.epoch, "teacher": spec}) + "\n")
 
     def _request_stop(self, signum, frame) -> None:
         self._stop_requested = True
@@ -357,7 +245,7 @@ class Trainer:
         """10-fold accuracy on `.bin` targets and all-pairs TPR@FPR on dataset targets, logged (rank 0)."""
         from kd_plugin.evaluation import evaluate_bin, evaluate_pairs
 
-        embedder = StudentEmbedder(self.student, self.student_norm, self.device)
+        embedder = self.student_embedder()
         results = {}
         for target in verification_targets(self.cfg):
             name = os.path.splitext(os.path.basename(target.rstrip("/")))[0]
@@ -375,6 +263,10 @@ class Trainer:
             f.write(json.dumps({"step": self.global_step, "verification": results}) + "\n")
         LOG.info(f"verification at step {self.global_step}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
         return results
+
+    def student_embedder(self) -> TorchEmbedder:
+        """The student as an evaluation embedder (eval mode while embedding, then back to training)."""
+        return TorchEmbedder(self.student, self.student_norm, self.device, freeze=False)
 
     def _tensorboard(self):
         if self.rank != 0:

@@ -12,6 +12,8 @@ import sys
 import time
 from typing import Iterator
 
+import torch
+
 LOG = logging.getLogger("kd_plugin")
 FORMAT = "Training: %(asctime)s-%(message)s"
 
@@ -43,6 +45,34 @@ def training_log(rank: int, output: str) -> Iterator[logging.Logger]:
         LOG.propagate = propagate
 
 
+class ScalarMeans:
+    """Named scalars summed step by step, each averaged over the steps it appeared in (a figure may be absent on some
+    steps). Tensors are summed on `device` where given (no host sync per step; some figures are CPU scalars), numbers
+    as numbers; `pop()` reads every mean at once — one sync — and starts again."""
+
+    def __init__(self) -> None:
+        self.sums: dict = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, stats: dict, device=None) -> None:
+        for key, value in stats.items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach().float().to(device or value.device)
+            self.sums[key] = self.sums[key] + value if key in self.sums else (
+                value.clone() if isinstance(value, torch.Tensor) else float(value))
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def pop(self) -> dict[str, float]:
+        tensors = [k for k, v in self.sums.items() if isinstance(v, torch.Tensor)]
+        means = {k: v / self.counts[k] for k, v in self.sums.items() if k not in tensors}
+        if tensors:
+            counts = torch.tensor([float(self.counts[k]) for k in tensors], device=self.sums[tensors[0]].device)
+            means.update(zip(tensors, (torch.stack([self.sums[k] for k in tensors]) / counts).tolist()))
+        order = list(self.sums)
+        self.sums, self.counts = {}, {}
+        return {k: means[k] for k in order}
+
+
 class SpeedLine:
     """arcface_torch's CallBackLogging line, every `frequent` steps on rank 0, with the KD scalars after it."""
 
@@ -50,15 +80,12 @@ class SpeedLine:
         self.frequent, self.total_steps, self.global_batch = frequent, total_steps, global_batch
         self.start_step, self.start = start_step, time.time()
         self.tic = self.start
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
+        self.means = ScalarMeans()
         self.steps = 0
 
     def __call__(self, step: int, epoch: int, stats: dict[str, float], lr: float,
                  grad_scale: float | None = None) -> None:
-        for key, value in stats.items():  # a figure may be absent on some steps: each is averaged over its own
-            self.sums[key] = self.sums.get(key, 0.0) + float(value)
-            self.counts[key] = self.counts.get(key, 0) + 1
+        self.means.add(stats)
         self.steps += 1
         if step % self.frequent and step != self.total_steps:
             return
@@ -66,9 +93,9 @@ class SpeedLine:
         speed = self.steps * self.global_batch / max(now - self.tic, 1e-9)
         per_step = (now - self.start) / max(step - self.start_step, 1)
         hours = per_step * (self.total_steps - step) / 3600
-        means = {k: v / self.counts[k] for k, v in self.sums.items() if k != "grad_scale"}
+        means = {k: v for k, v in self.means.pop().items() if k != "grad_scale"}
         scale = f"Fp16 Grad Scale: {grad_scale:2.0f}   " if grad_scale is not None else ""
         LOG.info(f"Speed {speed:.2f} samples/sec   Loss {means.get('loss', float('nan')):.4f}   LearningRate "
                  f"{lr:.6f}   Epoch: {epoch}   Global Step: {step}   {scale}Required: {hours:.1f} hours   "
                  + " ".join(f"{k}={v:.4g}" for k, v in means.items() if k != "loss"))
-        self.sums, self.counts, self.steps, self.tic = {}, {}, 0, now
+        self.steps, self.tic = 0, now

@@ -224,7 +224,7 @@ def test_the_hook_logs_its_scalars_every_frequent_steps_with_one_sync(monkeypatc
             for _ in range(n):
                 emb = torch.randn(6, 16, requires_grad=True)
                 if direct:
-                    teacher = torch.as_tensor(head._teacher.embed(
+                    teacher = torch.as_tensor(head._teacher.embedder.embed(
                         (images * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8))).float()
                     head.objective(emb, labels, teacher)
                 else:
@@ -280,4 +280,4 @@ def test_the_hook_sums_its_figures_on_the_heads_device(monkeypatch, tmp_path):
     head.kd_step = torch.zeros((), dtype=torch.int64, device="meta")
     head._step = 1
     head._accumulate({"on_cpu": torch.tensor(2.0), "elsewhere": torch.tensor(1.0, device="meta")})
-    assert {v.device.type for v in head._sums.values()} == {"meta"}
+    assert {v.device.type for v in head._means.sums.values()} == {"meta"}

@@ -67,7 +67,7 @@ def test_initial_centres_drawn_piecewise_equal_whole_draws(rows, dim, start, cou
 
 @pytest.mark.parametrize("classes, dim, world", [(1_000, 8, 3), (70_001, 3, 4), (10, 512, 3)])
 def test_adadistill_ranks_draw_only_their_rows_of_the_same_matrix(classes, dim, world):
-    full = torch.normal(0.0, 0.01, (classes, dim), generator=torch.Generator().manual_seed(7))
+    full = _block_normal_reference(classes, dim, 0, classes, 7, 1 << 16)  # the trainable head's starting weights
     for rank in range(world):
         head = AdaDistillHead(CombinedMarginLoss(), dim, classes, seed=7, rank=rank, world_size=world)
         assert torch.equal(head.weight, full[head.class_start:head.class_start + head.num_local])
@@ -137,6 +137,7 @@ def test_each_rank_estimates_only_its_class_range_and_the_union_is_one_process(t
 
 
 def test_a_resumed_run_reads_the_centres_it_estimated_instead_of_running_the_teacher_again(tmp_path, monkeypatch):
+    import kd_plugin.build
     import kd_plugin.train
     from kd_plugin.config import resolve
     from test_train import KD, _config, _losses, _teacher, make_faces
@@ -149,7 +150,7 @@ def test_a_resumed_run_reads_the_centres_it_estimated_instead_of_running_the_tea
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher ran over the dataset again")
-    monkeypatch.setattr(kd_plugin.train, "estimate_class_slice", no_teacher)
+    monkeypatch.setattr(kd_plugin.build, "estimate_class_slice", no_teacher)
     kd_plugin.train.train(resolve(_config(data, tmp_path / "out", max_steps=4, resume=True, kd=kd)))
     assert [e["step"] for e in _losses(tmp_path / "out")] == [1, 2, 3, 4]
     with pytest.raises(AssertionError, match="ran over the dataset again"):  # a fresh run estimates them anew
@@ -167,7 +168,7 @@ def test_centre_dtype_and_teacher_autocast_are_reachable_from_a_config(tmp_path)
     trainer = Trainer(resolve(_config(data, tmp_path / "out", max_steps=1, kd=kd)))
     assert trainer.objective.head.weight.dtype == torch.float16
     seen = []
-    trainer.teacher.module.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    trainer.teacher.embedder.module.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
     trainer.run()
     assert seen == [torch.bfloat16]  # the teacher's forward ran under bf16 autocast (its output is cast to fp32 after)
     for bad, message in (({"centre_dtype": "float8"}, r"kd.centre_dtype = 'float8': allowed"),

@@ -17,8 +17,8 @@ import torch
 def main(argv: list[str] | None = None) -> int:
     """`kd-plugin bench cache` entry point."""
     from kd_plugin.benchmarks.memory import require
-    from kd_plugin.cli import _normalization
     from kd_plugin.data.datasets import open_dataset
+    from kd_plugin.normalization import given_normalization
     from kd_plugin.teachers import build_cache, load_embedder
 
     parser = argparse.ArgumentParser(prog="kd-plugin bench cache", description=__doc__)
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    teacher = load_embedder(args.teacher, _normalization(args.mean, args.std, False), batch_size=args.batch_size)
+    teacher = load_embedder(args.teacher, given_normalization(args.mean, args.std, False), batch_size=args.batch_size)
     dataset = open_dataset(args.data)
     height, width = dataset.image_size
     require(len(dataset) * 3 * height * width, f"bench cache: the {len(dataset)} decoded images of {args.data} held "

@@ -26,6 +26,7 @@ import warnings
 import numpy as np
 import torch
 
+from kd_plugin.atomic import write_json
 from kd_plugin.errors import KDPluginError
 from kd_plugin.normalization import IMAGENET_MEAN, IMAGENET_STD
 
@@ -116,7 +117,7 @@ def _train_one(args, paths, method, seed, cache_dir, data, teacher_emb) -> dict:
     """Train (or reuse) one student; returns its result record."""
     from kd_plugin.config import resolve
     from kd_plugin.export import export_onnx
-    from kd_plugin.train import StudentEmbedder, Trainer
+    from kd_plugin.train import Trainer
 
     folder = os.path.join(args.out, method, f"seed{seed}")
     record_path = os.path.join(folder, "result.json")
@@ -134,16 +135,14 @@ def _train_one(args, paths, method, seed, cache_dir, data, teacher_emb) -> dict:
     start = time.perf_counter()
     trainer.run()
     train_seconds = time.perf_counter() - start
-    student = StudentEmbedder(trainer.student, trainer.student_norm, trainer.device)
+    student = trainer.student_embedder()
     figures = _Embeddings(student, data["bin_images"], data["val_images"]).figures(
         data["issame"], data["val_labels"], teacher_emb)
     export_onnx(trainer.student.eval(), os.path.join(folder, "model.onnx"), trainer.student_norm)
     record = {"method": method, "seed": seed, "settings": _settings(args),
               "epoch_seconds": _mean_epoch_seconds(folder),
               "train_seconds": train_seconds, **figures}
-    with open(record_path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(record, f)
-    os.replace(record_path + ".tmp", record_path)
+    write_json(record, record_path)
     print(f"[bench celeba] {method} seed {seed}: accuracy {_num(record['accuracy'])}, TPR@1e-3 "
           f"{_num(record['tpr@1e-3'])}, cross TPR@1e-3 {_num(record['cross_tpr@1e-3'])}, "
           f"{record['epoch_seconds']:.1f}s/epoch", flush=True)

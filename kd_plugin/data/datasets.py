@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from kd_plugin.atomic import replacing
 from kd_plugin.data.images import decode_image, hwc_to_chw
 from kd_plugin.data.recordio import RecordIOReader, unpack_payload
 from kd_plugin.errors import DataFormatError
@@ -194,11 +195,9 @@ class RecordDataset(FaceDataset):
         """Save the labels read from every header beside the .rec, so the next open of this file takes a second; a
         read-only dataset folder just means the next open reads the headers again."""
         path = self._label_index_path()
-        tmp = f"{path}.{os.getpid()}.tmp"  # ranks opening the same file at once each write their own
         try:
-            with open(tmp, "wb") as f:
+            with replacing(path) as tmp, open(tmp, "wb") as f:  # ranks opening the file at once write their own tmp
                 np.savez(f, keys=keys, labels=labels, stamp=self._label_index_stamp())
-            os.replace(tmp, path)
         except OSError as exc:
             warnings.warn(f"{self.source}: could not save the label index {path} ({exc}); the next open reads every "
                           f"record's header again")

@@ -17,9 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd_plugin.errors import KDPluginError
+from kd_plugin.fprs import DEFAULT_FPRS
 from kd_plugin.losses.precision import at_least_fp32
+from kd_plugin.registry import register_term
 
-DEFAULT_FPRS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+UNRESOLVABLE = ("reference", "hold")
 
 
 def soft_rank(values: torch.Tensor, anchors: torch.Tensor, tau: float) -> torch.Tensor:
@@ -40,7 +43,7 @@ class CriticalPairMiner(nn.Module):
     def __init__(self, fprs=DEFAULT_FPRS, momentum: float = 0.01, top_k: int = 2000, unresolvable: str = "reference",
                  bias_correction: bool = False) -> None:
         super().__init__()
-        if unresolvable not in ("reference", "hold"):
+        if unresolvable not in UNRESOLVABLE:
             raise ValueError(f"unresolvable must be 'reference' or 'hold', got {unresolvable!r}")
         if not all(0 < f < 1 for f in fprs):
             raise ValueError(f"EKD FPRs must lie strictly between 0 and 1, got {list(fprs)}")
@@ -115,11 +118,18 @@ class CriticalPairMiner(nn.Module):
                 "resolved": resolved}
 
 
+def _check_config(kd: dict) -> None:
+    if kd["ekd"]["unresolvable"] not in UNRESOLVABLE:
+        raise KDPluginError(f"config.kd.ekd.unresolvable = {kd['ekd']['unresolvable']!r}: allowed: "
+                            f"{', '.join(repr(u) for u in UNRESOLVABLE)}")
+
+
+@register_term("ekd", title="EKD", needs=("teacher", "labels", "balanced"), baseline=False, check=_check_config,
+               summary="evaluation-oriented KD (CVPR 2022): the student's soft ranks of the pairs that decide TPR at "
+                       "low FPR pulled to the teacher's", _builtin=True)
 class EKDLoss(nn.Module):
     """Evaluation-oriented KD over the global batch: `forward(student, teacher, labels) -> (loss, diagnostics)`.
     Teacher and student dims may differ (only each model's own cosines are compared)."""
-
-    default_weight = 1.0
 
     def __init__(self, fprs=DEFAULT_FPRS, momentum: float = 0.01, tau: float = 0.01, top_k: int = 2000,
                  positive_weight: float = 0.02, negative_weight: float = 0.01, unresolvable: str = "reference",

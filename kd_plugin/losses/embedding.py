@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_plugin.losses.precision import at_least_fp32
+from kd_plugin.registry import register_term
 
 
 def check_same_dims(student: torch.Tensor, teacher: torch.Tensor, term: str) -> None:
@@ -17,10 +18,10 @@ def check_same_dims(student: torch.Tensor, teacher: torch.Tensor, term: str) -> 
                          f"(ekd, cckd, sp, rkd) or a student with embedding_size={teacher.shape[1]}")
 
 
+@register_term("l2", weight=100.0, title="L2", needs=("teacher", "equal_dims"),
+               summary="mean squared error of the L2-normalised embeddings (PocketNet's, weight 100)", _builtin=True)
 class L2Loss(nn.Module):
     """mean((f̂_s - f̂_t)^2) over batch and dims (PocketNet: weight 100)."""
-
-    default_weight = 100.0
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None):
         check_same_dims(student, teacher, "l2")
@@ -28,10 +29,10 @@ class L2Loss(nn.Module):
         return loss, {"l2": loss.detach()}
 
 
+@register_term("cosine", title="cosine", needs=("teacher", "equal_dims"),
+               summary="mean cosine distance between student and teacher embeddings", _builtin=True)
 class CosineLoss(nn.Module):
     """mean(1 - cos(f_s, f_t))."""
-
-    default_weight = 1.0
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None):
         check_same_dims(student, teacher, "cosine")

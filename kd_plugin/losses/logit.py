@@ -5,18 +5,15 @@ not a replicated term: the gathered student embeddings receive their exact gradi
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from kd_plugin.distributed import all_reduce_
+from kd_plugin.distributed import all_reduce_, sharded_exp_sum
+from kd_plugin.registry import register_term
 
 
 def _distributed_log_softmax(z: torch.Tensor) -> torch.Tensor:
-    top = z.max(dim=1, keepdim=True).values if z.shape[1] else z.new_full((len(z), 1), -math.inf)
-    all_reduce_(top, "max")
-    total = all_reduce_(torch.exp(z - top).sum(dim=1, keepdim=True), "sum")
+    top, _, total = sharded_exp_sum(z)
     return z - top - torch.log(total)
 
 
@@ -35,10 +32,12 @@ class _DistributedKL(torch.autograd.Function):
         return diff * (grad / len(diff)), None
 
 
+@register_term("logit", title="logit KD", needs=("teacher",),
+               summary="Hinton's KD (T = 4) on the logits over the inherited class centres; with proxyless",
+               _builtin=True)
 class LogitKDLoss(nn.Module):
     """`forward(student, teacher, labels, head)`: KD between the two models' logits over `head`'s class centres."""
 
-    default_weight = 1.0
     sharded = True  # split across ranks like the head: no replicated-loss rescaling
 
     def __init__(self, temperature: float = 4.0, scale: float = 64.0) -> None:

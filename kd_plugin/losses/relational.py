@@ -10,14 +10,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_plugin.losses.precision import at_least_fp32
+from kd_plugin.registry import register_term
 
 
+@register_term("cckd", title="CCKD", summary="correlation congruence: the Taylor-expanded Gaussian-RBF correlations "
+                                             "of the batch matched to the teacher's", _builtin=True)
 class CCKDLoss(nn.Module):
     """Correlation congruence: Gaussian-RBF correlations of unit embeddings by a Taylor expansion of order `order`
     (terms 0..order inclusive), k(x, y) ~ sum_p e^{-2 gamma} (2 gamma)^p / p! (x.y)^p; loss = mean over the N x N
-    matrix of (C_s - C_t)^2. TFace's version stops at order 1 (`order=1` reproduces it)."""
-
-    default_weight = 1.0
+    matrix of (C_s - C_t)^2, order 2 by default (as TFace's at 82c9cbb)."""
 
     def __init__(self, gamma: float = 0.4, order: int = 2) -> None:
         super().__init__()
@@ -41,10 +42,10 @@ class CCKDLoss(nn.Module):
         return loss, {"cckd": loss.detach()}
 
 
+@register_term("sp", title="SP", summary="similarity preserving: the row-normalised Gram matrix of the batch matched "
+                                         "to the teacher's", _builtin=True)
 class SPLoss(nn.Module):
     """Similarity preserving: row-normalised Gram matrices G = f f^T; loss = ||G_s - G_t||_F^2 / N^2."""
-
-    default_weight = 1.0
 
     @staticmethod
     def gram(emb: torch.Tensor) -> torch.Tensor:
@@ -58,12 +59,12 @@ class SPLoss(nn.Module):
         return loss, {"sp": loss.detach()}
 
 
+@register_term("rkd", title="RKD", summary="relational KD: pairwise distances (weight 25) and triplet angles (weight "
+                                          "50) matched to the teacher's", _builtin=True)
 class RKDLoss(nn.Module):
     """Relational KD: distance term (pairwise distances over their mean, smooth-L1, weight 25) and angle term (cosine of
     the angle at each anchor j between i and k, smooth-L1, weight 50). The angle term builds an N x N x d tensor and
     N^3 angles: keep the global batch moderate (N = 512 at d = 512 takes about 0.5 GB)."""
-
-    default_weight = 1.0
 
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0) -> None:
         super().__init__()

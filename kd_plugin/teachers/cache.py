@@ -15,6 +15,7 @@ import os
 import numpy as np
 import torch
 
+from kd_plugin.atomic import write_json
 from kd_plugin.data.datasets import FaceDataset
 from kd_plugin.distributed import get_rank, get_world_size, is_distributed
 from kd_plugin.errors import KDPluginError
@@ -68,10 +69,7 @@ def build_cache(embedder, dataset: FaceDataset, out_dir: str, teacher: str, batc
                 "embedding_size": dim, "dtype": "float16", "layout": "(index, flip, dim); flip 0 = as stored",
                 "normalization": None if norm is None else {"mean": norm.mean, "std": norm.std, "bgr": norm.bgr},
                 "dataset": dataset_fingerprint(dataset), "ranks": world}
-        tmp = os.path.join(out_dir, "meta.json.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1)
-        os.replace(tmp, os.path.join(out_dir, "meta.json"))
+        write_json(meta, os.path.join(out_dir, "meta.json"), indent=1)
     if is_distributed():
         dist.barrier()
     return final

@@ -60,6 +60,11 @@ class ClassSums:
         self.sums.index_add_(0, local, rows.cpu())
         self.counts.index_add_(0, local, torch.full((len(local),), float(weight), dtype=torch.float64))
 
+    def add_with_flips(self, labels: torch.Tensor, plain: torch.Tensor, flipped: torch.Tensor,
+                       own: bool = False) -> None:
+        """Add the embeddings of images and of their flips, each L2-normalised: one row per image, worth two."""
+        self.add(labels, F.normalize(plain.float(), dim=1) + F.normalize(flipped.float(), dim=1), weight=2.0, own=own)
+
     def _to_owners(self, labels: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One all_to_all: every row goes to the rank that owns its class; returns the rows this rank received."""
         device = collective_device()
@@ -105,8 +110,7 @@ def estimate_class_slice(embedder, dataset: FaceDataset, batch_size: int = 256, 
         if plain is None:  # this rank is done; the others still send it rows of its classes
             sums.add(torch.zeros(0, dtype=torch.int64), torch.zeros(0, sums.dim), weight=2.0)
         else:
-            both = F.normalize(plain, dim=1) + F.normalize(flipped, dim=1)
-            sums.add(torch.from_numpy(dataset.labels[chunk]), both, weight=2.0)
+            sums.add_with_flips(torch.from_numpy(dataset.labels[chunk]), plain, flipped)
     return sums.centres(dataset.source)
 
 
@@ -130,6 +134,5 @@ def centers_from_cache(cache, labels: np.ndarray, num_classes: int, rank: int | 
     mine = np.flatnonzero((labels >= sums.start) & (labels < sums.start + sums.count))
     for a in range(0, len(mine), chunk):
         idx = mine[a:a + chunk]
-        both = F.normalize(cache.get(idx, False), dim=1) + F.normalize(cache.get(idx, True), dim=1)
-        sums.add(torch.from_numpy(labels[idx]), both, weight=2.0, own=True)
+        sums.add_with_flips(torch.from_numpy(labels[idx]), cache.get(idx, False), cache.get(idx, True), own=True)
     return sums.centres(f"the cached dataset ({cache.directory})")

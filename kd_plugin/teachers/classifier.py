@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from kd_plugin.atomic import save_torch, write_json
 from kd_plugin.distributed import class_range
 from kd_plugin.errors import KDPluginError
 from kd_plugin.teachers.checkpoints import mapped_torch_load, safe_torch_load
@@ -207,9 +208,7 @@ def save_classifier(weight: torch.Tensor, out: str, **metadata: object) -> None:
     payload = {"weight": weight, "num_classes": int(weight.shape[0]), "embedding_size": int(weight.shape[1])}
     payload.update({k: v for k, v in metadata.items() if isinstance(v, (str, int, float, bool))})
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, out)
+    save_torch(payload, out)
 
 
 def save_class_slices(part: ClassSlice, folder: str, rank: int, world_size: int, meta: dict) -> None:
@@ -220,16 +219,13 @@ def save_class_slices(part: ClassSlice, folder: str, rank: int, world_size: int,
 
     os.makedirs(folder, exist_ok=True)
     shard = os.path.join(folder, f"rank_{rank}_softmax_weight.pt")
-    torch.save(part.rows.detach().contiguous(), shard + ".tmp")
-    os.replace(shard + ".tmp", shard)
+    save_torch(part.rows.detach().contiguous(), shard)
     barrier()
     if rank == 0:
         for stale in glob.glob(os.path.join(folder, "rank_*_softmax_weight.pt")):  # left by a run with more ranks
             if int(re.search(r"rank_(\d+)_", os.path.basename(stale)).group(1)) >= world_size:
                 os.remove(stale)
-        with open(os.path.join(folder, "meta.json.tmp"), "w", encoding="utf-8") as f:
-            json.dump(meta, f)
-        os.replace(os.path.join(folder, "meta.json.tmp"), os.path.join(folder, "meta.json"))
+        write_json(meta, os.path.join(folder, "meta.json"))
     barrier()
 
 

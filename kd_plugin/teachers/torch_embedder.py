@@ -1,4 +1,5 @@
-"""A torch network used as a frozen embedder: eval mode, no gradient, its own input normalisation, optional autocast."""
+"""A torch network as an embedder: its own input normalisation, no gradient, optional autocast — a frozen teacher, or
+a student still training (embedded in eval mode, then put back as it was)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ from kd_plugin.normalization import InputNormalization
 
 
 class TorchEmbedder:
-    """`embed(uint8 (N,3,H,W) RGB) -> float32 (N, d)`; numpy in gives numpy out, a tensor gives a tensor on its device."""
+    """`embed(uint8 (N,3,H,W) RGB) -> float32 (N, d)`; numpy in gives numpy out, a tensor gives a tensor on its device.
+
+    `freeze=True` (a teacher): the module is moved to `device`, put in eval mode and its parameters frozen for good.
+    `freeze=False` (the student during training, already on `device`): it is left as it is, switched to eval mode for
+    each `embed` and back afterwards."""
 
     def __init__(self, module: nn.Module, normalization: InputNormalization | None = None,
                  device: str | torch.device = "cpu", amp_dtype: torch.dtype | None = None, batch_size: int = 256,
-                 spec: str = "") -> None:
-        self.module = module.to(device).eval().requires_grad_(False)
+                 spec: str = "", freeze: bool = True) -> None:
+        self.module = module.to(device).eval().requires_grad_(False) if freeze else module
         self.normalization = normalization or InputNormalization()
         self.device = torch.device(device)
         self.amp_dtype = amp_dtype
@@ -29,11 +34,16 @@ class TorchEmbedder:
         batch = torch.from_numpy(images) if as_numpy else images
         if batch.dtype != torch.uint8:
             raise TypeError(f"{self.spec or 'teacher'}: embed() takes uint8 images, got {batch.dtype}")
-        out = []
-        for start in range(0, len(batch), self.batch_size):
-            x = self.normalization.torch(batch[start:start + self.batch_size].to(self.device, non_blocking=True))
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float16,
-                                enabled=self.amp_dtype is not None):
-                out.append(self.module(x).float())
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            out = []
+            for start in range(0, len(batch), self.batch_size):
+                x = self.normalization.torch(batch[start:start + self.batch_size].to(self.device, non_blocking=True))
+                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float16,
+                                    enabled=self.amp_dtype is not None):
+                    out.append(self.module(x).float())
+        finally:
+            self.module.train(was_training)
         result = torch.cat(out) if out else torch.zeros(0, 0)
         return result.cpu().numpy() if as_numpy else result.to(images.device)

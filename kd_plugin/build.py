@@ -1,0 +1,97 @@
+"""The one place that turns a resolved config into a run's objects: the batch sampler, the teacher feed, the
+classifier head, the distillation terms and the KD objective. `kd-plugin train`, the train_v2 hook and the benchmarks
+all build through here; what each method needs and how it is built comes from the method registry."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kd_plugin.data.sampler import IdentityBalancedBatchSampler
+from kd_plugin.distributed import all_reduce_, collective_device, get_rank, get_world_size
+from kd_plugin.heads import PartialFCHead, trainable_head
+from kd_plugin.methods import chosen
+from kd_plugin.normalization import given_normalization
+from kd_plugin.objective import KDObjective
+from kd_plugin.teachers import load_cache, load_embedder
+from kd_plugin.teachers.cache import dataset_fingerprint
+from kd_plugin.teachers.centers import centers_from_cache, estimate_class_slice
+from kd_plugin.teachers.classifier import save_class_slices, saved_class_slices
+from kd_plugin.teachers.feed import TeacherFeed
+from kd_plugin.training_log import LOG
+
+
+def build_sampler(cfg, labels) -> IdentityBalancedBatchSampler:
+    """This rank's batch sampler: the identity-balanced part (P x K) when `kd.sampler.balanced`, else random only."""
+    per_rank = cfg.kd.sampler.identities_per_batch if cfg.kd.sampler.balanced else 0
+    return IdentityBalancedBatchSampler(labels, cfg.batch_size, per_rank, cfg.kd.sampler.images_per_identity,
+                                        seed=cfg.seed)
+
+
+def build_teacher(cfg, dataset, device: torch.device) -> TeacherFeed | None:
+    """The teacher's embeddings for the run: its cache when configured, else the frozen teacher (a method's own,
+    such as multi-step KD's schedule, or kd.teacher); None when no method needs the teacher."""
+    kd, methods = cfg.kd, chosen(cfg.kd)
+    estimating = kd.centres == "estimate" and any("centres" in m.needs for m in methods.values())
+    if not estimating and not any("teacher" in m.needs for m in methods.values()):
+        return None
+    if kd.cache:
+        return TeacherFeed(cache=load_cache(kd.cache, dataset, teacher=kd.teacher))
+    norm = given_normalization(kd.teacher_mean, kd.teacher_std, kd.teacher_bgr)
+    amp = getattr(torch, kd.teacher_amp) if kd.teacher_amp else None
+    own = next((m.teacher for m in methods.values() if m.teacher is not None), None)
+    if own is not None:
+        return TeacherFeed(own(kd, norm, device, amp))
+    return TeacherFeed(load_embedder(kd.teacher, norm, device=str(device), batch_size=kd.teacher_batch_size,
+                                     amp_dtype=amp))
+
+
+def estimated_centres(cfg, dataset, feed: TeacherFeed):
+    """ProxylessKD's centres for `centres="estimate"`: this rank's class range, estimated from the cache or the
+    teacher and saved as `<output>/teacher_centres/rank_{r}_softmax_weight.pt` (+ meta.json); a resumed run
+    (`resume=True`) reads the saved ones back instead of running the teacher over the dataset again."""
+    folder = os.path.join(cfg.output, "teacher_centres")
+    fingerprint = dataset_fingerprint(dataset)
+    meta = {"kind": "estimated_centres", "teacher": cfg.kd.teacher, "num_classes": int(cfg.num_classes),
+            "num_images": fingerprint["num_images"], "labels_sha1": fingerprint["labels_sha1"],
+            "images_sha1": fingerprint["images_sha1"], "world_size": get_world_size()}
+    # every rank must take the same branch (estimation is collective): reuse only if every rank sees the saved set
+    saved = torch.tensor([1.0 if cfg.resume and saved_class_slices(folder, meta) else 0.0], device=collective_device())
+    if all_reduce_(saved, "min").item() > 0:
+        if get_rank() == 0:
+            LOG.info(f"resume: ProxylessKD reuses the centres estimated before, {folder}")
+        return folder
+    if feed.cache is not None:
+        part = centers_from_cache(feed.cache, dataset.labels, cfg.num_classes)
+    else:
+        part = estimate_class_slice(feed.embedder, dataset, batch_size=cfg.kd.teacher_batch_size)
+    save_class_slices(part, folder, get_rank(), get_world_size(), meta)
+    return part
+
+
+def build_head(cfg, dataset, feed: TeacherFeed | None) -> PartialFCHead:
+    """The classifier: the configured head method's (inherited centres, adaptive centres, ...) or trainable."""
+    kd = cfg.kd
+    if kd.head == "trainable":
+        return trainable_head(cfg)
+    method = chosen(kd)[kd.head]
+    centres = None
+    if "centres" in method.needs:
+        centres = estimated_centres(cfg, dataset, feed) if kd.centres == "estimate" else kd.centres
+    return method.build(cfg, centres)
+
+
+def build_terms(cfg) -> dict:
+    """{name: (module, weight)} of the configured distillation terms, built from their config blocks."""
+    methods = chosen(cfg.kd)
+    return {name: (methods[name].build(**dict(cfg.kd.get(name) or {})), weight)
+            for name, weight in cfg.kd.terms.items()}
+
+
+def build_objective(cfg, dataset, feed: TeacherFeed | None, sampler: IdentityBalancedBatchSampler) -> KDObjective:
+    """The head plus the weighted terms; with `kd.margin_on_random_part`, the head's loss sees only the sampler's
+    random part of each rank's batch."""
+    random_rows = sampler.random_size if cfg.kd.margin_on_random_part else None
+    return KDObjective(build_head(cfg, dataset, feed), build_terms(cfg), cfg.kd.reference_gradient_scaling,
+                       random_rows)

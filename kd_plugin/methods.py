@@ -1,0 +1,67 @@
+"""The catalogue of distillation methods. Importing it registers the built-in ones, each declared next to its code:
+ProxylessKD and AdaDistill in kd_plugin.heads, EKD and the baseline terms in kd_plugin.losses, PocketNet's multi-step
+KD in kd_plugin.teachers.multistep. A user's own term joins with `kd_plugin.register_term` (see kd_plugin.registry)."""
+
+from __future__ import annotations
+
+import kd_plugin.heads  # noqa: F401  (registers proxyless, adadistill)
+import kd_plugin.losses  # noqa: F401  (registers ekd, l2, cosine, logit, cckd, sp, rkd)
+import kd_plugin.teachers.multistep  # noqa: F401  (registers multistep)
+from kd_plugin.registry import NEEDS, Method, registered
+
+
+def methods() -> dict[str, Method]:
+    """Every registered method by name: the built-ins first, in the order above, then the user's."""
+    return registered()
+
+
+def names(method: str) -> list[str]:
+    """The method names of a combination such as 'proxyless+ekd' ('none' and '' have none)."""
+    return [] if method in ("none", "") else [m.strip() for m in method.split("+") if m.strip()]
+
+
+def needs(method: str) -> set[str]:
+    """Everything a combination such as 'proxyless+ekd' needs."""
+    catalogue = methods()
+    return set().union(*(catalogue[n].needs for n in names(method)))
+
+
+def runs_from_a_teacher(method: Method) -> bool:
+    """Whether the method runs alone from a teacher (online or cached) and the training data, with nothing else to
+    give: not a term over another method's logits, not a method that brings its own teacher (multi-step KD's
+    per-epoch checkpoints)."""
+    return "logits" not in method.needs and method.teacher is None
+
+
+def kd_block(method: str, **settings) -> dict:
+    """A config.kd block running `method` ('none', 'ekd', 'proxyless+ekd', ...) with `settings` (teacher, cache,
+    sampler, ...): the inherited centres are estimated from the teacher when the method needs centres."""
+    block = dict(settings, method=method)
+    if "centres" in needs(method):
+        block.setdefault("centres", "estimate")
+    return block
+
+
+def describe() -> str:
+    """The catalogue as text: `kd-plugin methods`."""
+    lines = []
+    for name, m in methods().items():
+        weight = f", weight {m.weight:g}" if m.kind == "term" else ""
+        lines.append(f"{name:<11} {m.title} ({m.kind}{weight}): {m.summary}")
+        lines.append(f"{'':<11} needs: {', '.join(sorted(m.needs)) or 'nothing more'}")
+        if m.defaults:
+            lines.append(f"{'':<11} config.kd.{name} = {dict(m.defaults)}")
+        if not m.builtin:
+            lines.append(f"{'':<11} registered by {m.origin}")
+    lines.append("")
+    lines.append("what the needs mean:")
+    lines += [f"  {need}: {meaning}" for need, meaning in NEEDS.items()]
+    lines.append("combine with '+', e.g. kd.method = 'proxyless+ekd'; kd.weights = {term: weight} overrides weights")
+    return "\n".join(lines)
+
+
+def chosen(kd) -> dict[str, Method]:
+    """The methods a resolved config.kd runs ({name: Method}): its head method, if any, then its terms."""
+    catalogue = methods()
+    picked = [kd.head] if kd.head != "trainable" else []
+    return {name: catalogue[name] for name in picked + list(kd.terms)}
