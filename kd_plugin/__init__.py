@@ -1,6 +1,9 @@
 """kd_plugin: knowledge distillation for insightface's arcface_torch (ProxylessKD, EKD and the baselines)."""
 
+from kd_plugin.registry import add_term, register_term
+
 __version__ = "0.1.0"
+__all__ = ["distill", "register_term", "add_term", "__version__"]
 
 
 def distill(config, teacher=None, method="proxyless", **kd):

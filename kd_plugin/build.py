@@ -16,7 +16,7 @@ from kd_plugin.normalization import given_normalization
 from kd_plugin.objective import KDObjective
 from kd_plugin.teachers import load_cache, load_embedder
 from kd_plugin.teachers.cache import dataset_fingerprint
-from kd_plugin.teachers.centers import centers_from_cache, estimate_class_slice
+from kd_plugin.teachers.centres import centres_from_cache, estimate_class_slice
 from kd_plugin.teachers.classifier import save_class_slices, saved_class_slices
 from kd_plugin.teachers.feed import TeacherFeed
 from kd_plugin.training_log import LOG
@@ -63,7 +63,7 @@ def estimated_centres(cfg, dataset, feed: TeacherFeed):
             LOG.info(f"resume: ProxylessKD reuses the centres estimated before, {folder}")
         return folder
     if feed.cache is not None:
-        part = centers_from_cache(feed.cache, dataset.labels, cfg.num_classes)
+        part = centres_from_cache(feed.cache, dataset.labels, cfg.num_classes)
     else:
         part = estimate_class_slice(feed.embedder, dataset, batch_size=cfg.kd.teacher_batch_size)
     save_class_slices(part, folder, get_rank(), get_world_size(), meta)

@@ -1,4 +1,5 @@
-"""`kd-plugin` command line: `eval`, `pack`, `classifier`, `centers`, `cache`, `train`, `export`, `demo`, `bench`."""
+"""`kd-plugin` command line: `eval`, `pack`, `classifier`, `centres` (alias `centers`), `cache`, `methods`, `train`,
+`export`, `demo`, `bench`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from typing import Sequence
 
 from kd_plugin.errors import KDPluginError
+from kd_plugin.fprs import DEFAULT_FPRS
 from kd_plugin.normalization import given_normalization
 
 
@@ -33,7 +35,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gallery-mean", help="gallery model's input mean (default: --mean)")
     p.add_argument("--gallery-std", help="gallery model's input std (default: --std)")
     p.add_argument("--gallery-bgr", action="store_true", help="the gallery model takes BGR input")
-    p.add_argument("--fprs", default="1e-1,1e-2,1e-3,1e-4,1e-5,1e-6", help="FPRs to report TPR at")
+    p.add_argument("--fprs", default=",".join(f"{f:.0e}" for f in DEFAULT_FPRS), help="FPRs to report TPR at")
     p.add_argument("--batch-size", type=int, default=64, help="inference batch (fixed-batch models use their own)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
     p.set_defaults(func=_run_eval)
@@ -105,7 +107,10 @@ def _run_pack(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_teacher_args(p: argparse.ArgumentParser, out_help: str) -> None:
+def _add_teacher_command(sub: argparse._SubParsersAction, name: str, help: str, out_help: str, run,
+                         aliases: Sequence[str] = ()) -> None:
+    """A command that runs the teacher over the training data (under torchrun, each rank its share)."""
+    p = sub.add_parser(name, help=help, aliases=list(aliases))
     p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--teacher", required=True, help="teacher spec: FILE.onnx, or NETWORK:CHECKPOINT (r100:backbone.pth)")
     p.add_argument("--mean", help=_triplet_help("teacher input mean"))
@@ -114,6 +119,7 @@ def _add_teacher_args(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--data", required=True, help="training data: train.rec (or its folder), image folder, label.txt")
     p.add_argument("--batch-size", type=int, default=128, help="teacher inference batch")
     p.add_argument("--device", default="cuda" if _has_cuda() else "cpu", help="where a torch teacher runs")
+    p.set_defaults(func=run)
 
 
 def _has_cuda() -> bool:
@@ -156,27 +162,15 @@ def _run_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_centers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("centers", help="estimate class centres from a teacher's embeddings (runs under torchrun)")
-    _add_teacher_args(p, "output file (torch.save dict with 'weight')")
-    p.set_defaults(func=_run_centers)
-
-
-def _run_centers(args: argparse.Namespace) -> int:
-    from kd_plugin.teachers import estimate_centers, save_classifier
+def _run_centres(args: argparse.Namespace) -> int:
+    from kd_plugin.teachers import estimate_centres, save_classifier
 
     teacher, dataset, rank = _teacher_and_data(args)
-    centres = estimate_centers(teacher, dataset, args.batch_size)
+    centres = estimate_centres(teacher, dataset, args.batch_size)
     if rank == 0:
         save_classifier(centres, args.out, source=args.data, teacher=args.teacher, kind="estimated_centres")
         print(f"wrote {args.out}: {centres.shape[0]} class centres x {centres.shape[1]}")
     return 0
-
-
-def _add_cache(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("cache", help="embed every training image and its flip with the teacher once (fp16)")
-    _add_teacher_args(p, "output folder (embeddings.npy + meta.json)")
-    p.set_defaults(func=_run_cache)
 
 
 def _run_cache(args: argparse.Namespace) -> int:
@@ -194,8 +188,25 @@ def _run_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_methods(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("methods", help="the distillation methods config.kd.method can name: weights, needs, settings")
+    p.set_defaults(func=_run_methods)
+
+
+def _run_methods(args: argparse.Namespace) -> int:
+    from kd_plugin.methods import describe
+
+    print(describe())
+    return 0
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train (and distil) a student from an arcface_torch-style config; torchrun-ready")
+    from kd_plugin.methods import methods
+
+    listing = "; ".join(f"{name} ({m.title})" for name, m in methods().items())
+    p = sub.add_parser("train", help="train (and distil) a student from an arcface_torch-style config; torchrun-ready",
+                       epilog=f"config.kd.method names one or more of: {listing}, joined with '+'; details: "
+                              f"kd-plugin methods")
     p.add_argument("config", help="python config file defining `config` (an EasyDict) with an optional `config.kd`")
     p.set_defaults(func=_run_train)
 
@@ -209,7 +220,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write a student as ONNX taking uint8 RGB images (normalisation inside)")
+    p = sub.add_parser("export", help="write a student as ONNX for insightface's model_zoo (normalisation inside)")
     p.add_argument("model", help="a training config (.py: its network, <output>/model.pt, kd.student_mean/std) or a "
                                  "model spec NETWORK:CHECKPOINT (mbf:work_dirs/job/model.pt)")
     p.add_argument("--out", help="ONNX file to write (default for a config: <output>/model.onnx)")
@@ -286,8 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_pack(sub)
     _add_classifier(sub)
-    _add_centers(sub)
-    _add_cache(sub)
+    _add_teacher_command(sub, "centres", "estimate class centres from a teacher's embeddings (runs under torchrun)",
+                         "output file (torch.save dict with 'weight')", _run_centres, aliases=["centers"])
+    _add_teacher_command(sub, "cache", "embed every training image and its flip with the teacher once (fp16)",
+                         "output folder (embeddings.npy + meta.json)", _run_cache)
+    _add_methods(sub)
     _add_train(sub)
     _add_export(sub)
     _add_demo(sub)

@@ -21,7 +21,14 @@ import time
 import numpy as np
 from PIL import Image
 
-METHODS = ("none", "proxyless", "ekd", "proxyless+ekd")
+
+
+def demo_methods() -> tuple[str, ...]:
+    """No KD, then each method this plugin is about (the registry's non-baselines) and their combination."""
+    from kd_plugin.methods import methods
+
+    ours = [name for name, m in methods().items() if not m.baseline]
+    return ("none", *ours, "+".join(ours))
 
 
 def ensure_demo_networks() -> None:
@@ -64,6 +71,7 @@ def run(out: str, identities: int = 60, per_identity: int = 20, val_identities: 
     from kd_plugin.data import open_dataset
     from kd_plugin.data.pack import pack_dataset
     from kd_plugin.evaluation import evaluate_pairs
+    from kd_plugin.methods import kd_block
     from kd_plugin.teachers import build_cache, load_embedder
     from kd_plugin.train import train
 
@@ -86,11 +94,9 @@ def run(out: str, identities: int = 60, per_identity: int = 20, val_identities: 
     build_cache(teacher, open_dataset(rec_dir), cache_dir, teacher_spec, progress=False)
     results = {"teacher": evaluate_pairs(val_dir, teacher, progress=False)}
     sampler = {"identities_per_batch": 8, "images_per_identity": 4, "balanced": True}  # every student: the same batches
-    for method in METHODS:
+    for method in demo_methods():
         _say(f"training the student with {method} ({student_epochs} epochs)")
-        kd = {"method": method, "teacher": teacher_spec, "cache": cache_dir, "centres": "estimate", "sampler": sampler}
-        if method == "none":
-            kd = {"sampler": sampler}
+        kd = kd_block(method, teacher=teacher_spec, cache=cache_dir, sampler=sampler)
         output = os.path.join(out, method.replace("+", "_"))
         train(resolve(dict(base, network="demo_student", num_epoch=student_epochs, output=output, kd=kd)))
         student = load_embedder(f"demo_student:{os.path.join(output, 'model.pt')}")

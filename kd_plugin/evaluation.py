@@ -17,9 +17,9 @@ import torch
 
 from kd_plugin.data.datasets import FaceDataset, open_dataset
 from kd_plugin.data.verification_bin import load_bin
+from kd_plugin.fprs import DEFAULT_FPRS
 from kd_plugin.progress import Progress
 
-DEFAULT_FPRS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 HISTOGRAM_BINS = 1 << 20  # negative scores are histogrammed over [-1, 1]; thresholds are then refined exactly
 
 

@@ -1,13 +1,20 @@
 """The catalogue of distillation methods. Importing it registers the built-in ones, each declared next to its code:
-ProxylessKD and AdaDistill in kd_plugin.heads, EKD and the baseline terms in kd_plugin.losses, PocketNet's multi-step
-KD in kd_plugin.teachers.multistep. A user's own term joins with `kd_plugin.register_term` (see kd_plugin.registry)."""
+ProxylessKD and AdaDistill in kd_plugin.heads, EKD and the baseline terms in the modules of kd_plugin.losses (every
+module there is imported, so a new term is one new file), PocketNet's multi-step KD in kd_plugin.teachers.multistep.
+A user's own term joins with `kd_plugin.register_term` (see kd_plugin.registry)."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 import kd_plugin.heads  # noqa: F401  (registers proxyless, adadistill)
-import kd_plugin.losses  # noqa: F401  (registers ekd, l2, cosine, logit, cckd, sp, rkd)
+import kd_plugin.losses
 import kd_plugin.teachers.multistep  # noqa: F401  (registers multistep)
 from kd_plugin.registry import NEEDS, Method, registered
+
+for _module in pkgutil.iter_modules(kd_plugin.losses.__path__):  # the terms declared in kd_plugin/losses/*.py
+    importlib.import_module(f"kd_plugin.losses.{_module.name}")
 
 
 def methods() -> dict[str, Method]:

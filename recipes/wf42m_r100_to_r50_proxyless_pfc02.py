@@ -1,7 +1,7 @@
 # WebFace42M scale (2,059,906 identities): an r50 student with the r100 teacher's inherited centres, sample_rate 0.2,
 # on 32 GPUs (torchrun --nnodes=4 --nproc_per_node=8). Each GPU holds ~64k frozen centres: 64k x 512 x 2 bytes (fp16)
 # instead of parameters + gradients + momentum. A teacher released without classifier gets estimated centres:
-#   torchrun --nproc_per_node=8 -m kd_plugin centers --teacher r100:work_dirs/wf42m_r100/model.pt \
+#   torchrun --nproc_per_node=8 -m kd_plugin centres --teacher r100:work_dirs/wf42m_r100/model.pt \
 #       --data /train_tmp/WebFace42M --out work_dirs/wf42m_r100/centres.pt
 from easydict import EasyDict as edict
 

@@ -111,22 +111,22 @@ def test_class_range_centres_read_from_files_give_one_process_losses(tmp_path, l
 
 def _slices(rank, world, folder, cache_dir):
     from kd_plugin.teachers import load_cache
-    from kd_plugin.teachers.centers import centers_from_cache, estimate_class_slice
+    from kd_plugin.teachers.centres import centres_from_cache, estimate_class_slice
     from test_teachers import _tiny_teacher
     ds = open_dataset(folder)
     online = estimate_class_slice(_tiny_teacher(), ds, batch_size=2, progress=False)
-    cached = centers_from_cache(load_cache(cache_dir), ds.labels, ds.num_classes)
+    cached = centres_from_cache(load_cache(cache_dir), ds.labels, ds.num_classes)
     return online, cached
 
 
 def test_each_rank_estimates_only_its_class_range_and_the_union_is_one_process(tmp_path):
     from kd_plugin.distributed import class_range
-    from kd_plugin.teachers import build_cache, estimate_centers
+    from kd_plugin.teachers import build_cache, estimate_centres
     from test_teachers import _tiny_teacher
     from test_train import make_faces
     data = make_faces(tmp_path / "faces", identities=7, per_identity=3)  # 21 images: uneven rounds across ranks
     ds = open_dataset(str(data))
-    single = estimate_centers(_tiny_teacher(), ds, batch_size=2, progress=False)
+    single = estimate_centres(_tiny_teacher(), ds, batch_size=2, progress=False)
     build_cache(_tiny_teacher(), ds, str(tmp_path / "cache"), "tiny", batch_size=4, progress=False)
     for world in (2, 3):
         for rank, (online, cached) in enumerate(run_ranks(_slices, world, str(data), str(tmp_path / "cache"))):

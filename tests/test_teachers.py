@@ -15,7 +15,7 @@ from kd_plugin.distributed import class_range
 from kd_plugin.errors import KDPluginError, UnsafePickleError
 from kd_plugin.heads import CombinedMarginLoss, PartialFCHead
 from kd_plugin.normalization import IMAGENET_MEAN, IMAGENET_STD, InputNormalization
-from kd_plugin.teachers import (build_cache, estimate_centers, load_cache, load_embedder, local_class_slice,
+from kd_plugin.teachers import (build_cache, estimate_centres, load_cache, load_embedder, local_class_slice,
                                 read_classifier, save_classifier)
 from kd_plugin.teachers.checkpoints import safe_torch_load
 from kd_plugin.teachers.torch_embedder import TorchEmbedder
@@ -125,7 +125,7 @@ def _tiny_teacher():
 
 def test_centres_are_means_of_normalised_image_and_flip_embeddings(image_folder):
     ds = open_dataset(str(image_folder))
-    centres = estimate_centers(_tiny_teacher(), ds, batch_size=4, progress=False)
+    centres = estimate_centres(_tiny_teacher(), ds, batch_size=4, progress=False)
     teacher = _tiny_teacher()
     images = torch.stack([ds[i][0] for i in range(len(ds))])
     unit = lambda e: e / e.norm(dim=1, keepdim=True)  # noqa: E731
@@ -137,14 +137,14 @@ def test_centres_are_means_of_normalised_image_and_flip_embeddings(image_folder)
 
 def _ranked_centres_and_cache(rank, world, folder, cache_dir):
     ds = open_dataset(folder)
-    centres = estimate_centers(_tiny_teacher(), ds, batch_size=2, progress=False)
+    centres = estimate_centres(_tiny_teacher(), ds, batch_size=2, progress=False)
     build_cache(_tiny_teacher(), ds, cache_dir, "tiny", batch_size=2, progress=False)
     return centres
 
 
 def test_distributed_centres_and_cache_equal_one_process(image_folder, tmp_path):
     ds = open_dataset(str(image_folder))
-    single = estimate_centers(_tiny_teacher(), ds, batch_size=2, progress=False)
+    single = estimate_centres(_tiny_teacher(), ds, batch_size=2, progress=False)
     build_cache(_tiny_teacher(), ds, str(tmp_path / "one"), "tiny", batch_size=2, progress=False)
     ranked = run_ranks(_ranked_centres_and_cache, 2, str(image_folder), str(tmp_path / "two"))
     for centres in ranked:
@@ -184,7 +184,7 @@ def test_real_teacher_centres_same_for_both_onnx_files():
     centres = []
     for name, batch in (("mobilefacenet_dynamic.onnx", 32), ("mobilefacenet_b1.onnx", 1)):
         teacher = load_embedder(str(shared("teachers", "mobilefacenet_ms1m", name)), norm, batch_size=batch)
-        centres.append(estimate_centers(teacher, data, batch_size=128, progress=False))
+        centres.append(estimate_centres(teacher, data, batch_size=128, progress=False))
     assert centres[0].shape == (249, 128)
     assert torch.allclose(centres[0].norm(dim=1), torch.ones(249), atol=1e-5)
     assert (centres[0] - centres[1]).abs().max() < 1e-4

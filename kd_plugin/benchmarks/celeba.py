@@ -30,20 +30,22 @@ from kd_plugin.atomic import write_json
 from kd_plugin.errors import KDPluginError
 from kd_plugin.normalization import IMAGENET_MEAN, IMAGENET_STD
 
-# method name -> its config.kd block (the teacher, cache and sampler are added for every method alike)
-METHODS = {
-    "student": {"method": "none"},
-    "l2": {"method": "l2"},
-    "cosine": {"method": "cosine"},
-    "cckd": {"method": "cckd"},
-    "rkd": {"method": "rkd"},
-    "proxyless": {"method": "proxyless", "centres": "estimate"},
-    "ekd": {"method": "ekd"},
-    "proxyless+ekd": {"method": "proxyless+ekd", "centres": "estimate"},
-    "adadistill": {"method": "adadistill"},
-}
-BASELINES = ("l2", "cosine", "cckd", "rkd", "adadistill")
-ALWAYS_SEEDED = ("student", "proxyless", "ekd", "proxyless+ekd")  # plus the best baseline
+
+
+def _rows() -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """From the method registry: (every row, the baselines' rows, the rows every seed trains). The rows are the
+    student alone, every baseline, then each method this plugin is about and their combination — each method that
+    runs from a teacher and the training data alone (logit KD needs ProxylessKD's head, multi-step KD per-epoch
+    teacher checkpoints)."""
+    from kd_plugin.methods import methods, runs_from_a_teacher
+
+    runnable = {name: m for name, m in methods().items() if runs_from_a_teacher(m)}
+    ours = [name for name, m in runnable.items() if not m.baseline]
+    baselines = tuple(name for name, m in runnable.items() if m.baseline)
+    return ("student", *baselines, *ours, "+".join(ours)), baselines, ("student", *ours, "+".join(ours))
+
+
+METHODS, BASELINES, ALWAYS_SEEDED = _rows()  # ALWAYS_SEEDED: plus the best baseline
 FIGURES = ("accuracy", "tpr@1e-2", "tpr@1e-3", "cross_tpr@1e-3", "epoch_seconds")
 # 1, 2, ..., 9 x 10^k from 1e-4 to 0.9: distinct at one significant digit, as the evaluation's keys ('2e-04') are
 CURVE_FPRS = tuple(float(f"{m}e{k}") for k in range(-4, 0) for m in range(1, 10))
@@ -91,11 +93,13 @@ class _Embeddings:
 
 
 def _config(args, paths: dict, method: str, seed: int, output: str, cache_dir: str) -> dict:
-    kd = dict(METHODS[method], teacher=paths["teacher"], teacher_mean=",".join(map(str, IMAGENET_MEAN)),
-              teacher_std=",".join(map(str, IMAGENET_STD)), cache=cache_dir,
-              sampler={"identities_per_batch": args.identities, "images_per_identity": args.images_per_identity,
-                       "balanced": True},  # the same batches for every method
-              weights=dict(args.weight))
+    from kd_plugin.methods import kd_block
+
+    kd = kd_block("none" if method == "student" else method, teacher=paths["teacher"],
+                  teacher_mean=",".join(map(str, IMAGENET_MEAN)), teacher_std=",".join(map(str, IMAGENET_STD)),
+                  cache=cache_dir, weights=dict(args.weight),
+                  sampler={"identities_per_batch": args.identities, "images_per_identity": args.images_per_identity,
+                           "balanced": True})  # the same batches for every method
     return {"network": args.network, "embedding_size": 128, "rec": paths["train"], "num_classes": args.num_classes,
             "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
             "weight_decay": args.weight_decay, "momentum": 0.9, "num_epoch": args.epochs, "warmup_epoch": 1,

@@ -98,7 +98,7 @@ def _task_adadistill(classes: int, path: str) -> tuple[int, int]:
 
 
 def _task_centres(classes: int, path: str, rows_per_class: int = 2, chunk: int = 1024) -> tuple[int, int]:
-    from kd_plugin.teachers.centers import ClassSums
+    from kd_plugin.teachers.centres import ClassSums
 
     rank, world = get_rank(), get_world_size()
     total = classes * rows_per_class
@@ -122,7 +122,7 @@ def _rank_main(rank: int, world: int, port: int, task: str, classes: int, path: 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         import kd_plugin.heads  # noqa: F401  (imports outside the measured span)
-        import kd_plugin.teachers.centers  # noqa: F401
+        import kd_plugin.teachers.centres  # noqa: F401
         dist.barrier()
         base = rss_bytes()
         reset_peak_rss()

@@ -18,7 +18,8 @@ from kd_plugin.registry import register_term
 class CCKDLoss(nn.Module):
     """Correlation congruence: Gaussian-RBF correlations of unit embeddings by a Taylor expansion of order `order`
     (terms 0..order inclusive), k(x, y) ~ sum_p e^{-2 gamma} (2 gamma)^p / p! (x.y)^p; loss = mean over the N x N
-    matrix of (C_s - C_t)^2, order 2 by default (as TFace's at 82c9cbb)."""
+    matrix of (C_s - C_t)^2. Order 2 by default, as TFace's EKD code at 82c9cbb (its b3dad95 sums p < 2: order 1,
+    which `order=1` reproduces)."""
 
     def __init__(self, gamma: float = 0.4, order: int = 2) -> None:
         super().__init__()

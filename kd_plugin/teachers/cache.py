@@ -19,7 +19,7 @@ from kd_plugin.atomic import write_json
 from kd_plugin.data.datasets import FaceDataset
 from kd_plugin.distributed import get_rank, get_world_size, is_distributed
 from kd_plugin.errors import KDPluginError
-from kd_plugin.teachers.centers import embed_pairs
+from kd_plugin.teachers.centres import embed_pairs
 
 FORMAT = "kd_plugin.teacher_cache"
 CACHEABLE_AUGMENTATIONS = (None, "none", "flip")

@@ -123,7 +123,7 @@ def _check_shape(path: str, shape: tuple[int, int], what: str, num_classes: int 
         raise KDPluginError(f"{path}: the teacher classifier has {shape[0]} classes ({what}) but the dataset "
                             f"has {num_classes} (num_classes): the shards do not cover this dataset (insightface issue "
                             f"#2056). Use the matching dataset, or estimate the centres from the teacher instead: "
-                            f"kd-plugin centers --teacher SPEC --data train.rec --out centres.pt")
+                            f"kd-plugin centres --teacher SPEC --data train.rec --out centres.pt")
     if embedding_size is not None and shape[1] != embedding_size:
         raise KDPluginError(f"{path}: the teacher classifier has embedding size {shape[1]} but the student's "
                             f"is {embedding_size} (embedding_size); ProxylessKD needs them equal")

@@ -114,9 +114,9 @@ def estimate_class_slice(embedder, dataset: FaceDataset, batch_size: int = 256, 
     return sums.centres(dataset.source)
 
 
-def estimate_centers(embedder, dataset: FaceDataset, batch_size: int = 256, progress: bool = True) -> torch.Tensor:
+def estimate_centres(embedder, dataset: FaceDataset, batch_size: int = 256, progress: bool = True) -> torch.Tensor:
     """The full (num_classes, d) float32 unit-norm centre matrix on every rank: `estimate_class_slice`, then the
-    slices gathered. Holding C x d on every rank is the point here (`kd-plugin centers` writes one file); training
+    slices gathered. Holding C x d on every rank is the point here (`kd-plugin centres` writes one file); training
     uses the slices."""
     part = estimate_class_slice(embedder, dataset, batch_size, progress)
     if not is_distributed():
@@ -125,7 +125,7 @@ def estimate_centers(embedder, dataset: FaceDataset, batch_size: int = 256, prog
     return gather_no_grad(part.rows.to(collective_device()), sizes).cpu()
 
 
-def centers_from_cache(cache, labels: np.ndarray, num_classes: int, rank: int | None = None,
+def centres_from_cache(cache, labels: np.ndarray, num_classes: int, rank: int | None = None,
                        world_size: int | None = None, chunk: int = 65536) -> ClassSlice:
     """The same estimate for this rank's class range from a teacher-embedding cache (each image and its flip,
     normalised), without the teacher: only the cached rows of this rank's classes are read."""
