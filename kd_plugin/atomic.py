@@ -13,14 +13,24 @@ from typing import Any, Iterator
 @contextlib.contextmanager
 def replacing(path: str) -> Iterator[str]:
     """`with replacing(path) as tmp: write tmp` — then tmp replaces path; on an error tmp is removed, path untouched."""
-    tmp = f"{path}.{os.getpid()}.tmp"
+    with replacing_all([path]) as tmp:
+        yield tmp[path]
+
+
+@contextlib.contextmanager
+def replacing_all(paths: list[str]) -> Iterator[dict[str, str]]:
+    """`replacing` for files written together: {path: tmp}; once all are written they replace their paths in the
+    given order; on an error every tmp is removed and no path is touched."""
+    tmp = {path: f"{path}.{os.getpid()}.tmp" for path in paths}
     try:
         yield tmp
-        os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+        for name in tmp.values():
+            with contextlib.suppress(OSError):
+                os.remove(name)
         raise
+    for path in paths:
+        os.replace(tmp[path], path)
 
 
 def save_torch(obj: Any, path: str) -> None:

@@ -93,5 +93,7 @@ def build_objective(cfg, dataset, feed: TeacherFeed | None, sampler: IdentityBal
     """The head plus the weighted terms; with `kd.margin_on_random_part`, the head's loss sees only the sampler's
     random part of each rank's batch."""
     random_rows = sampler.random_size if cfg.kd.margin_on_random_part else None
+    methods = chosen(cfg.kd)
     return KDObjective(build_head(cfg, dataset, feed), build_terms(cfg), cfg.kd.reference_gradient_scaling,
-                       random_rows)
+                       random_rows, needs_teacher=any("teacher" in m.needs for m in methods.values()),
+                       equal_dims=tuple(name for name, m in methods.items() if "equal_dims" in m.needs))

@@ -44,6 +44,7 @@ KD_SETTINGS = {
     "teacher_amp": None,  # None (fp32), "float16" or "bfloat16": autocast for a torch teacher's forward
     "centre_dtype": "float32",  # ProxylessKD's inherited centres in memory: "float32", "float16" or "bfloat16"
 }
+RESOLVED_KEYS = ("terms", "head")  # what resolve() adds to config.kd: {term: weight} and the head method
 CENTRE_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -57,7 +58,7 @@ def kd_defaults() -> dict:
 
     out = copy.deepcopy(KD_SETTINGS)
     for name, method in methods().items():
-        if name in KD_SETTINGS:
+        if name in KD_SETTINGS or name in RESOLVED_KEYS:
             raise KDPluginError(f"method {name!r} ({method.origin}) has the name of the config.kd setting {name!r}; "
                                 f"register it under another name")
         if method.defaults:
@@ -119,10 +120,11 @@ def _check_needs(kd: dict, chosen: dict) -> None:
     if any("teacher" in m.needs for m in chosen.values()) and not kd["teacher"] and not kd["cache"]:
         raise _fail("kd.teacher", kd["teacher"], f"method {kd['method']!r} needs the teacher's embeddings: set "
                                                  f"kd.teacher (a model spec) or kd.cache")
-    if any("centres" in m.needs for m in chosen.values()) and not kd["centres"]:
-        raise _fail("kd.centres", kd["centres"], "ProxylessKD needs the teacher's class centres: the folder of its "
-                                                 "checkpoint_gpu_*.pt / rank_*_softmax_weight.pt shards, one "
-                                                 "classifier file, or 'estimate' (from kd.teacher)")
+    inheriting = [m.title for m in chosen.values() if "centres" in m.needs]
+    if inheriting and not kd["centres"]:
+        raise _fail("kd.centres", kd["centres"], f"{inheriting[0]} needs the teacher's class centres: the folder of "
+                                                 f"its checkpoint_gpu_*.pt / rank_*_softmax_weight.pt shards, one "
+                                                 f"classifier file, or 'estimate' (from kd.teacher)")
 
 
 def resolve(config: dict) -> EasyDict:

@@ -11,6 +11,7 @@ import pkgutil
 import kd_plugin.heads  # noqa: F401  (registers proxyless, adadistill)
 import kd_plugin.losses
 import kd_plugin.teachers.multistep  # noqa: F401  (registers multistep)
+from kd_plugin.errors import KDPluginError
 from kd_plugin.registry import NEEDS, Method, registered
 
 for _module in pkgutil.iter_modules(kd_plugin.losses.__path__):  # the terms declared in kd_plugin/losses/*.py
@@ -30,6 +31,9 @@ def names(method: str) -> list[str]:
 def needs(method: str) -> set[str]:
     """Everything a combination such as 'proxyless+ekd' needs."""
     catalogue = methods()
+    unknown = [n for n in names(method) if n not in catalogue]
+    if unknown:
+        raise KDPluginError(f"method {method!r}: unknown {unknown}; allowed: {', '.join(catalogue)}, or 'none'")
     return set().union(*(catalogue[n].needs for n in names(method)))
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from kd_plugin.data.sampler import random_part_mask
 from kd_plugin.distributed import gather_no_grad, gather_sizes, replicated_loss
+from kd_plugin.errors import KDPluginError
 from kd_plugin.heads import AdaDistillHead, PartialFCHead
 
 
@@ -23,18 +24,26 @@ class KDObjective(nn.Module):
     head's loss sees only each rank's first R rows — the reference EKD recipe — while the terms see the whole batch."""
 
     def __init__(self, head: PartialFCHead, terms: dict[str, tuple[nn.Module, float]] | None = None,
-                 reference_scaling: bool = False, margin_random_rows: int | None = None) -> None:
+                 reference_scaling: bool = False, margin_random_rows: int | None = None,
+                 needs_teacher: bool | None = None, equal_dims: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.head = head
         self.terms = nn.ModuleDict({name: module for name, (module, _) in (terms or {}).items()})
         self.weights = {name: float(weight) for name, (_, weight) in (terms or {}).items()}
         self.reference_scaling, self.margin_random_rows = reference_scaling, margin_random_rows
-        self.needs_teacher = bool(self.terms) or isinstance(head, AdaDistillHead)
+        self.needs_teacher = (bool(self.terms) or isinstance(head, AdaDistillHead)) if needs_teacher is None \
+            else bool(needs_teacher)
+        self.equal_dims = tuple(equal_dims)  # terms that compare embeddings directly (their declared need)
 
     def forward(self, local_student: torch.Tensor, local_labels: torch.Tensor,
                 local_teacher: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.needs_teacher and local_teacher is None:
             raise ValueError(f"the KD terms {sorted(self.terms) or ['adadistill']} need teacher embeddings")
+        if self.equal_dims and local_teacher is not None and local_teacher.shape[1] != local_student.shape[1]:
+            raise KDPluginError(f"{', '.join(self.equal_dims)}: the student's embeddings have "
+                                f"{local_student.shape[1]} dims, the teacher's {local_teacher.shape[1]}; these compare "
+                                f"embeddings directly and need equal dims: set embedding_size = "
+                                f"{local_teacher.shape[1]} or use a relational term (ekd, cckd, sp, rkd)")
         sizes = gather_sizes(len(local_labels), local_student.device)
         student, labels = self.head.gather(local_student, local_labels, sizes)
         teacher = None if local_teacher is None else gather_no_grad(local_teacher.float(), sizes)

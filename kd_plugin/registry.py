@@ -34,7 +34,8 @@ NEEDS = {
     "centres": "the teacher's class centres, inherited by the classifier (kd.centres: shards, a file or 'estimate')",
     "logits": "the logits over the inherited class centres: a head that inherits them (proxyless) and `head` passed "
               "to forward (the term is sharded across ranks like the head)",
-    "labels": "identity labels (without it the term also works on unlabelled images)",
+    "labels": "identity labels: a term without this need is label-free (declared for unlabelled images; every batch "
+              "has labels today)",
     "balanced": "identity-balanced batches (kd.sampler.balanced defaults to on)",
     "equal_dims": "a student embedding_size equal to the teacher's",
 }
@@ -81,9 +82,15 @@ def _add(method: Method) -> None:
     if unknown:
         raise KDPluginError(f"{where}: needs {unknown} unknown; allowed: {', '.join(NEEDS)}")
     old = _REGISTRY.get(method.name)
-    if old is not None and old.builtin and old.origin != method.origin:
-        raise KDPluginError(f"{where}: {method.name!r} is kd_plugin's {old.title} ({old.origin}); register your term "
-                            f"under another name")
+    if old is not None and old.origin != method.origin:
+        if old.builtin:
+            raise KDPluginError(f"{where}: {method.name!r} is kd_plugin's {old.title} ({old.origin}); register your "
+                                f"term under another name")
+        if method.builtin:
+            raise KDPluginError(f"{old.origin} registered {method.name!r}, the name of kd_plugin's built-in "
+                                f"{method.title}; register that term under another name")
+        raise KDPluginError(f"{where}: {old.origin} registered {method.name!r} already; give one of them another "
+                            f"name")
     _REGISTRY[method.name] = method  # a config file loaded again re-registers its own term: the new one replaces it
 
 
@@ -108,7 +115,16 @@ def add_term(name: str, build: Callable[..., Any], *, weight: float = 1.0, needs
              _builtin: bool = False) -> None:
     """Declare a distillation term built by `build(**config.kd.<name>)` (a module class, or a function returning the
     module). Its config block is `build`'s keyword parameters with their defaults (the published settings)."""
-    declared = set(needs) | ({"logits"} if getattr(build, "sharded", False) else set())
+    sharded = bool(getattr(build, "sharded", False))
+    declared = set(needs) | ({"logits"} if sharded else set())
+    if "centres" in declared:
+        raise KDPluginError(f"registering method {name!r} ({_origin(build)}): a term receives no class centres (a head "
+                            f"does, register_head); a term that works on the logits over the inherited centres sets "
+                            f"`sharded = True` and is given the head")
+    if "logits" in declared and not sharded:
+        raise KDPluginError(f"registering method {name!r} ({_origin(build)}): needs 'logits', but only a term with "
+                            f"`sharded = True` is given the head (forward(student, teacher, labels, head)); set it on "
+                            f"the class")
     _add(Method(name=name, kind="term", build=build, title=title or name, summary=summary or _first_line(build),
                 defaults=_keyword_defaults(name, build), weight=float(weight), needs=frozenset(declared),
                 baseline=baseline, check=check, teacher=teacher, builtin=_builtin, origin=_origin(build)))

@@ -266,7 +266,7 @@ class Trainer:
 
     def student_embedder(self) -> TorchEmbedder:
         """The student as an evaluation embedder (eval mode while embedding, then back to training)."""
-        return TorchEmbedder(self.student, self.student_norm, self.device, freeze=False)
+        return TorchEmbedder(self.student, self.student_norm, self.device, spec="student", freeze=False)
 
     def _tensorboard(self):
         if self.rank != 0:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import textwrap
 
 import pytest
 import torch
@@ -112,9 +111,65 @@ def test_the_registry_refuses_declarations_it_could_not_honour():
 
     with pytest.raises(KDPluginError, match=r"parameters \['alpha'\] have no default"):
         register_term("required_term")(Required)
-    register_term("sampler", needs=())(Term)
-    with pytest.raises(KDPluginError, match="has the name of the config.kd setting 'sampler'"):
-        resolve({"rec": "x", "num_classes": 2})
+    with pytest.raises(KDPluginError, match="a term receives no class centres"):
+        register_term("centred_term", needs=("teacher", "centres"))(Term)
+    with pytest.raises(KDPluginError, match="needs 'logits', but only a term with `sharded = True`"):
+        register_term("logit_term", needs=("teacher", "logits"))(Term)
+    register_term("one_name")(Term)
+
+    class Other(torch.nn.Module):
+        pass
+
+    with pytest.raises(KDPluginError, match="registered 'one_name' already"):
+        register_term("one_name")(Other)
+    for reserved in ("sampler", "terms"):
+        register_term(reserved, needs=())(Term)
+        with pytest.raises(KDPluginError, match=f"has the name of the config.kd setting '{reserved}'"):
+            resolve({"rec": "x", "num_classes": 2})
+        registry._REGISTRY.pop(reserved)
+
+
+def test_a_built_in_never_silently_replaces_a_users_term_of_its_name():
+    """A config may register before the built-ins are imported: the built-in's registration then stops, naming the
+    user's term, instead of replacing it."""
+    from kd_plugin.losses.embedding import L2Loss
+
+    class Mine(torch.nn.Module):
+        pass
+
+    del registry._REGISTRY["l2"]
+    register_term("l2")(Mine)
+    with pytest.raises(KDPluginError, match=r"test_registry.*Mine registered 'l2', the name of kd_plugin's built-in L2"):
+        registry.add_term("l2", L2Loss, weight=100.0, needs=("teacher", "equal_dims"), title="L2", _builtin=True)
+
+
+def test_a_term_without_the_teacher_trains_without_one_and_equal_dims_is_enforced_for_every_term(tmp_path):
+    from kd_plugin.train import Trainer
+
+    @register_term("spread", weight=0.5, needs=())
+    class Spread(torch.nn.Module):
+        """A label-free, teacher-free regulariser: the batch's mean squared cosine."""
+
+        def forward(self, student, teacher, labels):
+            assert teacher is None
+            unit = torch.nn.functional.normalize(student, dim=1)
+            loss = (unit @ unit.T).pow(2).mean()
+            return loss, {}
+
+    data = make_faces(tmp_path / "faces")
+    trainer = Trainer(resolve(_config(data, tmp_path / "out", max_steps=2, kd={"method": "spread"})))
+    assert trainer.teacher is None and not trainer.objective.needs_teacher
+    assert trainer.run()["global_step"] == 2
+
+    @register_term("direct", needs=("teacher", "equal_dims"))
+    class Direct(torch.nn.Module):
+        def forward(self, student, teacher, labels):
+            return (student - teacher).pow(2).mean(), {}
+
+    wide = _config(data, tmp_path / "wide", max_steps=1, embedding_size=32,
+                   kd={"method": "direct", "teacher": _teacher(tmp_path)})  # the teacher's embeddings are 16-d
+    with pytest.raises(KDPluginError, match="direct: the student's embeddings have 32 dims, the teacher's 16"):
+        Trainer(resolve(wide)).run()
 
 
 def test_config_cli_benchmark_and_demo_read_the_registry(capsys):

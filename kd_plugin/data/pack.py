@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import warnings
@@ -10,7 +9,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from kd_plugin.atomic import replacing
+from kd_plugin.atomic import replacing_all
 from kd_plugin.data.datasets import FaceDataset
 from kd_plugin.data.images import decode_image
 from kd_plugin.data.recordio import RecordHeader, RecordIOWriter, pack_payload
@@ -30,9 +29,8 @@ def pack_dataset(dataset: FaceDataset, out_dir: str, progress: bool = True) -> d
     dataset's `skip_bad_records` is left out and counted. Files are written under temporary names and renamed at the
     end, so an interrupted run leaves no half-written train.rec behind."""
     os.makedirs(out_dir, exist_ok=True)
-    with contextlib.ExitStack() as files:
-        tmp = {name: files.enter_context(replacing(os.path.join(out_dir, name))) for name in _OUTPUTS}
-        return _write(dataset, out_dir, tmp, progress)
+    with replacing_all([os.path.join(out_dir, name) for name in _OUTPUTS]) as files:
+        return _write(dataset, out_dir, {name: files[os.path.join(out_dir, name)] for name in _OUTPUTS}, progress)
 
 
 def _write(dataset: FaceDataset, out_dir: str, tmp: dict[str, str], progress: bool) -> dict:
