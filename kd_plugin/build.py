@@ -10,16 +10,20 @@ import torch
 
 from kd_plugin.data.sampler import IdentityBalancedBatchSampler
 from kd_plugin.distributed import all_reduce_, collective_device, get_rank, get_world_size
-from kd_plugin.heads import PartialFCHead, trainable_head
+from kd_plugin.errors import KDPluginError
+from kd_plugin.heads import PartialFCHead, head_arguments, trainable_head
 from kd_plugin.methods import chosen
 from kd_plugin.normalization import given_normalization
 from kd_plugin.objective import KDObjective
-from kd_plugin.teachers import load_cache, load_embedder
+from kd_plugin.teachers import build_cache, load_cache, load_embedder
 from kd_plugin.teachers.cache import dataset_fingerprint
 from kd_plugin.teachers.centres import centres_from_cache, estimate_class_slice
+from kd_plugin.teachers.fit import fit_class_slice
 from kd_plugin.teachers.classifier import save_class_slices, saved_class_slices
 from kd_plugin.teachers.feed import TeacherFeed
 from kd_plugin.training_log import LOG
+
+DERIVED_CENTRES = ("estimate", "fit")  # kd.centres values that derive the centres from the teacher
 
 
 def build_sampler(cfg, labels) -> IdentityBalancedBatchSampler:
@@ -33,7 +37,7 @@ def build_teacher(cfg, dataset, device: torch.device) -> TeacherFeed | None:
     """The teacher's embeddings for the run: its cache when configured, else the frozen teacher (a method's own,
     such as multi-step KD's schedule, or kd.teacher); None when no method needs the teacher."""
     kd, methods = cfg.kd, chosen(cfg.kd)
-    estimating = kd.centres == "estimate" and any("centres" in m.needs for m in methods.values())
+    estimating = kd.centres in DERIVED_CENTRES and any("centres" in m.needs for m in methods.values())
     if not estimating and not any("teacher" in m.needs for m in methods.values()):
         return None
     if kd.cache:
@@ -47,27 +51,47 @@ def build_teacher(cfg, dataset, device: torch.device) -> TeacherFeed | None:
                                      amp_dtype=amp))
 
 
-def estimated_centres(cfg, dataset, feed: TeacherFeed):
-    """ProxylessKD's centres for `centres="estimate"`: this rank's class range, estimated from the cache or the
-    teacher and saved as `<output>/teacher_centres/rank_{r}_softmax_weight.pt` (+ meta.json); a resumed run
-    (`resume=True`) reads the saved ones back instead of running the teacher over the dataset again."""
+def derived_centres(cfg, dataset, feed: TeacherFeed):
+    """ProxylessKD's centres derived from the teacher, this rank's class range: `centres="estimate"` (the class means
+    of the cached or online teacher embeddings) or `centres="fit"` (a margin-softmax classifier fitted over the cached
+    embeddings, starting from those means; without kd.cache the teacher's embeddings are cached first, in
+    `<output>/teacher_cache`). Saved as `<output>/teacher_centres/rank_{r}_softmax_weight.pt` (+ meta.json); a resumed
+    run (`resume=True`) reads the saved ones back instead of running the teacher over the dataset again."""
     folder = os.path.join(cfg.output, "teacher_centres")
     fingerprint = dataset_fingerprint(dataset)
     meta = {"kind": "estimated_centres", "teacher": cfg.kd.teacher, "num_classes": int(cfg.num_classes),
             "num_images": fingerprint["num_images"], "labels_sha1": fingerprint["labels_sha1"],
             "images_sha1": fingerprint["images_sha1"], "world_size": get_world_size()}
+    if cfg.kd.centres == "fit":  # what the fit depends on: a saved fit of other settings is not reused
+        meta.update(kind="fitted_centres", margin_list=list(cfg.margin_list), seed=int(cfg.seed), **cfg.kd.centre_fit)
     # every rank must take the same branch (estimation is collective): reuse only if every rank sees the saved set
     saved = torch.tensor([1.0 if cfg.resume and saved_class_slices(folder, meta) else 0.0], device=collective_device())
     if all_reduce_(saved, "min").item() > 0:
         if get_rank() == 0:
             LOG.info(f"resume: ProxylessKD reuses the centres estimated before, {folder}")
         return folder
-    if feed.cache is not None:
+    if cfg.kd.centres == "fit":
+        cache = feed.cache if feed.cache is not None else _cache_for_fit(cfg, dataset, feed)
+        part = fit_class_slice(cache, dataset.labels, cfg.num_classes, head_arguments(cfg)[0], seed=cfg.seed,
+                               **cfg.kd.centre_fit)
+    elif feed.cache is not None:
         part = centres_from_cache(feed.cache, dataset.labels, cfg.num_classes)
     else:
         part = estimate_class_slice(feed.embedder, dataset, batch_size=cfg.kd.teacher_batch_size)
     save_class_slices(part, folder, get_rank(), get_world_size(), meta)
     return part
+
+
+def _cache_for_fit(cfg, dataset, feed: TeacherFeed):
+    """The teacher's embeddings of every training image and its flip, cached once for the fit (collective)."""
+    folder = os.path.join(cfg.output, "teacher_cache")
+    try:
+        return load_cache(folder, dataset, teacher=cfg.kd.teacher)
+    except KDPluginError:
+        if get_rank() == 0:
+            LOG.info(f"centres='fit': caching the teacher's embeddings of the training set in {folder}")
+        build_cache(feed.embedder, dataset, folder, cfg.kd.teacher, cfg.kd.teacher_batch_size)
+        return load_cache(folder, dataset, teacher=cfg.kd.teacher)
 
 
 def build_head(cfg, dataset, feed: TeacherFeed | None) -> PartialFCHead:
@@ -78,7 +102,7 @@ def build_head(cfg, dataset, feed: TeacherFeed | None) -> PartialFCHead:
     method = chosen(kd)[kd.head]
     centres = None
     if "centres" in method.needs:
-        centres = estimated_centres(cfg, dataset, feed) if kd.centres == "estimate" else kd.centres
+        centres = derived_centres(cfg, dataset, feed) if kd.centres in DERIVED_CENTRES else kd.centres
     return method.build(cfg, centres)
 
 

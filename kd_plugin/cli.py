@@ -143,22 +143,66 @@ def _teacher_and_data(args: argparse.Namespace):
 
 
 def _add_classifier(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("classifier", help="convert a teacher's classifier (any shard layout) to one (C, d) file")
-    p.add_argument("--from", dest="source", required=True,
-                   help="folder of checkpoint_gpu_{r}.pt or rank_{r}_softmax_weight.pt shards, one shard, a full "
-                        "(C, d) tensor file, or a fork's header with a (d, C) 'kernel'")
+    from kd_plugin.teachers.fit import FIT_DEFAULTS
+
+    p = sub.add_parser("classifier", help="the teacher's classifier as one (C, d) file: converted from any shard "
+                                          "layout (--from), or fitted to its cached embeddings (--fit)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from", dest="source",
+                        help="folder of checkpoint_gpu_{r}.pt or rank_{r}_softmax_weight.pt shards, one shard, a full "
+                             "(C, d) tensor file, or a fork's header with a (d, C) 'kernel'")
+    source.add_argument("--fit", metavar="CACHE", help="a `kd-plugin cache` folder of a teacher released without "
+                                                       "classifier: fit the margin-softmax classifier of the training "
+                                                       "identities to its embeddings (runs under torchrun)")
     p.add_argument("--num-classes", type=int, required=True, help="classes of the training data (config.num_classes)")
     p.add_argument("--embedding-size", type=int, help="expected embedding size (config.embedding_size)")
     p.add_argument("--out", required=True, help="output file (torch.save dict with 'weight')")
+    p.add_argument("--data", help="with --fit: the training data the cache was made from (train.rec, ...)")
+    p.add_argument("--margin", default="1.0,0.5,0.0", help="with --fit: arcface_torch margin_list m1,m2,m3 (default "
+                                                           "ArcFace 0.5)")
+    for key, value in FIT_DEFAULTS.items():
+        p.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value,
+                       help=f"with --fit: {key} of the fit (default {value}; config.kd.centre_fit)")
     p.set_defaults(func=_run_classifier)
 
 
 def _run_classifier(args: argparse.Namespace) -> int:
     from kd_plugin.teachers import read_classifier, save_classifier
 
+    if args.fit:
+        return _fit_classifier(args)
     weight = read_classifier(args.source, args.num_classes, args.embedding_size)
     save_classifier(weight, args.out, source=args.source, kind="classifier")
     print(f"wrote {args.out}: {weight.shape[0]} classes x {weight.shape[1]}")
+    return 0
+
+
+def _fit_classifier(args: argparse.Namespace) -> int:
+    from kd_plugin.data.datasets import open_dataset
+    from kd_plugin.distributed import get_rank, init_from_env
+    from kd_plugin.heads import CombinedMarginLoss
+    from kd_plugin.teachers import load_cache, save_classifier
+    from kd_plugin.teachers.centres import whole_matrix
+    from kd_plugin.teachers.fit import fit_class_slice
+
+    if not args.data:
+        raise KDPluginError("kd-plugin classifier --fit: give --data, the training data the cache was made from")
+    try:
+        margin = CombinedMarginLoss(64, *(float(m) for m in args.margin.split(",")))
+    except (TypeError, ValueError) as exc:
+        raise KDPluginError(f"--margin {args.margin!r}: expected m1,m2,m3 as in arcface_torch's margin_list, e.g. "
+                            f"1.0,0.5,0.0 ({exc})") from None
+    init_from_env()
+    dataset = open_dataset(args.data)
+    if dataset.num_classes != args.num_classes:
+        raise KDPluginError(f"--num-classes {args.num_classes}, but {args.data} has {dataset.num_classes} classes")
+    cache = load_cache(args.fit, dataset)
+    part = fit_class_slice(cache, dataset.labels, args.num_classes, margin, epochs=args.epochs,
+                           batch_size=args.batch_size, lr=args.lr)
+    weight = whole_matrix(part, args.num_classes)
+    if get_rank() == 0:
+        save_classifier(weight, args.out, source=args.fit, kind="fitted_centres", margin=args.margin)
+        print(f"wrote {args.out}: {weight.shape[0]} fitted class centres x {weight.shape[1]}")
     return 0
 
 

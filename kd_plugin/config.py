@@ -35,7 +35,7 @@ KD_SETTINGS = {
     "weights": {},  # per-term weight overrides; otherwise each term's published default
     "teacher": None, "teacher_mean": None, "teacher_std": None, "teacher_bgr": False,
     "student_mean": 127.5, "student_std": 127.5,
-    "centres": None,  # ProxylessKD: teacher shards folder / one classifier file, or "estimate"
+    "centres": None,  # ProxylessKD: teacher shards folder / one classifier file, "estimate" or "fit"
     "cache": None,  # folder written by `kd-plugin cache`
     "sampler": {"identities_per_batch": 8, "images_per_identity": 4, "balanced": None},  # None: on when a term needs it
     "margin_on_random_part": False,  # the reference EKD recipe: margin loss on the random part only
@@ -44,7 +44,8 @@ KD_SETTINGS = {
     "teacher_amp": None,  # None (fp32), "float16" or "bfloat16": autocast for a torch teacher's forward
     "centre_dtype": "float32",  # ProxylessKD's inherited centres in memory: "float32", "float16" or "bfloat16"
 }
-RESOLVED_KEYS = ("terms", "head")  # what resolve() adds to config.kd: {term: weight} and the head method
+# what kd_defaults() and resolve() add to config.kd: the fit's settings, {term: weight} and the head method
+RESOLVED_KEYS = ("centre_fit", "terms", "head")
 CENTRE_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -63,6 +64,9 @@ def kd_defaults() -> dict:
                                 f"register it under another name")
         if method.defaults:
             out[name] = method.block()
+    from kd_plugin.teachers.fit import FIT_DEFAULTS
+
+    out["centre_fit"] = dict(FIT_DEFAULTS)  # centres="fit": epochs, global batch, lr of the fit
     return out
 
 
@@ -121,10 +125,19 @@ def _check_needs(kd: dict, chosen: dict) -> None:
         raise _fail("kd.teacher", kd["teacher"], f"method {kd['method']!r} needs the teacher's embeddings: set "
                                                  f"kd.teacher (a model spec) or kd.cache")
     inheriting = [m.title for m in chosen.values() if "centres" in m.needs]
+    if inheriting and kd["centres"] in ("estimate", "fit") and not kd["teacher"] and not kd["cache"]:
+        raise _fail("kd.teacher", kd["teacher"], f"centres = {kd['centres']!r} derives {inheriting[0]}'s centres from "
+                                                 f"the teacher's embeddings: set kd.teacher (a model spec) or kd.cache")
+    fit = kd["centre_fit"]
+    if kd["centres"] == "fit" and not (isinstance(fit["epochs"], int) and fit["epochs"] >= 1 and
+                                       isinstance(fit["batch_size"], int) and fit["batch_size"] >= 1 and
+                                       float(fit["lr"]) > 0):
+        raise _fail("kd.centre_fit", dict(fit), "expected epochs >= 1 and batch_size >= 1 (integers) and lr > 0")
     if inheriting and not kd["centres"]:
         raise _fail("kd.centres", kd["centres"], f"{inheriting[0]} needs the teacher's class centres: the folder of "
                                                  f"its checkpoint_gpu_*.pt / rank_*_softmax_weight.pt shards, one "
-                                                 f"classifier file, or 'estimate' (from kd.teacher)")
+                                                 f"classifier file, 'estimate' (class means of the teacher's "
+                                                 f"embeddings) or 'fit' (a margin classifier fitted to them)")
 
 
 def resolve(config: dict) -> EasyDict:

@@ -155,7 +155,8 @@ def test_soft_rank_counts_anchors_exceeded():
 # --- distributed: replicated terms over the gathered batch give each rank the one-process gradient -----------------
 
 SIZES = (10, 6, 8)
-TERMS = {"ekd": lambda: EKDLoss(top_k=40), "cckd": CCKDLoss, "sp": SPLoss, "rkd": RKDLoss}
+TERMS = {"ekd": lambda: EKDLoss(top_k=40), "cckd": CCKDLoss, "sp": SPLoss, "rkd": RKDLoss,
+         "ekd_memory": lambda: EKDLoss(top_k=40, memory=16, anchor_init="first")}  # step 2 pairs with step 1's rows
 
 
 def _data():

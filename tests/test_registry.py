@@ -13,7 +13,7 @@ from kd_plugin import registry
 from kd_plugin.config import load_config, resolve
 from kd_plugin.errors import KDPluginError
 from kd_plugin.registry import register_term
-from test_train import _config, _teacher, ensure_registered, make_faces
+from test_train import _config, _registered_for_this_module, _teacher, ensure_registered, make_faces  # noqa: F401
 
 USER_CONFIG = '''
 import torch

@@ -23,6 +23,7 @@ from kd_plugin.losses.precision import at_least_fp32
 from kd_plugin.registry import register_term
 
 UNRESOLVABLE = ("reference", "hold")
+ANCHOR_INITS = ("zero", "first")
 
 
 def soft_rank(values: torch.Tensor, anchors: torch.Tensor, tau: float) -> torch.Tensor:
@@ -38,13 +39,21 @@ class CriticalPairMiner(nn.Module):
     floor(L * FPR) = 0 (the hardest negative), as TFace does; "hold" leaves that anchor unchanged (the batch cannot
     measure it), and an anchor no batch has resolved yet takes no part in the soft ranks.
     `bias_correction`: divide the anchors by 1 - (1 - momentum)^steps (zero-initialised EMA made unbiased); off by
-    default, as the reference."""
+    default, as the reference. `anchor_init`: "zero" (the reference: anchors start at 0 and move 1% per step) or
+    "first" (kd_plugin's option: an anchor's first update sets it to that batch's threshold — in "hold" mode the first
+    batch that resolves it — and the EMA continues from there)."""
 
     def __init__(self, fprs=DEFAULT_FPRS, momentum: float = 0.01, top_k: int = 2000, unresolvable: str = "reference",
-                 bias_correction: bool = False) -> None:
+                 bias_correction: bool = False, anchor_init: str = "zero") -> None:
         super().__init__()
         if unresolvable not in UNRESOLVABLE:
             raise ValueError(f"unresolvable must be 'reference' or 'hold', got {unresolvable!r}")
+        if anchor_init not in ANCHOR_INITS:
+            raise ValueError(f"anchor_init must be one of {ANCHOR_INITS}, got {anchor_init!r}")
+        if anchor_init == "first" and bias_correction:
+            raise ValueError("anchor_init='first' starts the anchors at a batch's thresholds, so there is no zero "
+                             "start to correct: drop bias_correction")
+        self.anchor_init = anchor_init
         if not all(0 < f < 1 for f in fprs):
             raise ValueError(f"EKD FPRs must lie strictly between 0 and 1, got {list(fprs)}")
         self.inverse_fprs = [int(round(1.0 / f)) for f in fprs]  # integer division keeps floor(L / A) exact
@@ -65,9 +74,11 @@ class CriticalPairMiner(nn.Module):
             resolved.append(index >= 1)
         return torch.stack(values), torch.tensor(resolved, device=neg.device)
 
-    def _update(self, name: str, batch: torch.Tensor, resolved: torch.Tensor) -> None:
+    def _update(self, name: str, batch: torch.Tensor, resolved: torch.Tensor, first: torch.Tensor) -> None:
         anchors = getattr(self, name)
         new = (1 - self.momentum) * anchors + self.momentum * batch
+        if self.anchor_init == "first":  # an anchor's first update takes the batch's threshold, not 1% of it
+            new = torch.where(first, batch, new)
         if self.unresolvable == "hold":
             new = torch.where(resolved, new, anchors)
         anchors.copy_(new)
@@ -87,41 +98,59 @@ class CriticalPairMiner(nn.Module):
         return self.student_anchors * scale, self.teacher_anchors * scale
 
     @torch.no_grad()
-    def forward(self, student_unit: torch.Tensor, teacher_unit: torch.Tensor, labels: torch.Tensor) -> dict | None:
-        """Update the anchors from this batch and select its critical pairs; None when the batch has no negative pair.
+    def forward(self, student_unit: torch.Tensor, teacher_unit: torch.Tensor, labels: torch.Tensor,
+                earlier: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> dict | None:
+        """Update the anchors from this batch and select its critical pairs; None when there is no negative pair.
 
-        Returns the pair indices (pos_i, pos_j, neg_i, neg_j), the teacher similarities of those pairs, and the
-        batch thresholds for the diagnostics."""
+        The pairs are each row of the batch with every row before it, in the order [earlier rows; batch]: `earlier`
+        (student rows, teacher rows, labels; EKD's cross-batch memory) precede the batch, so without them the pairs
+        are the batch's i < j. Returns the pair indices (pos_i, pos_j, neg_i, neg_j: the first into [earlier; batch],
+        the second into the batch), the teacher similarities of those pairs, and the batch thresholds for the
+        diagnostics."""
         n = len(labels)
-        upper = torch.ones(n, n, dtype=torch.bool, device=labels.device).triu_(1)
-        same = labels[:, None] == labels[None, :]
-        negative = upper & ~same
+        keys_s, keys_t, keys_l = (student_unit, teacher_unit, labels) if earlier is None else (
+            torch.cat([earlier[0], student_unit]), torch.cat([earlier[1], teacher_unit]), torch.cat([earlier[2], labels]))
+        p = len(keys_l) - n
+        before = torch.ones(p + n, n, dtype=torch.bool, device=labels.device).triu_(1 - p)  # a < p + b
+        same = keys_l[:, None] == labels[None, :]
+        negative = before & ~same
         if not negative.any():
             return None
-        pos_i, pos_j = torch.nonzero(upper & same, as_tuple=True)
-        sim = student_unit @ student_unit.T  # the student's matrix first, then the teacher's: never both
+        pos_i, pos_j = torch.nonzero(before & same, as_tuple=True)
+        sim = keys_s @ student_unit.T  # the student's matrix first, then the teacher's: never both
         student_batch, resolved = self._batch_thresholds(sim[negative])
         k = min(self.top_k, int(negative.sum()))
         flat = torch.topk(sim.masked_fill_(~negative, -float("inf")).view(-1), k).indices
         neg_i, neg_j = flat // n, flat % n
         del sim
-        sim = teacher_unit @ teacher_unit.T
+        sim = keys_t @ teacher_unit.T
         teacher_batch, _ = self._batch_thresholds(sim[negative])
         teacher_pos, teacher_neg = sim[pos_i, pos_j], sim[neg_i, neg_j]
         del sim
-        self._update("student_anchors", student_batch, resolved)
-        self._update("teacher_anchors", teacher_batch, resolved)
+        first = self.anchor_updates == 0  # before this update: anchors no batch has set yet
+        self._update("student_anchors", student_batch, resolved, first)
+        self._update("teacher_anchors", teacher_batch, resolved, first)
         self.anchor_updates += resolved.long() if self.unresolvable == "hold" else 1
         self.steps += 1
         return {"pos_i": pos_i, "pos_j": pos_j, "neg_i": neg_i, "neg_j": neg_j, "teacher_pos": teacher_pos,
                 "teacher_neg": teacher_neg, "student_batch": student_batch, "teacher_batch": teacher_batch,
-                "resolved": resolved}
+                "resolved": resolved, "negatives": int(negative.sum())}
 
 
 def _check_config(kd: dict) -> None:
-    if kd["ekd"]["unresolvable"] not in UNRESOLVABLE:
-        raise KDPluginError(f"config.kd.ekd.unresolvable = {kd['ekd']['unresolvable']!r}: allowed: "
+    block = kd["ekd"]
+    if block["unresolvable"] not in UNRESOLVABLE:
+        raise KDPluginError(f"config.kd.ekd.unresolvable = {block['unresolvable']!r}: allowed: "
                             f"{', '.join(repr(u) for u in UNRESOLVABLE)}")
+    if block["anchor_init"] not in ANCHOR_INITS:
+        raise KDPluginError(f"config.kd.ekd.anchor_init = {block['anchor_init']!r}: allowed: "
+                            f"{', '.join(repr(a) for a in ANCHOR_INITS)}")
+    if block["anchor_init"] == "first" and block["bias_correction"]:
+        raise KDPluginError("config.kd.ekd.bias_correction = True: with anchor_init = 'first' the anchors start at a "
+                            "batch's thresholds, so there is no zero start to correct: remove one of the two")
+    if not isinstance(block["memory"], int) or block["memory"] < 0:
+        raise KDPluginError(f"config.kd.ekd.memory = {block['memory']!r}: expected a number of rows >= 0 (0: no "
+                            f"cross-batch memory, the reference)")
 
 
 @register_term("ekd", title="EKD", needs=("teacher", "labels", "balanced"), baseline=False, check=_check_config,
@@ -129,29 +158,50 @@ def _check_config(kd: dict) -> None:
                        "low FPR pulled to the teacher's", _builtin=True)
 class EKDLoss(nn.Module):
     """Evaluation-oriented KD over the global batch: `forward(student, teacher, labels) -> (loss, diagnostics)`.
-    Teacher and student dims may differ (only each model's own cosines are compared)."""
+    Teacher and student dims may differ (only each model's own cosines are compared).
+
+    `memory` (kd_plugin's extension, off by default as the reference): a cross-batch memory (XBM, Wang et al., CVPR
+    2020) of the last `memory` rows (student embedding, detached; teacher embedding; label), so the thresholds and the
+    critical pairs come from each batch row paired with the memory's rows as well as the batch's own: at a global
+    batch of 128 a memory of 4096 gives 532k pairs a step instead of 8,128. Rows enter after their step. Held in
+    buffers (in the checkpoint), the same on every rank — EKD is computed identically on each rank from the gathered
+    batch — so each rank holds memory x (student dim + teacher dim + 1) numbers: a fixed setting, not growing with the
+    dataset or the classes. `anchor_init`: see CriticalPairMiner."""
 
     def __init__(self, fprs=DEFAULT_FPRS, momentum: float = 0.01, tau: float = 0.01, top_k: int = 2000,
                  positive_weight: float = 0.02, negative_weight: float = 0.01, unresolvable: str = "reference",
-                 bias_correction: bool = False) -> None:
+                 bias_correction: bool = False, memory: int = 0, anchor_init: str = "zero") -> None:
         super().__init__()
+        if int(memory) < 0:
+            raise ValueError(f"memory must be >= 0 rows (0: off), got {memory}")
         self.fprs = tuple(fprs)
-        self.miner = CriticalPairMiner(fprs, momentum, top_k, unresolvable, bias_correction)
+        self.miner = CriticalPairMiner(fprs, momentum, top_k, unresolvable, bias_correction, anchor_init)
         self.tau, self.positive_weight, self.negative_weight = float(tau), float(positive_weight), float(negative_weight)
+        self.memory = int(memory)
+        # shaped (memory, dim) at the first step, when the dims are known (a checkpoint brings its own shape back)
+        self.register_buffer("memory_student", torch.zeros(0, 0))
+        self.register_buffer("memory_teacher", torch.zeros(0, 0))
+        self.register_buffer("memory_labels", torch.zeros(0, dtype=torch.int64))
+        self.register_buffer("memory_rows", torch.zeros((), dtype=torch.int64))  # filled so far (at most `memory`)
+        self.register_buffer("memory_next", torch.zeros((), dtype=torch.int64))  # where the next row goes
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor):
         with torch.autocast(student.device.type, enabled=False):  # tau = 0.01 makes the ranks steep: fp32 throughout
             s_unit = F.normalize(at_least_fp32(student), dim=1)
             t_unit = F.normalize(at_least_fp32(teacher.detach()), dim=1)
-            picked = self.miner(s_unit.detach(), t_unit, labels.view(-1))
+            labels = labels.view(-1)
+            earlier = self._remembered()
+            picked = self.miner(s_unit.detach(), t_unit, labels, earlier)
+            self._remember(s_unit.detach(), t_unit, labels)
             if picked is None:  # a single identity: no negative pair, EKD skips the step
                 zero = student.sum() * 0.0
                 return zero, {"ekd_skipped": torch.ones(())}
             a_s, a_t = self.miner.anchors()
             active = self.miner.active()
             a_s, a_t = a_s[active], a_t[active]
-            s_pos = (s_unit[picked["pos_i"]] * s_unit[picked["pos_j"]]).sum(1)
-            s_neg = (s_unit[picked["neg_i"]] * s_unit[picked["neg_j"]]).sum(1)
+            keys = s_unit if earlier is None else torch.cat([earlier[0], s_unit])  # earlier rows carry no gradient
+            s_pos = (keys[picked["pos_i"]] * s_unit[picked["pos_j"]]).sum(1)
+            s_neg = (keys[picked["neg_i"]] * s_unit[picked["neg_j"]]).sum(1)
             rank_pos_s, rank_pos_t = soft_rank(s_pos, a_s, self.tau), soft_rank(picked["teacher_pos"], a_t, self.tau)
             rank_neg_s, rank_neg_t = soft_rank(s_neg, a_s, self.tau), soft_rank(picked["teacher_neg"], a_t, self.tau)
             pos_loss = ((rank_pos_s - rank_pos_t) ** 2).mean() if len(s_pos) else s_unit.sum() * 0.0
@@ -162,11 +212,44 @@ class EKDLoss(nn.Module):
                  "ekd_critical_negative": self._critical(s_neg, picked["teacher_neg"], a_s, a_t),
                  "ekd_positive_pairs": torch.tensor(float(len(s_pos)), device=s_unit.device),
                  "ekd_skipped": torch.zeros((), device=s_unit.device)}
+        if self.memory:
+            stats["ekd_negative_pairs"] = torch.tensor(float(picked["negatives"]), device=s_unit.device)
         all_s, all_t = self.miner.anchors()
         for k, fpr in enumerate(self.fprs):
             stats[f"ekd_threshold_student@{fpr:.0e}"] = all_s[k].detach()
             stats[f"ekd_threshold_teacher@{fpr:.0e}"] = all_t[k].detach()
         return loss, stats
+
+    def _remembered(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        rows = int(self.memory_rows)
+        if not self.memory or rows == 0:
+            return None
+        return self.memory_student[:rows], self.memory_teacher[:rows], self.memory_labels[:rows]
+
+    @torch.no_grad()
+    def _remember(self, s_unit: torch.Tensor, t_unit: torch.Tensor, labels: torch.Tensor) -> None:
+        """Put this step's rows into the memory (a ring: the oldest rows leave first)."""
+        if not self.memory:
+            return
+        if self.memory_student.shape != (self.memory, s_unit.shape[1]) or \
+                self.memory_teacher.shape != (self.memory, t_unit.shape[1]):
+            self.memory_student = s_unit.new_zeros(self.memory, s_unit.shape[1])
+            self.memory_teacher = t_unit.new_zeros(self.memory, t_unit.shape[1])
+            self.memory_labels = labels.new_zeros(self.memory)
+            self.memory_rows.zero_()
+            self.memory_next.zero_()
+        s_unit, t_unit, labels = s_unit[-self.memory:], t_unit[-self.memory:], labels[-self.memory:]
+        at = (int(self.memory_next) + torch.arange(len(labels), device=labels.device)) % self.memory
+        self.memory_student[at], self.memory_teacher[at], self.memory_labels[at] = s_unit, t_unit, labels
+        self.memory_next.fill_((int(self.memory_next) + len(labels)) % self.memory)
+        self.memory_rows.fill_(min(int(self.memory_rows) + len(labels), self.memory))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("memory_student", "memory_teacher", "memory_labels"):  # sized at the first step: take the saved
+            saved = state_dict.get(prefix + name)
+            if saved is not None and saved.shape != getattr(self, name).shape:
+                setattr(self, name, torch.zeros_like(saved, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @staticmethod
     @torch.no_grad()

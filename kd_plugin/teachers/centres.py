@@ -118,10 +118,15 @@ def estimate_centres(embedder, dataset: FaceDataset, batch_size: int = 256, prog
     """The full (num_classes, d) float32 unit-norm centre matrix on every rank: `estimate_class_slice`, then the
     slices gathered. Holding C x d on every rank is the point here (`kd-plugin centres` writes one file); training
     uses the slices."""
-    part = estimate_class_slice(embedder, dataset, batch_size, progress)
+    return whole_matrix(estimate_class_slice(embedder, dataset, batch_size, progress), dataset.num_classes)
+
+
+def whole_matrix(part: ClassSlice, num_classes: int) -> torch.Tensor:
+    """Every rank's class slice gathered into the full (num_classes, d) matrix, on every rank (collective): for the
+    commands that write one file."""
     if not is_distributed():
         return part.rows
-    sizes = [class_range(dataset.num_classes, r, get_world_size())[1] for r in range(get_world_size())]
+    sizes = [class_range(num_classes, r, get_world_size())[1] for r in range(get_world_size())]
     return gather_no_grad(part.rows.to(collective_device()), sizes).cpu()
 
 

@@ -91,9 +91,9 @@ def _check_config(kd: dict) -> None:
     if kd["cache"]:
         raise KDPluginError(f"config.kd.cache = {kd['cache']!r}: a cache holds one fixed teacher; multi-step KD "
                             f"changes the teacher every epoch: remove kd.cache")
-    if kd["centres"] == "estimate":
-        raise KDPluginError("config.kd.centres = 'estimate': with multistep the teacher changes every epoch: give a "
-                            "centres file or the teacher's classifier shards instead")
+    if kd["centres"] in ("estimate", "fit"):
+        raise KDPluginError(f"config.kd.centres = {kd['centres']!r}: with multistep the teacher changes every epoch: "
+                            f"give a centres file or the teacher's classifier shards instead")
     try:
         MultiStepTeacherSchedule(kd["teacher"], block["checkpoints"], block["steps_per_epoch"])
     except ValueError as exc:
