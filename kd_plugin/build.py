@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from kd_plugin.data.datasets import open_training_data
 from kd_plugin.data.sampler import IdentityBalancedBatchSampler
 from kd_plugin.distributed import all_reduce_, collective_device, get_rank, get_world_size
 from kd_plugin.errors import KDPluginError
@@ -26,11 +27,17 @@ from kd_plugin.training_log import LOG
 DERIVED_CENTRES = ("estimate", "fit")  # kd.centres values that derive the centres from the teacher
 
 
+def build_dataset(cfg):
+    """The training set: `config.rec` (one labelled set or a list, one class space) plus `kd.unlabeled.data`."""
+    return open_training_data(cfg.rec, cfg.kd.unlabeled.data)
+
+
 def build_sampler(cfg, labels) -> IdentityBalancedBatchSampler:
-    """This rank's batch sampler: the identity-balanced part (P x K) when `kd.sampler.balanced`, else random only."""
+    """This rank's batch sampler: the identity-balanced part (P x K) when `kd.sampler.balanced`, else random only,
+    and `kd.unlabeled.per_batch` unlabelled images."""
     per_rank = cfg.kd.sampler.identities_per_batch if cfg.kd.sampler.balanced else 0
     return IdentityBalancedBatchSampler(labels, cfg.batch_size, per_rank, cfg.kd.sampler.images_per_identity,
-                                        seed=cfg.seed)
+                                        seed=cfg.seed, unlabelled_per_batch=cfg.kd.unlabeled.per_batch)
 
 
 def build_teacher(cfg, dataset, device: torch.device) -> TeacherFeed | None:
@@ -120,4 +127,6 @@ def build_objective(cfg, dataset, feed: TeacherFeed | None, sampler: IdentityBal
     methods = chosen(cfg.kd)
     return KDObjective(build_head(cfg, dataset, feed), build_terms(cfg), cfg.kd.reference_gradient_scaling,
                        random_rows, needs_teacher=any("teacher" in m.needs for m in methods.values()),
-                       equal_dims=tuple(name for name, m in methods.items() if "equal_dims" in m.needs))
+                       equal_dims=tuple(name for name, m in methods.items() if "equal_dims" in m.needs),
+                       unlabelled_rows=cfg.kd.unlabeled.per_batch > 0,
+                       label_free=tuple(name for name, m in methods.items() if "labels" not in m.needs))

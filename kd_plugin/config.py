@@ -37,6 +37,9 @@ KD_SETTINGS = {
     "student_mean": 127.5, "student_std": 127.5,
     "centres": None,  # ProxylessKD: teacher shards folder / one classifier file, "estimate" or "fit"
     "cache": None,  # folder written by `kd-plugin cache`
+    # images without identity labels (a folder of images, any dataset layout, or a list): `per_batch` of each rank's
+    # batch_size are drawn from them, and only the label-free terms see them
+    "unlabeled": {"data": None, "per_batch": 0},
     "sampler": {"identities_per_batch": 8, "images_per_identity": 4, "balanced": None},  # None: on when a term needs it
     "margin_on_random_part": False,  # the reference EKD recipe: margin loss on the random part only
     "reference_gradient_scaling": False,
@@ -111,6 +114,21 @@ def _merge(defaults: dict, given: dict, prefix: str) -> dict:
     return out
 
 
+def _check_unlabeled(kd: dict, chosen: dict) -> None:
+    """Unlabelled images feed only the terms that do not need labels: refused where they would feed nothing."""
+    block = kd["unlabeled"]
+    if not isinstance(block["per_batch"], int) or block["per_batch"] < 0:
+        raise _fail("kd.unlabeled.per_batch", block["per_batch"], "expected the number of unlabelled images in each "
+                                                                  "rank's batch, an integer >= 0")
+    if bool(block["data"]) != bool(block["per_batch"]):
+        raise _fail("kd.unlabeled", dict(block), "give both data (the image sets) and per_batch (how many of each "
+                                                 "rank's batch_size), or neither")
+    if block["data"] and not any("labels" not in m.needs for m in chosen.values() if m.kind == "term"):
+        raise _fail("kd.unlabeled", dict(block), f"unlabelled images feed only the terms that need no labels, and "
+                                                 f"method {kd['method']!r} has none: add one (l2, cosine, cckd, sp, "
+                                                 f"rkd) or remove kd.unlabeled")
+
+
 def _check_needs(kd: dict, chosen: dict) -> None:
     """What the chosen methods ({name: Method}) need from the config, checked once for all of them."""
     for method in chosen.values():
@@ -169,17 +187,24 @@ def resolve(config: dict) -> EasyDict:
     if kd["teacher_amp"] and str(kd["teacher"] or "").lower().endswith(".onnx"):
         raise _fail("kd.teacher_amp", kd["teacher_amp"], "an ONNX teacher runs in the precision of its graph: remove "
                                                          "kd.teacher_amp (or export the teacher in fp16)")
+    _check_unlabeled(kd, chosen)
     sampler = kd["sampler"]
     balanced = sampler["balanced"] if sampler["balanced"] is not None else any("balanced" in m.needs
                                                                                for m in chosen.values())
     sampler["balanced"] = bool(balanced)
-    if balanced and sampler["identities_per_batch"] * sampler["images_per_identity"] >= cfg.batch_size:
+    balanced_rows = sampler["identities_per_batch"] * sampler["images_per_identity"] if balanced else 0
+    if balanced_rows + kd["unlabeled"]["per_batch"] >= cfg.batch_size:
         raise _fail("kd.sampler", dict(sampler), f"P x K = {sampler['identities_per_batch']} x "
-                                                 f"{sampler['images_per_identity']} must leave room for random samples "
-                                                 f"in batch_size {cfg.batch_size}")
+                                                 f"{sampler['images_per_identity']} (when balanced) plus "
+                                                 f"kd.unlabeled.per_batch = {kd['unlabeled']['per_batch']} must leave "
+                                                 f"room for random samples in batch_size {cfg.batch_size}")
     for key in ("rec", "num_classes"):
-        if cfg[key] in (None, ""):
+        if cfg[key] in (None, "", []):
             raise _fail(key, cfg[key], "required (the training data and its number of classes)")
+    if not isinstance(cfg.rec, (str, os.PathLike)) and not (
+            isinstance(cfg.rec, (list, tuple)) and all(isinstance(r, (str, os.PathLike)) for r in cfg.rec)):
+        raise _fail("rec", cfg.rec, "expected a path, or a list of paths of labelled sets (their labels follow one "
+                                    "another in one class space; num_classes is their total)")
     if cfg.dali or cfg.dali_aug:
         key = "dali" if cfg.dali else "dali_aug"
         raise _fail(key, cfg[key], "kd_plugin reads train.rec itself (the teacher needs every batch's sample "
@@ -202,7 +227,8 @@ def resolve(config: dict) -> EasyDict:
 
 
 def check_num_image(cfg: EasyDict, num_images: int) -> None:
-    """A `num_image` that contradicts the data is refused (the epoch length comes from the data, in both ways in)."""
+    """A `num_image` that contradicts the data is refused (the epoch length comes from the data, in both ways in);
+    `num_images`: the labelled images."""
     if cfg.num_image and int(cfg.num_image) != num_images:
         raise KDPluginError(f"config.num_image = {cfg.num_image} but {cfg.rec} has {num_images} images; set num_image "
                             f"to match the data, or leave it unset (0 or None): the epoch length comes from the data")
@@ -228,6 +254,10 @@ def check_hook_keys(cfg: EasyDict) -> None:
         raise _fail("kd.student_mean/student_std", student_norm, "under train_v2 the student sees arcface_torch's "
                                                                   "own normalisation (x - 127.5) / 127.5: remove "
                                                                   "them (they apply to kd-plugin train only)")
+    if not isinstance(cfg.rec, (str, os.PathLike)) and cfg.val_targets:
+        raise _fail("val_targets", cfg.val_targets, "train_v2 looks for them in the folder config.rec names, and "
+                                                    "config.rec is a list of sets here: give val_targets as paths under "
+                                                    "kd-plugin train, or drop them under train_v2")
     own = {"amp_dtype": "float16", "max_steps": None, "checkpoint_every": BASE["checkpoint_every"]}
     for key, default in own.items():
         if cfg[key] != default:

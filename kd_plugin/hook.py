@@ -57,8 +57,8 @@ class _Shared:
     def dataset(self):
         """The training set, opened once per process."""
         if self._dataset is None:
-            from kd_plugin.data.datasets import open_dataset
-            self._dataset = open_dataset(self.resolved().rec)
+            from kd_plugin.build import build_dataset
+            self._dataset = build_dataset(self.resolved())
         return self._dataset
 
     def sampler(self):
@@ -186,7 +186,7 @@ def _align_epoch_length(config, shared: _Shared) -> None:
     from kd_plugin.distributed import get_world_size
 
     cfg, dataset = shared.resolved(), shared.dataset()
-    check_num_image(cfg, len(dataset))
+    check_num_image(cfg, dataset.num_labelled)
     world = get_world_size() if torch.distributed.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     config.num_image = shared.sampler().steps_per_epoch * cfg.batch_size * world
 

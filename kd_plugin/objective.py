@@ -25,7 +25,8 @@ class KDObjective(nn.Module):
 
     def __init__(self, head: PartialFCHead, terms: dict[str, tuple[nn.Module, float]] | None = None,
                  reference_scaling: bool = False, margin_random_rows: int | None = None,
-                 needs_teacher: bool | None = None, equal_dims: tuple[str, ...] = ()) -> None:
+                 needs_teacher: bool | None = None, equal_dims: tuple[str, ...] = (),
+                 unlabelled_rows: bool = False, label_free: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.head = head
         self.terms = nn.ModuleDict({name: module for name, (module, _) in (terms or {}).items()})
@@ -34,6 +35,9 @@ class KDObjective(nn.Module):
         self.needs_teacher = (bool(self.terms) or isinstance(head, AdaDistillHead)) if needs_teacher is None \
             else bool(needs_teacher)
         self.equal_dims = tuple(equal_dims)  # terms that compare embeddings directly (their declared need)
+        # batches may hold images without identity (label < 0): the head and the terms that need labels skip them,
+        # the `label_free` terms see every row
+        self.unlabelled_rows, self.label_free = bool(unlabelled_rows), tuple(label_free)
 
     def forward(self, local_student: torch.Tensor, local_labels: torch.Tensor,
                 local_teacher: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -47,20 +51,26 @@ class KDObjective(nn.Module):
         sizes = gather_sizes(len(local_labels), local_student.device)
         student, labels = self.head.gather(local_student, local_labels, sizes)
         teacher = None if local_teacher is None else gather_no_grad(local_teacher.float(), sizes)
+        everything = (student, teacher, labels)
+        labelled = everything
+        if self.unlabelled_rows:
+            keep = labels >= 0
+            labelled = (student[keep], None if teacher is None else teacher[keep], labels[keep])
         if isinstance(self.head, AdaDistillHead):
-            self.head.update_centres(student.detach(), teacher, labels)
+            self.head.update_centres(labelled[0].detach(), labelled[1], labelled[2])
         if self.margin_random_rows is not None:
             rows = random_part_mask(sizes, self.margin_random_rows).to(student.device)
-            head_loss = self.head.global_loss(student[rows], labels[rows])
+            head_loss = self.head.global_loss(student[rows], labels[rows])  # the random part is always labelled
         else:
-            head_loss = self.head.global_loss(student, labels)
+            head_loss = self.head.global_loss(labelled[0], labelled[2])
         total = head_loss
         stats = {"loss_head": head_loss.detach()}
         for name, term in self.terms.items():
+            rows = everything if name in self.label_free else labelled
             if getattr(term, "sharded", False):
-                loss, term_stats = term(student, teacher, labels, self.head)
+                loss, term_stats = term(*rows, self.head)
             else:
-                loss, term_stats = term(student, teacher, labels)
+                loss, term_stats = term(*rows)
                 loss = replicated_loss(loss, self.reference_scaling)
             total = total + self.weights[name] * loss
             stats[f"loss_{name}"] = loss.detach()

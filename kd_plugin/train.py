@@ -23,9 +23,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from kd_plugin.atomic import save_torch
-from kd_plugin.build import build_objective, build_sampler, build_teacher
+from kd_plugin.build import build_dataset, build_objective, build_sampler, build_teacher
 from kd_plugin.config import check_num_image, check_trainer_keys, load_config
-from kd_plugin.data.datasets import open_dataset
 from kd_plugin.distributed import all_reduce_, get_rank, get_world_size, init_from_env, is_distributed, scale_grad
 from kd_plugin.errors import KDPluginError
 from kd_plugin.normalization import InputNormalization
@@ -36,7 +35,8 @@ from kd_plugin.training_log import LOG, SpeedLine, training_log
 
 def verification_targets(cfg) -> list[str]:
     """`val_targets` as paths: arcface_torch names (`lfw`) mean `<rec folder>/lfw.bin`; paths are kept."""
-    folder = cfg.rec if os.path.isdir(cfg.rec) else os.path.dirname(cfg.rec)
+    first = cfg.rec if isinstance(cfg.rec, (str, os.PathLike)) else cfg.rec[0]
+    folder = first if os.path.isdir(first) else os.path.dirname(first)
     return [t if os.path.exists(t) else os.path.join(folder, f"{t}.bin") for t in cfg.val_targets]
 
 
@@ -58,11 +58,11 @@ class Trainer:
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
         os.makedirs(cfg.output, exist_ok=True)
         torch.manual_seed(cfg.seed)
-        self.dataset = open_dataset(cfg.rec)
+        self.dataset = build_dataset(cfg)
         if self.dataset.num_classes != cfg.num_classes:
             raise KDPluginError(f"config.num_classes = {cfg.num_classes} but {cfg.rec} has {self.dataset.num_classes} "
                                 f"classes; set num_classes to match the data")
-        check_num_image(cfg, len(self.dataset))
+        check_num_image(cfg, self.dataset.num_labelled)
         self._notes = [] if cfg.save_all_states else [
             "save_all_states = False, but kd-plugin train still writes checkpoint_gpu_{rank}.pt (its resume and crash "
             "safety need it)"]

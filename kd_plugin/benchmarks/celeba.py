@@ -1,17 +1,24 @@
-"""Every method side by side on real faces: `kd-plugin bench celeba --json`.
+"""Every method side by side on real faces: `kd-plugin bench celeba --json` (`--quick`: a reduced version).
 
-Teacher: the shared MobileFaceNet ONNX (128-d, ImageNet normalisation), its embeddings of every training image and
-its flip cached once (`<out>/teacher_cache`). Students: the same network, trained from scratch by `kd_plugin.train`
-with the same budget for every method (epochs, batch, identity-balanced batches, learning rate, schedule, seed), one
-run per method and seed. Each student is evaluated as arcface_torch evaluates (embedding + flipped embedding, cosine):
-`celeba_val.bin` 10-fold accuracy, all-pairs TPR@FPR on `celeba/val.rec`, and the cross-model TPR (student queries
-against the teacher's gallery). Results go to `<out>`: `results.json` (also the last line of stdout with --json),
-`results.md` (the table), `tpr_fpr.png` (TPR against FPR per method), and per run `<method>/seed<k>/model.pt`,
-`model.onnx` (uint8 RGB in, normalisation inside) and `result.json`. A run whose `result.json` matches the settings is
+Training data: `celeba/train` (249 identities) plus `celeba_extra` (1,855 more, blurrier), one class space; the rows
+marked `@utk` also draw `unlabeled/utkface` faces (no identity labels) for their label-free terms. Teacher: the shared
+MobileFaceNet ONNX (128-d, ImageNet normalisation); its embeddings of every training image and its flip are cached once
+per training set (`<out>/teacher_cache*`) and shared by every row and seed. Students: the same network, trained from
+scratch by `kd_plugin.train` with the same budget for every row (image presentations: epochs x steps x batch, the
+identity-balanced batches, learning rate, schedule), one run per row and seed. Each student is evaluated as
+arcface_torch evaluates (embedding + flipped embedding, cosine): `celeba_val.bin` 10-fold accuracy, all-pairs TPR@FPR
+on `celeba/val.rec`, and the cross-model TPR (student queries against the teacher's gallery); against the student alone
+each row gets the paired difference in TPR@1e-3 with a 95% interval from resampling the 50 validation identities (the
+same resample for both; kd_plugin.benchmarks.bootstrap). Results go to `<out>`: `results.json` (also the last line of
+stdout with --json), `results.md`, `tpr_fpr.png`, and per run `<row>/seed<k>/model.pt`, `model.onnx` (insightface
+format, normalisation inside), `val_embeddings.npy` and `result.json`. A run whose `result.json` matches the settings is
 reused, so an interrupted benchmark continues where it stopped; `--fresh` retrains everything.
 
-The defaults fit 2 CPU cores (the `cpu_r8` student at half resolution); `--network mbf --epochs 20` with a GPU is the
-same benchmark at the usual size.
+A row is a method of the registry ('ekd', 'proxyless+ekd', ...; 'student' = none) with optional settings, each after
+an '@' ('proxyless+ekd@fit@memory'):
+`fit` (centres="fit"), `memory` (EKD's cross-batch memory of 4096 rows and first-batch anchors), `utk` (the unlabelled
+faces, half of each batch's random part). The defaults fit 2 CPU cores (the `cpu_r8` student at half resolution);
+`--network mbf --epochs 20` with a GPU is the same benchmark at the usual size.
 """
 
 from __future__ import annotations
@@ -30,39 +37,89 @@ from kd_plugin.atomic import write_json
 from kd_plugin.errors import KDPluginError
 from kd_plugin.normalization import IMAGENET_MEAN, IMAGENET_STD
 
-
-
-def _rows() -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
-    """From the method registry: (every row, the baselines' rows, the rows every seed trains). The rows are the
-    student alone, every baseline, then each method this plugin is about and their combination — each method that
-    runs from a teacher and the training data alone (logit KD needs ProxylessKD's head, multi-step KD per-epoch
-    teacher checkpoints)."""
-    from kd_plugin.methods import methods, runs_from_a_teacher
-
-    runnable = {name: m for name, m in methods().items() if runs_from_a_teacher(m)}
-    ours = [name for name, m in runnable.items() if not m.baseline]
-    baselines = tuple(name for name, m in runnable.items() if m.baseline)
-    return ("student", *baselines, *ours, "+".join(ours)), baselines, ("student", *ours, "+".join(ours))
-
-
-METHODS, BASELINES, ALWAYS_SEEDED = _rows()  # ALWAYS_SEEDED: plus the best baseline
+# settings a row may add after '@': name -> (the config.kd overrides, what the row's method must have for them)
+VARIANTS = {
+    "fit": ({"centres": "fit"}, "centres"),
+    "memory": ({"ekd": {"memory": 4096, "anchor_init": "first"}}, "ekd"),
+    "utk": ({}, "label-free"),  # kd.unlabeled: the unlabelled faces (set per run: the data path and the batch share)
+}
+FULL = ("student", "l2", "cosine", "adadistill", "proxyless", "proxyless@fit", "ekd", "ekd@memory", "proxyless+ekd",
+        "proxyless+ekd@fit@memory", "l2@utk", "adadistill+l2@utk")
+QUICK = ("student", "proxyless+ekd@fit@memory", "adadistill", "l2@utk")
+FAMILIES = ("student", "proxyless", "ekd", "proxyless+ekd")  # seeded: per family, its row with the most settings
 FIGURES = ("accuracy", "tpr@1e-2", "tpr@1e-3", "cross_tpr@1e-3", "epoch_seconds")
 # 1, 2, ..., 9 x 10^k from 1e-4 to 0.9: distinct at one significant digit, as the evaluation's keys ('2e-04') are
 CURVE_FPRS = tuple(float(f"{m}e{k}") for k in range(-4, 0) for m in range(1, 10))
 
 
+def registry_rows() -> tuple[str, ...]:
+    """Every row the registry offers on its own: the student alone, each method that runs from a teacher and the
+    training data alone, and the combination of the methods this plugin is about."""
+    from kd_plugin.methods import methods, runs_from_a_teacher
+
+    runnable = {name: m for name, m in methods().items() if runs_from_a_teacher(m)}
+    ours = [name for name, m in runnable.items() if not m.baseline]
+    return ("student", *(n for n, m in runnable.items() if m.baseline), *ours, "+".join(ours))
+
+
+def parse_row(row: str) -> tuple[str, tuple[str, ...]]:
+    """'proxyless+ekd@fit@memory' -> ('proxyless+ekd', ('fit', 'memory')), checked against the registry."""
+    from kd_plugin.methods import methods, needs, names
+
+    method, *variants = row.split("@")
+    variants = tuple(v for v in variants if v)
+    if method != "student":
+        needs(method)  # unknown methods stop here, with the registry's list
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise KDPluginError(f"--methods: row {row!r}: unknown settings {unknown}; allowed after '@': "
+                            f"{', '.join(VARIANTS)}")
+    parts = [] if method == "student" else names(method)
+    catalogue = methods()
+    for v in variants:
+        wanted = VARIANTS[v][1]
+        ok = (any("centres" in catalogue[n].needs for n in parts) if wanted == "centres" else
+              wanted in parts if wanted == "ekd" else
+              any(catalogue[n].kind == "term" and "labels" not in catalogue[n].needs for n in parts))
+        if not ok:
+            raise KDPluginError(f"--methods: row {row!r}: '@{v}' needs a method with {wanted} in it")
+    return method, variants
+
+
+def seeded_rows(rows: list[str]) -> list[str]:
+    """The rows every seed trains: per family, the row with the most settings (the first such)."""
+    out = []
+    for family in FAMILIES:
+        members = [r for r in rows if parse_row(r)[0] == family]
+        if members:
+            out.append(max(members, key=lambda r: len(parse_row(r)[1])))
+    return out
+
+
 def _paths(args) -> dict:
+    """The files the benchmark reads. The extra labelled set and the unlabelled faces default to the shared data's
+    unless --train is given (a stand-in training set is then used alone, unless --extra / --unlabeled name more)."""
     root = args.data_root
+    defaults = args.train is None
     paths = {"train": args.train or os.path.join(root, "celeba", "train.rec"),
              "val": args.val or os.path.join(root, "celeba", "val.rec"),
              "bin": args.bin or os.path.join(root, "celeba", "celeba_val.bin"),
              "teacher": args.teacher or os.path.join(root, "teachers", "mobilefacenet_ms1m",
-                                                     "mobilefacenet_dynamic.onnx")}
+                                                     "mobilefacenet_dynamic.onnx"),
+             "extra": args.extra or (os.path.join(root, "celeba_extra", "train.rec") if defaults else None),
+             "unlabeled": args.unlabeled or (os.path.join(root, "unlabeled", "utkface") if defaults else None)}
     for name, path in paths.items():
-        if not os.path.exists(path):
+        if path is not None and path != "none" and not os.path.exists(path):
             raise KDPluginError(f"kd-plugin bench celeba: the {name} file {path} does not exist; point --data-root at "
-                                f"the shared data folder (with celeba/ and teachers/) or give --{name}")
+                                f"the shared data folder (with celeba/, celeba_extra/, unlabeled/ and teachers/) or "
+                                f"give --{name}")
+    for name in ("extra", "unlabeled"):
+        paths[name] = None if paths[name] == "none" else paths[name]
     return paths
+
+
+def _training_sets(paths: dict, unlabelled: bool) -> tuple[list[str], str | None]:
+    return [paths["train"]] + ([paths["extra"]] if paths["extra"] else []), paths["unlabeled"] if unlabelled else None
 
 
 class _Embeddings:
@@ -92,62 +149,81 @@ class _Embeddings:
         return out
 
 
-def _config(args, paths: dict, method: str, seed: int, output: str, cache_dir: str) -> dict:
+def _config(args, paths: dict, row: str, seed: int, output: str, caches: dict, num_classes: int) -> dict:
+    """A row's training config: its method from the registry with its '@' settings; every row the same batches,
+    budget and schedule. An '@utk' row draws half of each batch's random part from the unlabelled faces and makes half
+    as many passes over the labelled images, so it takes as many steps of as many images as the others."""
     from kd_plugin.methods import kd_block
 
+    method, variants = parse_row(row)
+    utk = "utk" in variants
     kd = kd_block("none" if method == "student" else method, teacher=paths["teacher"],
                   teacher_mean=",".join(map(str, IMAGENET_MEAN)), teacher_std=",".join(map(str, IMAGENET_STD)),
-                  cache=cache_dir, weights=dict(args.weight),
+                  cache=caches[utk], weights=dict(args.weight),
                   sampler={"identities_per_batch": args.identities, "images_per_identity": args.images_per_identity,
                            "balanced": True})  # the same batches for every method
-    return {"network": args.network, "embedding_size": 128, "rec": paths["train"], "num_classes": args.num_classes,
-            "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
-            "weight_decay": args.weight_decay, "momentum": 0.9, "num_epoch": args.epochs, "warmup_epoch": 1,
+    for v in variants:
+        for key, value in VARIANTS[v][0].items():
+            kd[key] = dict(kd.get(key) or {}, **value) if isinstance(value, dict) else value
+    epochs = args.epochs
+    if utk:
+        kd["unlabeled"] = {"data": paths["unlabeled"], "per_batch": _random_rows(args) // 2}
+        epochs = args.epochs // 2
+    rec, _ = _training_sets(paths, utk)
+    return {"network": args.network, "embedding_size": 128, "rec": rec if len(rec) > 1 else rec[0],
+            "num_classes": num_classes, "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
+            "weight_decay": args.weight_decay, "momentum": 0.9, "num_epoch": epochs, "warmup_epoch": 1,
             "margin_list": tuple(args.margin), "sample_rate": 1.0, "fp16": False, "seed": 2048 + seed,
             "num_workers": args.workers, "output": output, "frequent": 10 ** 9, "verbose": 10 ** 9,
             "checkpoint_every": 10 ** 9, "val_targets": [], "kd": kd}
 
 
-def _settings(args) -> dict:
+def _random_rows(args) -> int:
+    return args.batch_size - args.identities * args.images_per_identity
+
+
+def _settings(args, paths: dict) -> dict:
     keys = ("network", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "margin", "identities",
-            "images_per_identity", "num_classes")
+            "images_per_identity")
     settings = {k: getattr(args, k) for k in keys}
+    settings["data"] = [os.path.basename(os.path.dirname(p)) for p in (paths["train"], paths["extra"]) if p]
     if args.weight:  # recorded only when set, so results made with the published weights stay reusable
         settings["weights"] = dict(args.weight)
     return settings
 
 
-def _train_one(args, paths, method, seed, cache_dir, data, teacher_emb) -> dict:
+def _train_one(args, paths, row, seed, caches, data, teacher_emb, num_classes) -> dict:
     """Train (or reuse) one student; returns its result record."""
     from kd_plugin.config import resolve
     from kd_plugin.export import export_onnx
     from kd_plugin.train import Trainer
 
-    folder = os.path.join(args.out, method, f"seed{seed}")
+    folder = os.path.join(args.out, row.replace("@", "_at_"), f"seed{seed}")
     record_path = os.path.join(folder, "result.json")
-    if not args.fresh and os.path.isfile(record_path):
+    settings = _settings(args, paths)
+    if not args.fresh and os.path.isfile(record_path) and os.path.isfile(os.path.join(folder, "val_embeddings.npy")):
         with open(record_path, encoding="utf-8") as f:
             record = json.load(f)
-        if record.get("settings") == _settings(args):
-            print(f"[bench celeba] {method} seed {seed}: reusing {record_path}", flush=True)
+        if record.get("settings") == settings:
+            print(f"[bench celeba] {row} seed {seed}: reusing {record_path}", flush=True)
             return record
     shutil.rmtree(folder, ignore_errors=True)
-    cfg = resolve(_config(args, paths, method, seed, folder, cache_dir))
-    print(f"[bench celeba] training {method} seed {seed}: {cfg.network}, {cfg.num_epoch} epochs, batch "
+    cfg = resolve(_config(args, paths, row, seed, folder, caches, num_classes))
+    print(f"[bench celeba] training {row} seed {seed}: {cfg.network}, {cfg.num_epoch} epochs, batch "
           f"{cfg.batch_size}, lr {cfg.lr}", flush=True)
     trainer = Trainer(cfg)
     start = time.perf_counter()
     trainer.run()
     train_seconds = time.perf_counter() - start
-    student = trainer.student_embedder()
-    figures = _Embeddings(student, data["bin_images"], data["val_images"]).figures(
-        data["issame"], data["val_labels"], teacher_emb)
+    embeddings = _Embeddings(trainer.student_embedder(), data["bin_images"], data["val_images"])
+    figures = embeddings.figures(data["issame"], data["val_labels"], teacher_emb)
+    np.save(os.path.join(folder, "val_embeddings.npy"), embeddings.val.astype(np.float32))
     export_onnx(trainer.student.eval(), os.path.join(folder, "model.onnx"), trainer.student_norm)
-    record = {"method": method, "seed": seed, "settings": _settings(args),
-              "epoch_seconds": _mean_epoch_seconds(folder),
+    record = {"method": row, "seed": seed, "settings": settings, "epoch_seconds": _mean_epoch_seconds(folder),
+              "steps": trainer.global_step, "images": trainer.global_step * cfg.batch_size,
               "train_seconds": train_seconds, **figures}
     write_json(record, record_path)
-    print(f"[bench celeba] {method} seed {seed}: accuracy {_num(record['accuracy'])}, TPR@1e-3 "
+    print(f"[bench celeba] {row} seed {seed}: accuracy {_num(record['accuracy'])}, TPR@1e-3 "
           f"{_num(record['tpr@1e-3'])}, cross TPR@1e-3 {_num(record['cross_tpr@1e-3'])}, "
           f"{record['epoch_seconds']:.1f}s/epoch", flush=True)
     return record
@@ -180,20 +256,46 @@ def _mean(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def summarise(records: list[dict], teacher: dict) -> dict:
-    """{"teacher": figures, "methods": {method: {figure: [one value per seed]}}, "gap_closed@1e-3": ...}."""
+def summarise(records: list[dict], teacher: dict, order: list[str] | None = None,
+              intervals: dict[str, dict] | None = None) -> dict:
+    """{"teacher": figures, "methods": {row: {figure: [one value per seed], "gap_closed@1e-3": ...,
+    "vs_student@1e-3": {"diff": mean difference, "ci95": [low, high]} when `intervals` has the row}}."""
+    order = order or list(dict.fromkeys(r["method"] for r in records))
     methods: dict[str, dict] = {}
-    for record in sorted(records, key=lambda r: (list(METHODS).index(r["method"]), r["seed"])):
+    for record in sorted(records, key=lambda r: (order.index(r["method"]), r["seed"])):
         entry = methods.setdefault(record["method"], {k: [] for k in FIGURES} | {"seeds": []})
         for key in FIGURES:
             entry[key].append(record[key])
         entry["seeds"].append(record["seed"])
     base = _mean(methods.get("student", {}).get("tpr@1e-3", []))
-    for entry in methods.values():
+    for name, entry in methods.items():
         mean = _mean(entry["tpr@1e-3"])
         gap = teacher["tpr@1e-3"] - base if base is not None and teacher["tpr@1e-3"] is not None else None
         entry["gap_closed@1e-3"] = (mean - base) / gap if gap and mean is not None else None
+        if intervals and name in intervals:
+            entry["vs_student@1e-3"] = intervals[name]
     return {"teacher": {k: teacher[k] for k in ("accuracy", "tpr@1e-2", "tpr@1e-3")}, "methods": methods}
+
+
+def bootstrap_intervals(out: str, records: list[dict], val_labels: np.ndarray, resamples: int) -> dict[str, dict]:
+    """Per row: the mean difference in TPR@1e-3 to the student alone (over their seeds) and its 95% paired
+    identity-bootstrap interval, from the saved validation embeddings."""
+    from kd_plugin.benchmarks.bootstrap import PairScores, difference_interval, paired_bootstrap
+
+    if resamples <= 0 or not any(r["method"] == "student" for r in records):
+        return {}
+    identities = int(np.max(val_labels)) + 1
+    scores: dict[str, list] = {}
+    for r in records:
+        folder = os.path.join(out, r["method"].replace("@", "_at_"), f"seed{r['seed']}")
+        scores.setdefault(r["method"], []).append(PairScores(np.load(os.path.join(folder, "val_embeddings.npy")),
+                                                             val_labels))
+    print(f"[bench celeba] identity bootstrap: {resamples} resamples of {identities} identities", flush=True)
+    tpr = paired_bootstrap(scores, identities, 1e-3, resamples)
+    point = {name: _mean([r["tpr@1e-3"] for r in records if r["method"] == name]) for name in scores}
+    return {name: {"diff": point[name] - point["student"],
+                   "ci95": difference_interval(tpr[name], tpr["student"])}
+            for name in scores if name != "student"}
 
 
 def _fmt(values: list, digits: int = 3) -> str:
@@ -211,14 +313,22 @@ def markdown_table(summary: dict, settings: dict) -> str:
     student = methods.get("student")
     base = _mean(student["tpr@1e-3"]) if student else None
     spread = float(np.std(student["tpr@1e-3"])) if student and len(student["tpr@1e-3"]) > 1 else 0.0
+    paired = any("vs_student@1e-3" in entry for entry in methods.values())
+    ci_head, ci_rule, ci_blank = (" difference @1e-3 (95% identity-bootstrap interval) |", "---|", " - |") if paired \
+        else ("", "", "")
     lines = ["| method | seeds | accuracy (celeba_val.bin) | TPR@1e-2 | TPR@1e-3 | cross TPR@1e-3 | gap closed @1e-3 | "
-             "s/epoch | vs student alone @1e-3 |", "|---|---|---|---|---|---|---|---|---|"]
+             f"s/epoch |{ci_head} vs student alone @1e-3 |", f"|---|---|---|---|---|---|---|---|{ci_rule}---|"]
     lines.append(f"| teacher (MobileFaceNet ONNX) | - | {_num(teacher['accuracy'], 3)} | "
-                 f"{_num(teacher['tpr@1e-2'], 3)} | {_num(teacher['tpr@1e-3'], 3)} | - | - | - | ceiling |")
+                 f"{_num(teacher['tpr@1e-2'], 3)} | {_num(teacher['tpr@1e-3'], 3)} | - | - | - |{ci_blank} ceiling |")
     for name, entry in methods.items():
         mean = _mean(entry["tpr@1e-3"])
+        paired_figure = entry.get("vs_student@1e-3")
         if name == "student" or base is None or mean is None:
             verdict = "reference"
+        elif paired_figure is not None:
+            low, high = paired_figure["ci95"]
+            verdict = ("better (interval above 0)" if low > 0 else "worse (interval below 0)" if high < 0
+                       else "no clear difference (interval spans 0)")
         elif mean - base > 2 * max(spread, float(np.std(entry["tpr@1e-3"])) if len(entry["tpr@1e-3"]) > 1 else spread):
             verdict = "better (by more than twice the seed spread)"
         elif mean > base:
@@ -226,11 +336,17 @@ def markdown_table(summary: dict, settings: dict) -> str:
         else:
             verdict = "does NOT beat the student alone"
         gap = entry["gap_closed@1e-3"]
+        ci = ""
+        if paired:
+            ci = " - |" if paired_figure is None else (f" {paired_figure['diff']:+.3f} [{paired_figure['ci95'][0]:+.3f}, "
+                                                      f"{paired_figure['ci95'][1]:+.3f}] |")
         lines.append(f"| {name} | {len(entry['seeds'])} | {_fmt(entry['accuracy'])} | {_fmt(entry['tpr@1e-2'])} | "
                      f"{_fmt(entry['tpr@1e-3'])} | {_fmt(entry['cross_tpr@1e-3'])} | "
-                     f"{'n/a' if gap is None else f'{gap:.0%}'} | {_fmt(entry['epoch_seconds'], 1)} | {verdict} |")
+                     f"{'n/a' if gap is None else f'{gap:.0%}'} | {_fmt(entry['epoch_seconds'], 1)} |{ci} {verdict} |")
     lines.append("")
-    lines.append(f"Mean ± std over seeds. Budget for every method: {settings['network']}, {settings['epochs']} epochs, "
+    lines.append(f"Mean ± std over seeds. Budget for every method: {settings['network']}, {settings['epochs']} epochs "
+                 f"of the labelled images ('@utk' rows: half as many, with as many steps: half of each batch's random "
+                 f"part unlabelled), "
                  f"batch {settings['batch_size']} ({settings['identities']} identities x "
                  f"{settings['images_per_identity']} images + random), {settings['optimizer']} lr {settings['lr']}, "
                  f"margin {tuple(settings['margin'])}; "
@@ -249,7 +365,7 @@ def plot(records: list[dict], teacher: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 5.5))
     fprs = [f for f, _ in teacher["curve"]]
     ax.plot(fprs, [t for _, t in teacher["curve"]], "k--", label="teacher")
-    for method in METHODS:
+    for method in dict.fromkeys(r["method"] for r in records):
         curves = [r["curve"] for r in records if r["method"] == method]
         if curves:
             values = np.array([[np.nan if t is None else t for _, t in c] for c in curves], dtype=float)
@@ -267,47 +383,68 @@ def plot(records: list[dict], teacher: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _caches(args, paths: dict, teacher, rows: list[str]) -> dict[bool, str]:
+    """The teacher's embeddings of every training image and flip, one cache per training set (with the unlabelled
+    faces or without), shared by every row and seed: {uses the unlabelled faces: cache folder}."""
+    from kd_plugin.data.datasets import open_training_data
+    from kd_plugin.teachers import build_cache, load_cache
+
+    caches = {}
+    for utk in sorted({"utk" in parse_row(r)[1] for r in rows}):
+        dataset = open_training_data(*_training_sets(paths, utk))
+        folder = os.path.join(args.out, "teacher_cache_utk" if utk else "teacher_cache")
+        try:
+            load_cache(folder, dataset, teacher=paths["teacher"])
+            print(f"[bench celeba] teacher cache: reusing {folder}", flush=True)
+        except KDPluginError:
+            build_cache(teacher, dataset, folder, paths["teacher"], batch_size=64)
+        caches[utk] = folder
+    return caches
+
+
 def run(args) -> dict:
-    from kd_plugin.data.datasets import open_dataset
+    from kd_plugin.data.datasets import open_training_data
     from kd_plugin.normalization import InputNormalization
-    from kd_plugin.teachers import build_cache, load_cache, load_embedder
+    from kd_plugin.teachers import load_embedder
 
     if args.threads:
         torch.set_num_threads(args.threads)
     paths = _paths(args)
+    rows = list(dict.fromkeys(args.methods))
+    for row in rows:
+        if "utk" in parse_row(row)[1] and (not paths["unlabeled"] or args.epochs % 2 or _random_rows(args) % 2):
+            raise KDPluginError(f"--methods: row {row!r} needs the unlabelled faces (--unlabeled), an even --epochs "
+                                f"and an even random part of the batch (batch_size - identities x "
+                                f"images_per_identity): its runs make half as many passes with half of each "
+                                f"batch's random part unlabelled")
+    num_classes = open_training_data(*_training_sets(paths, False)).num_classes
+    if args.num_classes is not None and args.num_classes != num_classes:
+        raise KDPluginError(f"--num-classes {args.num_classes}, but the training data has {num_classes} identities")
     os.makedirs(args.out, exist_ok=True)
     started = time.perf_counter()
-    norm = InputNormalization(IMAGENET_MEAN, IMAGENET_STD)
-    teacher = load_embedder(paths["teacher"], norm, batch_size=64)
-    train = open_dataset(paths["train"])
-    cache_dir = os.path.join(args.out, "teacher_cache")
-    try:
-        load_cache(cache_dir, train, teacher=paths["teacher"])
-        print(f"[bench celeba] teacher cache: reusing {cache_dir}", flush=True)
-    except KDPluginError:
-        build_cache(teacher, train, cache_dir, paths["teacher"], batch_size=64)
+    teacher = load_embedder(paths["teacher"], InputNormalization(IMAGENET_MEAN, IMAGENET_STD), batch_size=64)
+    caches = _caches(args, paths, teacher, rows)
     print("[bench celeba] embedding the evaluation images with the teacher", flush=True)
     data = _load_eval_data(paths)
     teacher_emb = _Embeddings(teacher, data["bin_images"], data["val_images"])
     teacher_figures = teacher_emb.figures(data["issame"], data["val_labels"], None)
     print(f"[bench celeba] teacher: accuracy {_num(teacher_figures['accuracy'])}, TPR@1e-2 "
           f"{_num(teacher_figures['tpr@1e-2'])}, TPR@1e-3 {_num(teacher_figures['tpr@1e-3'])}", flush=True)
-    methods = [m for m in METHODS if m in args.methods]
-    records = [_train_one(args, paths, m, 0, cache_dir, data, teacher_emb) for m in methods]
+    train = lambda row, seed: _train_one(args, paths, row, seed, caches, data, teacher_emb, num_classes)  # noqa: E731
+    records = [train(row, 0) for row in rows]
     if args.seeds > 1:
-        scored = [r for r in records if r["method"] in BASELINES]
-        best = max(scored, key=lambda r: r["tpr@1e-3"] or 0.0)["method"] if scored else None
-        again = [m for m in methods if m in ALWAYS_SEEDED or m == best]
-        if best:
-            print(f"[bench celeba] best baseline at seed 0 (TPR@1e-3): {best}; seeds 1..{args.seeds - 1} for "
-                  f"{', '.join(again)}", flush=True)
+        again = seeded_rows(rows)
+        others = [r for r in records if r["method"] not in again]
+        if others:  # the best of the rest (TPR@1e-3 at seed 0) gets every seed too
+            again.append(max(others, key=lambda r: r["tpr@1e-3"] or 0.0)["method"])
+        print(f"[bench celeba] seeds 1..{args.seeds - 1} for {', '.join(again)}", flush=True)
         for seed in range(1, args.seeds):
-            records += [_train_one(args, paths, m, seed, cache_dir, data, teacher_emb) for m in again]
-    summary = summarise(records, teacher_figures)
-    summary.update(settings=_settings(args), seconds=time.perf_counter() - started,
-                   data={k: os.path.abspath(v) for k, v in paths.items()})
-    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
+            records += [train(row, seed) for row in rows if row in again]
+    intervals = bootstrap_intervals(args.out, records, data["val_labels"], args.resamples)
+    summary = summarise(records, teacher_figures, rows, intervals)
+    summary.update(settings=_settings(args, paths), seconds=time.perf_counter() - started,
+                   data={k: os.path.abspath(v) for k, v in paths.items() if v})
+    write_json(summary, os.path.join(args.out, "results.json"), indent=1)
     with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
         f.write(markdown_table(summary, summary["settings"]))
     plot(records, teacher_figures, os.path.join(args.out, "tpr_fpr.png"))
@@ -325,19 +462,28 @@ def _weight(text: str) -> tuple[str, float]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kd-plugin bench celeba", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", default=os.path.join("..", "shared", "data"),
-                   help="the shared data folder holding celeba/ and teachers/ (default ../shared/data)")
+                   help="the shared data folder holding celeba/, celeba_extra/, unlabeled/ and teachers/ (default "
+                        "../shared/data)")
     p.add_argument("--train", help="training data (default <data-root>/celeba/train.rec)")
+    p.add_argument("--extra", help="a second labelled training set, its identities after --train's (default "
+                                   "<data-root>/celeba_extra/train.rec unless --train is given; 'none': without)")
+    p.add_argument("--unlabeled", help="unlabelled faces for the '@utk' rows (default <data-root>/unlabeled/utkface "
+                                       "unless --train is given)")
     p.add_argument("--val", help="all-pairs evaluation data (default <data-root>/celeba/val.rec)")
     p.add_argument("--bin", help="verification .bin (default <data-root>/celeba/celeba_val.bin)")
     p.add_argument("--teacher", help="teacher ONNX, ImageNet normalisation (default: the shared MobileFaceNet)")
-    p.add_argument("--num-classes", type=int, default=249, help="identities in the training data")
+    p.add_argument("--num-classes", type=int, help="identities in the training data (checked; default: read from it)")
     p.add_argument("--out", default=os.path.join("work_dirs", "bench_celeba"), help="output folder")
-    p.add_argument("--methods", default=",".join(METHODS), type=lambda s: [m for m in s.split(",") if m],
-                   help=f"comma-separated subset of {', '.join(METHODS)}")
-    p.add_argument("--seeds", type=int, default=2, help="seeds for student, the best baseline, proxyless, ekd and "
-                                                        "proxyless+ekd (the other methods get one)")
+    p.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m],
+                   help=f"comma-separated rows (default: {','.join(FULL)}; with --quick: {','.join(QUICK)}; 'all' "
+                        f"adds every row the method registry offers: {','.join(registry_rows())})")
+    p.add_argument("--seeds", type=int, help="seeds for the student, the ProxylessKD, EKD and ProxylessKD+EKD rows "
+                                             "with the most settings, and the best other row (default 3; --quick: 1)")
+    p.add_argument("--quick", action="store_true", help="a reduced version for iteration: fewer rows, one seed, "
+                                                        "2 epochs (about 10 minutes on 2 CPU cores)")
+    p.add_argument("--resamples", type=int, default=1000, help="identity-bootstrap resamples (0: no intervals)")
     p.add_argument("--network", default="cpu_r8", help="student network (cpu_r8 for CPU; mbf or r18 on a GPU)")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, help="passes over the labelled images (default 4; --quick: 2)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--identities", type=int, default=8, help="identities per batch in the balanced part")
     p.add_argument("--images-per-identity", type=int, default=4)
@@ -357,9 +503,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    unknown = [m for m in args.methods if m not in METHODS]
-    if unknown:
-        raise KDPluginError(f"--methods: unknown {unknown}; allowed: {', '.join(METHODS)}")
+    args.methods = args.methods or list(QUICK if args.quick else FULL)
+    if "all" in args.methods:
+        args.methods = [m for m in args.methods if m != "all"] + list(registry_rows())
+    args.seeds = args.seeds or (1 if args.quick else 3)
+    args.epochs = args.epochs or (2 if args.quick else 4)
+    for row in args.methods:
+        parse_row(row)  # unknown methods or settings stop before anything runs
     summary = run(args)
     print(markdown_table(summary, summary["settings"]))
     print(f"[bench celeba] done in {summary['seconds'] / 60:.1f} min; results in {args.out}", flush=True)

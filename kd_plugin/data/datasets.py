@@ -123,6 +123,11 @@ class FaceDataset(torch.utils.data.Dataset):
         """Number of images per class."""
         return np.bincount(self.labels, minlength=self.num_classes)
 
+    @property
+    def num_labelled(self) -> int:
+        """Images with an identity label (all of them, but in a set combined with unlabelled images)."""
+        return len(self.labels)
+
 
 def read_property(path: str) -> tuple[int, int, int]:
     """Parse an insightface `property` file: `num_classes,height,width`."""
@@ -391,3 +396,70 @@ def open_dataset(path: str, skip_bad_records: bool = False) -> FaceDataset:
         return FileListDataset(path, paths, labels, skip_bad_records=skip_bad_records)
     raise DataFormatError(f"{path}: not a face dataset; expected a train.rec (with train.idx), a folder holding "
                           f"train.rec, a label.txt / .lst list, or an ImageFolder tree ROOT/<identity>/<image>.jpg")
+
+
+UNLABELLED = -1  # the label of an image without identity (kd.unlabeled): only label-free terms see it
+
+
+def open_images(path: str) -> FaceDataset:
+    """A set of face images whose labels, if any, are not used: any `open_dataset` layout, or one flat folder of
+    images (such as UTKFace's aligned faces)."""
+    path = os.fspath(path)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "train.rec")) and \
+            not os.path.isfile(os.path.join(path, "label.txt")):
+        files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+        if files:
+            return FileListDataset(path, [os.path.join(path, f) for f in files], [0] * len(files), num_classes=1)
+    return open_dataset(path)
+
+
+class CombinedDataset(FaceDataset):
+    """Several sets as one: the labelled ones first, their labels offset into one class space (set k's classes follow
+    set k-1's), then the unlabelled ones, labelled UNLABELLED. Sample i is the i-th image in that order, so a teacher
+    cache and the sampler's indices name samples of the whole."""
+
+    def __init__(self, labelled: Sequence[FaceDataset], unlabelled: Sequence[FaceDataset] = ()) -> None:
+        parts = list(labelled) + list(unlabelled)
+        super().__init__("+".join(p.source for p in parts), parts[0].image_size,
+                         any(p.skip_bad_records for p in parts))
+        sizes = {tuple(p.image_size) for p in parts}
+        if len(sizes) > 1:
+            raise DataFormatError(f"{self.source}: the sets have different image sizes {sorted(sizes)}; pack them at "
+                                  f"one size")
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+        offsets = np.cumsum([0] + [p.num_classes for p in labelled])
+        self.labels = np.concatenate([p.labels + offset for p, offset in zip(labelled, offsets)]
+                                     + [np.full(len(p), UNLABELLED, dtype=np.int64) for p in unlabelled])
+        self.num_classes = int(offsets[-1])
+        self._labelled = int(self.starts[len(labelled)])
+
+    @property
+    def num_labelled(self) -> int:
+        return self._labelled
+
+    def _part(self, index: int) -> tuple[FaceDataset, int]:
+        k = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self.parts[k], index - int(self.starts[k])
+
+    def read_bytes(self, index: int) -> bytes:
+        part, i = self._part(index)
+        return part.read_bytes(i)
+
+    def where(self, index: int) -> str:
+        part, i = self._part(index)
+        return f"{part.where(i)} (sample {index} of {self.source})"
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.labels[self.labels >= 0], minlength=self.num_classes)
+
+
+def open_training_data(rec, unlabeled=None) -> FaceDataset:
+    """The training set of a config: `rec` one labelled set or a list of them, plus `unlabeled` image sets (a path or
+    a list). One labelled set alone is returned as it is."""
+    labelled = [open_dataset(p) for p in ([rec] if isinstance(rec, (str, os.PathLike)) else rec)]
+    unlabelled = [open_images(p) for p in ([unlabeled] if isinstance(unlabeled, (str, os.PathLike)) else
+                                           (unlabeled or []))]
+    if len(labelled) == 1 and not unlabelled:
+        return labelled[0]
+    return CombinedDataset(labelled, unlabelled)

@@ -1,7 +1,9 @@
 """Identity-balanced distributed batch sampler.
 
-Each rank's batch is `R` random samples followed by `P` identities x `K` images, `R + P*K = batch_size` on every rank
-and every step (arcface_torch asserts a fixed per-rank batch). The random part is a seeded permutation of the whole
+Each rank's batch is `R` random samples followed by `P` identities x `K` images and, with unlabelled images in the
+dataset (negative labels), `U` of those: `R + P*K + U = batch_size` on every rank and every step (arcface_torch asserts
+a fixed per-rank batch). An epoch is one pass of the labelled images; the unlabelled ones cycle through their own
+permutation. The random part is a seeded permutation of the whole
 dataset per epoch, split across ranks and steps like `DistributedSampler`, so it covers every sample once per epoch
 (the last global step wraps around to the start of the permutation). The balanced part gives every batch positive
 pairs, which EKD needs. Batches are pure functions of (seed, epoch, step, rank), so resuming from (epoch, position)
@@ -26,12 +28,15 @@ class IdentityBalancedBatchSampler(torch.utils.data.Sampler):
 
     def __init__(self, labels: Sequence[int], batch_size: int, identities_per_batch: int = 0,
                  images_per_identity: int = 4, seed: int = 2048, rank: int | None = None,
-                 world_size: int | None = None, flip: bool = True) -> None:
+                 world_size: int | None = None, flip: bool = True, unlabelled_per_batch: int = 0) -> None:
         self.labels = np.asarray(labels, dtype=np.int64)
         self.batch_size = int(batch_size)
         self.num_identities = int(identities_per_batch)
         self.images_per_identity = int(images_per_identity)
-        self.random_size = self.batch_size - self.num_identities * self.images_per_identity
+        self.unlabelled_size = int(unlabelled_per_batch)
+        self.random_size = self.batch_size - self.num_identities * self.images_per_identity - self.unlabelled_size
+        self._labelled = np.flatnonzero(self.labels >= 0)  # negative labels: images without identity
+        self._unlabelled = np.flatnonzero(self.labels < 0)
         self.seed = int(seed)
         self.rank = get_rank() if rank is None else int(rank)
         self.world_size = get_world_size() if world_size is None else int(world_size)
@@ -43,13 +48,16 @@ class IdentityBalancedBatchSampler(torch.utils.data.Sampler):
             raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
         if self.random_size < 0 or self.batch_size <= 0:
             raise ValueError(f"batch_size {batch_size} must be positive and at least identities_per_batch x "
-                             f"images_per_identity = {self.num_identities} x {self.images_per_identity}")
-        if len(self.labels) == 0:
-            raise ValueError("the sampler got an empty dataset")
+                             f"images_per_identity + unlabelled_per_batch = {self.num_identities} x "
+                             f"{self.images_per_identity} + {self.unlabelled_size}")
+        if len(self._labelled) == 0:
+            raise ValueError("the sampler got no labelled image")
+        if self.unlabelled_size and not len(self._unlabelled):
+            raise ValueError(f"unlabelled_per_batch={self.unlabelled_size} but the dataset has no unlabelled image")
         order = np.argsort(self.labels, kind="stable")
         classes, starts, counts = np.unique(self.labels[order], return_index=True, return_counts=True)
         self._members = order
-        eligible = counts >= 2  # an identity with one image gives no positive pair
+        eligible = (counts >= 2) & (classes >= 0)  # an identity with one image gives no positive pair
         self._id_start, self._id_count = starts[eligible], counts[eligible]
         if self.num_identities:
             if self.images_per_identity < 2:
@@ -58,7 +66,7 @@ class IdentityBalancedBatchSampler(torch.utils.data.Sampler):
                 raise ValueError(f"identities_per_batch={self.num_identities} but only {len(self._id_count)} "
                                  f"identities have 2 or more images; lower identities_per_batch")
         per_step = self.world_size * (self.random_size or self.num_identities * self.images_per_identity)
-        self.steps_per_epoch = math.ceil(len(self.labels) / per_step)
+        self.steps_per_epoch = math.ceil(len(self._labelled) / per_step)
 
     def _start(self) -> int:
         return self._resume[1] if self._resume and self._resume[0] == self.epoch else 0
@@ -88,21 +96,29 @@ class IdentityBalancedBatchSampler(torch.utils.data.Sampler):
         for step in range(start, self.steps_per_epoch):
             yield self.batch(self.epoch, step)
 
-    def _epoch_orders(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """This epoch's sample permutation (wrapped to fill every step), the flips of its positions, and the identity
-        order, cached per epoch. Everything is indexed by global position, so the union of the ranks' batches at a
-        step is the batch one process with W times the batch size would draw."""
+    def _epoch_orders(self, epoch: int) -> tuple[np.ndarray, ...]:
+        """This epoch's permutation of the labelled samples (wrapped to fill every step), the flips of its positions,
+        the identity order, and the unlabelled samples' permutation and flips, cached per epoch. Everything is indexed
+        by global position, so the union of the ranks' batches at a step is the batch one process with W times the
+        batch size would draw."""
         if self._orders is None or self._orders[0] != epoch:
             total = self.steps_per_epoch * self.world_size * self.random_size
-            samples = np.resize(np.random.default_rng([self.seed, epoch, 0]).permutation(len(self.labels)), total)
+            order = np.random.default_rng([self.seed, epoch, 0]).permutation(len(self._labelled))
+            samples = np.resize(self._labelled[order], total)
             flips = np.random.default_rng([self.seed, epoch, 2]).random(total) < 0.5
             identities = np.random.default_rng([self.seed, epoch, 1]).permutation(len(self._id_count))
-            self._orders = (epoch, samples, flips, identities)
-        return self._orders[1], self._orders[2], self._orders[3]
+            unlabelled, unlabelled_flips = self._unlabelled[:0], flips[:0]
+            if self.unlabelled_size:  # cycles through its own permutation at its own rate
+                total = self.steps_per_epoch * self.world_size * self.unlabelled_size
+                order = np.random.default_rng([self.seed, epoch, 4]).permutation(len(self._unlabelled))
+                unlabelled = np.resize(self._unlabelled[order], total)
+                unlabelled_flips = np.random.default_rng([self.seed, epoch, 5]).random(total) < 0.5
+            self._orders = (epoch, samples, flips, identities, unlabelled, unlabelled_flips)
+        return self._orders[1:]
 
     def batch(self, epoch: int, step: int) -> list[tuple[int, bool]]:
         """The batch this rank draws at (epoch, step)."""
-        samples, flips, id_order = self._epoch_orders(epoch)
+        samples, flips, id_order, unlabelled, unlabelled_flips = self._epoch_orders(epoch)
         first = (step * self.world_size + self.rank) * self.random_size
         indices = [int(i) for i in samples[first:first + self.random_size]]
         flipped = [bool(f) and self.flip for f in flips[first:first + self.random_size]]
@@ -117,6 +133,9 @@ class IdentityBalancedBatchSampler(torch.utils.data.Sampler):
                 picks = np.concatenate([picks, rng.integers(0, count, k - count)])
             indices.extend(int(i) for i in self._members[start + picks])
             flipped.extend(bool(f) and self.flip for f in rng.random(k) < 0.5)
+        first = (step * self.world_size + self.rank) * self.unlabelled_size  # last: the unlabelled part
+        indices.extend(int(i) for i in unlabelled[first:first + self.unlabelled_size])
+        flipped.extend(bool(f) and self.flip for f in unlabelled_flips[first:first + self.unlabelled_size])
         return list(zip(indices, flipped))
 
 

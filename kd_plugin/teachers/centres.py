@@ -97,8 +97,9 @@ class ClassSums:
 def estimate_class_slice(embedder, dataset: FaceDataset, batch_size: int = 256, progress: bool = True) -> ClassSlice:
     """This rank's rows of the (num_classes, d) unit-norm centre matrix; runs on every rank of a process group."""
     rank, world = get_rank(), get_world_size()
-    mine = np.arange(rank, len(dataset), world)
-    rounds = math.ceil(math.ceil(len(dataset) / world) / batch_size)  # the most chunks any rank has: all take part
+    labelled = np.flatnonzero(np.asarray(dataset.labels) >= 0)  # images without identity have no class
+    mine = labelled[rank::world]
+    rounds = math.ceil(math.ceil(len(labelled) / world) / batch_size)  # the most chunks any rank has: all take part
     pairs = embed_pairs(embedder, dataset, mine, batch_size, "estimating centres", progress and rank == 0)
     sums = None
     for _ in range(rounds):  # at least one: a dataset has images

@@ -51,7 +51,8 @@ def fit_class_slice(cache, labels: np.ndarray, num_classes: int, margin: Combine
     head = PartialFCHead(margin, cache.embedding_size, num_classes, centres=start, trainable=True, seed=seed)
     head = head.to(collective_device())
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
-    samples = 2 * len(labels)
+    images = np.flatnonzero(labels >= 0)  # images without identity (kd.unlabeled) have no class to fit
+    samples = 2 * len(images)
     steps_per_epoch = math.ceil(samples / batch_size)
     total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / max(1, total)))
@@ -61,10 +62,10 @@ def fit_class_slice(cache, labels: np.ndarray, num_classes: int, margin: Combine
         for s in range(steps_per_epoch):
             batch = order[s * batch_size:(s + 1) * batch_size]
             mine = batch[rank::world]  # this rank reads its share; the batch is gathered in rank order
-            rows = cache.get(mine // 2, mine % 2).to(collective_device())
+            rows = cache.get(images[mine // 2], mine % 2).to(collective_device())
             sizes = gather_sizes(len(mine), rows.device)
             embeddings = gather_no_grad(rows, sizes)
-            targets = gather_no_grad(torch.from_numpy(labels[mine // 2]).to(rows.device), sizes)
+            targets = gather_no_grad(torch.from_numpy(labels[images[mine // 2]]).to(rows.device), sizes)
             loss = head.global_loss(embeddings, targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
