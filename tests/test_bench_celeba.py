@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -61,6 +62,13 @@ def test_the_benchmark_runs_end_to_end_and_reuses_finished_runs(stand_ins, tmp_p
             assert len(entry[key]) == 2 and all(isinstance(v, float) for v in entry[key]), key
         assert all(s > 0 for s in entry["epoch_seconds"])  # from the trainer's per-epoch log lines
     assert result["methods"]["student"]["gap_closed@1e-3"] == 0.0
+    for method in ("l2", "proxyless+ekd"):  # the paired difference to the student alone, with its interval
+        paired = result["methods"][method]["vs_student@1e-3"]
+        low, high = paired["ci95"]
+        assert low <= high and set(paired) == {"diff", "ci95"}
+        student, this = (np.mean(result["methods"][m]["tpr@1e-3"]) for m in ("student", method))
+        assert paired["diff"] == pytest.approx(this - student)
+    assert "vs_student@1e-3" not in result["methods"]["student"]
     for method in ("student", "l2", "proxyless+ekd"):
         for seed in (0, 1):
             folder = out / method / f"seed{seed}"

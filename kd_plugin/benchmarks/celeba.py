@@ -483,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "2 epochs (about 10 minutes on 2 CPU cores)")
     p.add_argument("--resamples", type=int, default=1000, help="identity-bootstrap resamples (0: no intervals)")
     p.add_argument("--network", default="cpu_r8", help="student network (cpu_r8 for CPU; mbf or r18 on a GPU)")
-    p.add_argument("--epochs", type=int, help="passes over the labelled images (default 4; --quick: 2)")
+    p.add_argument("--epochs", type=int, help="passes over the labelled images (default 6; --quick: 2)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--identities", type=int, default=8, help="identities per batch in the balanced part")
     p.add_argument("--images-per-identity", type=int, default=4)
@@ -507,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     if "all" in args.methods:
         args.methods = [m for m in args.methods if m != "all"] + list(registry_rows())
     args.seeds = args.seeds or (1 if args.quick else 3)
-    args.epochs = args.epochs or (2 if args.quick else 4)
+    args.epochs = args.epochs or (2 if args.quick else 6)
     for row in args.methods:
         parse_row(row)  # unknown methods or settings stop before anything runs
     summary = run(args)
