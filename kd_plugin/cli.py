@@ -116,7 +116,9 @@ def _add_teacher_command(sub: argparse._SubParsersAction, name: str, help: str, 
     p.add_argument("--mean", help=_triplet_help("teacher input mean"))
     p.add_argument("--std", help=_triplet_help("teacher input std"))
     p.add_argument("--bgr", action="store_true", help="the teacher takes BGR input (images are RGB)")
-    p.add_argument("--data", required=True, help="training data: train.rec (or its folder), image folder, label.txt")
+    p.add_argument("--data", required=True, nargs="+", help="training data: train.rec (or its folder), image folder, "
+                                                            "label.txt; several sets as config.rec lists them")
+    p.add_argument("--unlabeled", nargs="+", help="unlabelled image sets, as config.kd.unlabeled.data names them")
     p.add_argument("--batch-size", type=int, default=128, help="teacher inference batch")
     p.add_argument("--device", default="cuda" if _has_cuda() else "cpu", help="where a torch teacher runs")
     p.set_defaults(func=run)
@@ -128,7 +130,6 @@ def _has_cuda() -> bool:
 
 
 def _teacher_and_data(args: argparse.Namespace):
-    from kd_plugin.data.datasets import open_dataset
     from kd_plugin.distributed import get_rank, init_from_env
     from kd_plugin.teachers import load_embedder
 
@@ -139,7 +140,15 @@ def _teacher_and_data(args: argparse.Namespace):
         device = f"cuda:{torch.cuda.current_device()}"
     teacher = load_embedder(args.teacher, given_normalization(args.mean, args.std, args.bgr), device=device,
                             batch_size=args.batch_size)
-    return teacher, open_dataset(args.data), get_rank()
+    return teacher, _training_data(args), get_rank()
+
+
+def _training_data(args: argparse.Namespace):
+    """--data (one set or several, one class space) and --unlabeled, opened as kd-plugin train opens config.rec and
+    config.kd.unlabeled.data, so a cache made here fits that run."""
+    from kd_plugin.data.datasets import open_training_data
+
+    return open_training_data(args.data if len(args.data) > 1 else args.data[0], args.unlabeled)
 
 
 def _add_classifier(sub: argparse._SubParsersAction) -> None:
@@ -157,7 +166,9 @@ def _add_classifier(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-classes", type=int, required=True, help="classes of the training data (config.num_classes)")
     p.add_argument("--embedding-size", type=int, help="expected embedding size (config.embedding_size)")
     p.add_argument("--out", required=True, help="output file (torch.save dict with 'weight')")
-    p.add_argument("--data", help="with --fit: the training data the cache was made from (train.rec, ...)")
+    p.add_argument("--data", nargs="+", help="with --fit: the training data the cache was made from (train.rec, ...; "
+                                             "several sets as config.rec lists them)")
+    p.add_argument("--unlabeled", nargs="+", help="with --fit: the unlabelled sets the cache was made with")
     p.add_argument("--margin", default="1.0,0.5,0.0", help="with --fit: arcface_torch margin_list m1,m2,m3 (default "
                                                            "ArcFace 0.5)")
     for key, value in FIT_DEFAULTS.items():
@@ -178,7 +189,6 @@ def _run_classifier(args: argparse.Namespace) -> int:
 
 
 def _fit_classifier(args: argparse.Namespace) -> int:
-    from kd_plugin.data.datasets import open_dataset
     from kd_plugin.distributed import get_rank, init_from_env
     from kd_plugin.heads import CombinedMarginLoss
     from kd_plugin.teachers import load_cache, save_classifier
@@ -193,7 +203,7 @@ def _fit_classifier(args: argparse.Namespace) -> int:
         raise KDPluginError(f"--margin {args.margin!r}: expected m1,m2,m3 as in arcface_torch's margin_list, e.g. "
                             f"1.0,0.5,0.0 ({exc})") from None
     init_from_env()
-    dataset = open_dataset(args.data)
+    dataset = _training_data(args)
     if dataset.num_classes != args.num_classes:
         raise KDPluginError(f"--num-classes {args.num_classes}, but {args.data} has {dataset.num_classes} classes")
     cache = load_cache(args.fit, dataset)
@@ -212,7 +222,7 @@ def _run_centres(args: argparse.Namespace) -> int:
     teacher, dataset, rank = _teacher_and_data(args)
     centres = estimate_centres(teacher, dataset, args.batch_size)
     if rank == 0:
-        save_classifier(centres, args.out, source=args.data, teacher=args.teacher, kind="estimated_centres")
+        save_classifier(centres, args.out, source=",".join(args.data), teacher=args.teacher, kind="estimated_centres")
         print(f"wrote {args.out}: {centres.shape[0]} class centres x {centres.shape[1]}")
     return 0
 

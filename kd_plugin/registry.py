@@ -109,12 +109,14 @@ def _keyword_defaults(name: str, build: Callable) -> dict:
     return {p.name: copy.deepcopy(p.default) for p in parameters if p.kind in plain}
 
 
-def add_term(name: str, build: Callable[..., Any], *, weight: float = 1.0, needs=("teacher",),
+def add_term(name: str, build: Callable[..., Any], *, weight: float = 1.0, needs=("teacher", "labels"),
              title: str | None = None, summary: str = "", baseline: bool = True,
              check: Callable[[dict], None] | None = None, teacher: Callable[..., Any] | None = None,
              _builtin: bool = False) -> None:
     """Declare a distillation term built by `build(**config.kd.<name>)` (a module class, or a function returning the
-    module). Its config block is `build`'s keyword parameters with their defaults (the published settings)."""
+    module). Its config block is `build`'s keyword parameters with their defaults (the published settings). By default
+    a term needs the teacher and labels; one that never reads `labels` declares its needs without them and then also
+    sees images without identity (config.kd.unlabeled)."""
     sharded = bool(getattr(build, "sharded", False))
     declared = set(needs) | ({"logits"} if sharded else set())
     if "centres" in declared:

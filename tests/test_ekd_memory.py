@@ -79,3 +79,20 @@ def test_first_batch_anchors_start_at_the_batch_thresholds():
 def test_bad_memory_settings_are_refused(ekd, message):
     with pytest.raises(KDPluginError, match=message):
         resolve({"rec": "x", "num_classes": 2, "kd": {"method": "ekd", "teacher": "t.onnx", "ekd": ekd}})
+
+
+def test_after_the_ring_wraps_the_remembered_rows_are_read_before_they_are_overwritten():
+    import copy
+
+    term = EKDLoss(top_k=50, memory=40)
+    for step in range(2):  # 48 rows into 40: the ring has wrapped
+        _step(term, step)
+    reference = copy.deepcopy(term)  # the same state, reading copies of the remembered rows
+    reference._remembered = lambda: tuple(x.clone() for x in EKDLoss._remembered(reference))
+    a, b = _step(term, 2), _step(reference, 2)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_a_checkpoint_from_before_the_memory_loads_into_ekd_without_one():
+    old = {k: v for k, v in EKDLoss(top_k=50).state_dict().items() if not k.startswith("memory")}
+    EKDLoss(top_k=50).load_state_dict(old)  # strict: no missing keys

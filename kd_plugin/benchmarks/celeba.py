@@ -165,14 +165,14 @@ def _config(args, paths: dict, row: str, seed: int, output: str, caches: dict, n
     for v in variants:
         for key, value in VARIANTS[v][0].items():
             kd[key] = dict(kd.get(key) or {}, **value) if isinstance(value, dict) else value
-    epochs = args.epochs
-    if utk:
+    epochs, warmup = args.epochs, 1
+    if utk:  # half as many epochs of twice the steps: the same steps, the same warm-up steps
         kd["unlabeled"] = {"data": paths["unlabeled"], "per_batch": _random_rows(args) // 2}
-        epochs = args.epochs // 2
+        epochs, warmup = args.epochs // 2, 0.5
     rec, _ = _training_sets(paths, utk)
     return {"network": args.network, "embedding_size": 128, "rec": rec if len(rec) > 1 else rec[0],
             "num_classes": num_classes, "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
-            "weight_decay": args.weight_decay, "momentum": 0.9, "num_epoch": epochs, "warmup_epoch": 1,
+            "weight_decay": args.weight_decay, "momentum": 0.9, "num_epoch": epochs, "warmup_epoch": warmup,
             "margin_list": tuple(args.margin), "sample_rate": 1.0, "fp16": False, "seed": 2048 + seed,
             "num_workers": args.workers, "output": output, "frequent": 10 ** 9, "verbose": 10 ** 9,
             "checkpoint_every": 10 ** 9, "val_targets": [], "kd": kd}
@@ -182,11 +182,13 @@ def _random_rows(args) -> int:
     return args.batch_size - args.identities * args.images_per_identity
 
 
-def _settings(args, paths: dict) -> dict:
+def _settings(args, paths: dict, row: str = "") -> dict:
     keys = ("network", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "margin", "identities",
             "images_per_identity")
     settings = {k: getattr(args, k) for k in keys}
     settings["data"] = [os.path.basename(os.path.dirname(p)) for p in (paths["train"], paths["extra"]) if p]
+    if "utk" in parse_row(row)[1] if row else False:
+        settings["unlabeled"] = os.path.abspath(paths["unlabeled"])
     if args.weight:  # recorded only when set, so results made with the published weights stay reusable
         settings["weights"] = dict(args.weight)
     return settings
@@ -200,7 +202,7 @@ def _train_one(args, paths, row, seed, caches, data, teacher_emb, num_classes) -
 
     folder = os.path.join(args.out, row.replace("@", "_at_"), f"seed{seed}")
     record_path = os.path.join(folder, "result.json")
-    settings = _settings(args, paths)
+    settings = _settings(args, paths, row)
     if not args.fresh and os.path.isfile(record_path) and os.path.isfile(os.path.join(folder, "val_embeddings.npy")):
         with open(record_path, encoding="utf-8") as f:
             record = json.load(f)

@@ -192,8 +192,8 @@ class EKDLoss(nn.Module):
             labels = labels.view(-1)
             earlier = self._remembered()
             picked = self.miner(s_unit.detach(), t_unit, labels, earlier)
-            self._remember(s_unit.detach(), t_unit, labels)
             if picked is None:  # a single identity: no negative pair, EKD skips the step
+                self._remember(s_unit.detach(), t_unit, labels)
                 zero = student.sum() * 0.0
                 return zero, {"ekd_skipped": torch.ones(())}
             a_s, a_t = self.miner.anchors()
@@ -202,6 +202,7 @@ class EKDLoss(nn.Module):
             keys = s_unit if earlier is None else torch.cat([earlier[0], s_unit])  # earlier rows carry no gradient
             s_pos = (keys[picked["pos_i"]] * s_unit[picked["pos_j"]]).sum(1)
             s_neg = (keys[picked["neg_i"]] * s_unit[picked["neg_j"]]).sum(1)
+            self._remember(s_unit.detach(), t_unit, labels)  # after the pairs are read: `earlier` views the memory
             rank_pos_s, rank_pos_t = soft_rank(s_pos, a_s, self.tau), soft_rank(picked["teacher_pos"], a_t, self.tau)
             rank_neg_s, rank_neg_t = soft_rank(s_neg, a_s, self.tau), soft_rank(picked["teacher_neg"], a_t, self.tau)
             pos_loss = ((rank_pos_s - rank_pos_t) ** 2).mean() if len(s_pos) else s_unit.sum() * 0.0
@@ -249,6 +250,9 @@ class EKDLoss(nn.Module):
             saved = state_dict.get(prefix + name)
             if saved is not None and saved.shape != getattr(self, name).shape:
                 setattr(self, name, torch.zeros_like(saved, device=getattr(self, name).device))
+        if self.memory == 0:  # a checkpoint from before the memory existed resumes: no memory is an empty memory
+            for name in ("memory_student", "memory_teacher", "memory_labels", "memory_rows", "memory_next"):
+                state_dict.setdefault(prefix + name, getattr(self, name))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @staticmethod

@@ -13,7 +13,7 @@ from kd_plugin.losses.precision import at_least_fp32
 from kd_plugin.registry import register_term
 
 
-@register_term("cckd", title="CCKD", summary="correlation congruence: the Taylor-expanded Gaussian-RBF correlations "
+@register_term("cckd", title="CCKD", needs=("teacher",), summary="correlation congruence: the Taylor-expanded Gaussian-RBF correlations "
                                              "of the batch matched to the teacher's", _builtin=True)
 class CCKDLoss(nn.Module):
     """Correlation congruence: Gaussian-RBF correlations of unit embeddings by a Taylor expansion of order `order`
@@ -43,7 +43,7 @@ class CCKDLoss(nn.Module):
         return loss, {"cckd": loss.detach()}
 
 
-@register_term("sp", title="SP", summary="similarity preserving: the row-normalised Gram matrix of the batch matched "
+@register_term("sp", title="SP", needs=("teacher",), summary="similarity preserving: the row-normalised Gram matrix of the batch matched "
                                          "to the teacher's", _builtin=True)
 class SPLoss(nn.Module):
     """Similarity preserving: row-normalised Gram matrices G = f f^T; loss = ||G_s - G_t||_F^2 / N^2."""
@@ -60,7 +60,7 @@ class SPLoss(nn.Module):
         return loss, {"sp": loss.detach()}
 
 
-@register_term("rkd", title="RKD", summary="relational KD: pairwise distances (weight 25) and triplet angles (weight "
+@register_term("rkd", title="RKD", needs=("teacher",), summary="relational KD: pairwise distances (weight 25) and triplet angles (weight "
                                           "50) matched to the teacher's", _builtin=True)
 class RKDLoss(nn.Module):
     """Relational KD: distance term (pairwise distances over their mean, smooth-L1, weight 25) and angle term (cosine of
