@@ -169,3 +169,15 @@ def test_two_gloo_ranks_train_on_mixed_batches_like_one_process(sets, tmp_path):
     for a, b in zip(_losses(tmp_path / "one"), _losses(tmp_path / "two")):
         for key in ("loss", "loss_head", "loss_l2"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
+def test_the_cache_command_caches_the_training_data_as_a_config_lists_it(sets, tmp_path, capsys):
+    from kd_plugin.cli import main
+    from kd_plugin.teachers import load_cache
+
+    out = tmp_path / "cache"
+    assert main(["cache", "--teacher", _teacher(tmp_path), "--data", sets[0], sets[1], "--unlabeled", sets[2],
+                 "--out", str(out), "--device", "cpu"]) == 0
+    assert "88 images x 2" in capsys.readouterr().out
+    cache = load_cache(str(out), open_training_data(list(sets[:2]), sets[2]))  # the run's dataset: accepted
+    assert cache.get([87], [True]).shape == (1, 16)
