@@ -18,13 +18,11 @@ from kd_plugin.normalization import given_normalization
 from kd_plugin.objective import KDObjective
 from kd_plugin.teachers import build_cache, load_cache, load_embedder
 from kd_plugin.teachers.cache import dataset_fingerprint
-from kd_plugin.teachers.centres import centres_from_cache, estimate_class_slice
-from kd_plugin.teachers.fit import fit_class_slice
+from kd_plugin.teachers.centres import DERIVED_CENTRES, centres_from_cache, estimate_class_slice
+from kd_plugin.centre_fit import fit_class_slice
 from kd_plugin.teachers.classifier import save_class_slices, saved_class_slices
 from kd_plugin.teachers.feed import TeacherFeed
 from kd_plugin.training_log import LOG
-
-DERIVED_CENTRES = ("estimate", "fit")  # kd.centres values that derive the centres from the teacher
 
 
 def build_dataset(cfg):
@@ -75,7 +73,7 @@ def derived_centres(cfg, dataset, feed: TeacherFeed):
     saved = torch.tensor([1.0 if cfg.resume and saved_class_slices(folder, meta) else 0.0], device=collective_device())
     if all_reduce_(saved, "min").item() > 0:
         if get_rank() == 0:
-            LOG.info(f"resume: ProxylessKD reuses the centres estimated before, {folder}")
+            LOG.info(f"resume: ProxylessKD reuses the centres derived before ({cfg.kd.centres}), {folder}")
         return folder
     if cfg.kd.centres == "fit":
         cache = feed.cache if feed.cache is not None else _cache_for_fit(cfg, dataset, feed)

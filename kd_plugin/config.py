@@ -67,7 +67,7 @@ def kd_defaults() -> dict:
                                 f"register it under another name")
         if method.defaults:
             out[name] = method.block()
-    from kd_plugin.teachers.fit import FIT_DEFAULTS
+    from kd_plugin.centre_fit import FIT_DEFAULTS
 
     out["centre_fit"] = dict(FIT_DEFAULTS)  # centres="fit": epochs, global batch, lr of the fit
     return out
@@ -123,10 +123,14 @@ def _check_unlabeled(kd: dict, chosen: dict) -> None:
     if bool(block["data"]) != bool(block["per_batch"]):
         raise _fail("kd.unlabeled", dict(block), "give both data (the image sets) and per_batch (how many of each "
                                                  "rank's batch_size), or neither")
-    if block["data"] and not any("labels" not in m.needs for m in chosen.values() if m.kind == "term"):
+    label_free = lambda m: m.kind == "term" and "labels" not in m.needs  # noqa: E731
+    if block["data"] and not any(label_free(m) for m in chosen.values()):
+        from kd_plugin.methods import methods
+
+        offered = ", ".join(n for n, m in methods().items() if label_free(m))
         raise _fail("kd.unlabeled", dict(block), f"unlabelled images feed only the terms that need no labels, and "
-                                                 f"method {kd['method']!r} has none: add one (l2, cosine, cckd, sp, "
-                                                 f"rkd) or remove kd.unlabeled")
+                                                 f"method {kd['method']!r} has none: add one ({offered}) or remove "
+                                                 f"kd.unlabeled")
 
 
 def _check_needs(kd: dict, chosen: dict) -> None:
@@ -142,8 +146,10 @@ def _check_needs(kd: dict, chosen: dict) -> None:
     if any("teacher" in m.needs for m in chosen.values()) and not kd["teacher"] and not kd["cache"]:
         raise _fail("kd.teacher", kd["teacher"], f"method {kd['method']!r} needs the teacher's embeddings: set "
                                                  f"kd.teacher (a model spec) or kd.cache")
+    from kd_plugin.teachers.centres import DERIVED_CENTRES
+
     inheriting = [m.title for m in chosen.values() if "centres" in m.needs]
-    if inheriting and kd["centres"] in ("estimate", "fit") and not kd["teacher"] and not kd["cache"]:
+    if inheriting and kd["centres"] in DERIVED_CENTRES and not kd["teacher"] and not kd["cache"]:
         raise _fail("kd.teacher", kd["teacher"], f"centres = {kd['centres']!r} derives {inheriting[0]}'s centres from "
                                                  f"the teacher's embeddings: set kd.teacher (a model spec) or kd.cache")
     fit = kd["centre_fit"]

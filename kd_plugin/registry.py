@@ -10,9 +10,9 @@ registered the same way from their config file:
 
     from kd_plugin import register_term
 
-    @register_term("my_term", weight=0.5, defaults={"power": 2.0}, needs=("teacher", "labels"))
+    @register_term("my_term", weight=0.5, needs=("teacher", "labels"))
     class MyTerm(torch.nn.Module):
-        def __init__(self, power=2.0): ...
+        def __init__(self, power=2.0): ...  # its keyword defaults are its config block: config.kd.my_term
         def forward(self, student, teacher, labels): return loss, {"my_term": loss.detach()}
 
     config.kd = {"method": "proxyless+my_term", "my_term": {"power": 3.0}, ...}
@@ -34,8 +34,8 @@ NEEDS = {
     "centres": "the teacher's class centres, inherited by the classifier (kd.centres: shards, a file or 'estimate')",
     "logits": "the logits over the inherited class centres: a head that inherits them (proxyless) and `head` passed "
               "to forward (the term is sharded across ranks like the head)",
-    "labels": "identity labels: a term without this need is label-free (declared for unlabelled images; every batch "
-              "has labels today)",
+    "labels": "identity labels: a term without this need is label-free and also sees the images without identity "
+              "(kd.unlabeled)",
     "balanced": "identity-balanced batches (kd.sampler.balanced defaults to on)",
     "equal_dims": "a student embedding_size equal to the teacher's",
 }

@@ -11,7 +11,7 @@ import torch
 from distributed_helpers import run_ranks
 from kd_plugin.heads import CombinedMarginLoss
 from kd_plugin.teachers.centres import centres_from_cache
-from kd_plugin.teachers.fit import fit_class_slice, margin_satisfied
+from kd_plugin.centre_fit import fit_class_slice, margin_satisfied
 from test_train import _registered_for_this_module  # noqa: F401  (test_tiny, for this module only)
 
 

@@ -37,11 +37,13 @@ from kd_plugin.atomic import write_json
 from kd_plugin.errors import KDPluginError
 from kd_plugin.normalization import IMAGENET_MEAN, IMAGENET_STD
 
-# settings a row may add after '@': name -> (the config.kd overrides, what the row's method must have for them)
+# settings a row may add after '@': name -> (its config.kd overrides, what the row's method must have, a test of that
+# over the row's methods)
 VARIANTS = {
-    "fit": ({"centres": "fit"}, "centres"),
-    "memory": ({"ekd": {"memory": 4096, "anchor_init": "first"}}, "ekd"),
-    "utk": ({}, "label-free"),  # kd.unlabeled: the unlabelled faces (set per run: the data path and the batch share)
+    "fit": ({"centres": "fit"}, "centres", lambda ms: any("centres" in m.needs for m in ms)),
+    "memory": ({"ekd": {"memory": 4096, "anchor_init": "first"}}, "ekd", lambda ms: any(m.name == "ekd" for m in ms)),
+    # kd.unlabeled: the unlabelled faces (set per run: the data path and the batch share)
+    "utk": ({}, "label-free", lambda ms: any(m.kind == "term" and "labels" not in m.needs for m in ms)),
 }
 FULL = ("student", "l2", "cosine", "adadistill", "proxyless", "proxyless@fit", "ekd", "ekd@memory", "proxyless+ekd",
         "proxyless+ekd@fit@memory", "l2@utk", "adadistill+l2@utk")
@@ -74,14 +76,10 @@ def parse_row(row: str) -> tuple[str, tuple[str, ...]]:
     if unknown:
         raise KDPluginError(f"--methods: row {row!r}: unknown settings {unknown}; allowed after '@': "
                             f"{', '.join(VARIANTS)}")
-    parts = [] if method == "student" else names(method)
-    catalogue = methods()
+    parts = [methods()[n] for n in ([] if method == "student" else names(method))]
     for v in variants:
-        wanted = VARIANTS[v][1]
-        ok = (any("centres" in catalogue[n].needs for n in parts) if wanted == "centres" else
-              wanted in parts if wanted == "ekd" else
-              any(catalogue[n].kind == "term" and "labels" not in catalogue[n].needs for n in parts))
-        if not ok:
+        _, wanted, present = VARIANTS[v]
+        if not present(parts):
             raise KDPluginError(f"--methods: row {row!r}: '@{v}' needs a method with {wanted} in it")
     return method, variants
 
@@ -187,7 +185,7 @@ def _settings(args, paths: dict, row: str = "") -> dict:
             "images_per_identity")
     settings = {k: getattr(args, k) for k in keys}
     settings["data"] = [os.path.basename(os.path.dirname(p)) for p in (paths["train"], paths["extra"]) if p]
-    if "utk" in parse_row(row)[1] if row else False:
+    if row and "utk" in parse_row(row)[1]:
         settings["unlabeled"] = os.path.abspath(paths["unlabeled"])
     if args.weight:  # recorded only when set, so results made with the published weights stay reusable
         settings["weights"] = dict(args.weight)

@@ -119,7 +119,8 @@ class CriticalPairMiner(nn.Module):
         pos_i, pos_j = torch.nonzero(before & same, as_tuple=True)
         sim = keys_s @ student_unit.T  # the student's matrix first, then the teacher's: never both
         student_batch, resolved = self._batch_thresholds(sim[negative])
-        k = min(self.top_k, int(negative.sum()))
+        negatives = int(negative.sum())
+        k = min(self.top_k, negatives)
         flat = torch.topk(sim.masked_fill_(~negative, -float("inf")).view(-1), k).indices
         neg_i, neg_j = flat // n, flat % n
         del sim
@@ -134,7 +135,7 @@ class CriticalPairMiner(nn.Module):
         self.steps += 1
         return {"pos_i": pos_i, "pos_j": pos_j, "neg_i": neg_i, "neg_j": neg_j, "teacher_pos": teacher_pos,
                 "teacher_neg": teacher_neg, "student_batch": student_batch, "teacher_batch": teacher_batch,
-                "resolved": resolved, "negatives": int(negative.sum())}
+                "resolved": resolved, "negatives": negatives}
 
 
 def _check_config(kd: dict) -> None:

@@ -22,6 +22,8 @@ from kd_plugin.errors import KDPluginError
 from kd_plugin.progress import Progress
 from kd_plugin.teachers.classifier import ClassSlice
 
+DERIVED_CENTRES = ("estimate", "fit")  # kd.centres values that derive the centres from the teacher's embeddings
+
 
 def embed_pairs(embedder, dataset: FaceDataset, indices: np.ndarray, batch_size: int = 256,
                 desc: str = "embedding", progress: bool = True, workers: int = 1):

@@ -91,7 +91,9 @@ def _check_config(kd: dict) -> None:
     if kd["cache"]:
         raise KDPluginError(f"config.kd.cache = {kd['cache']!r}: a cache holds one fixed teacher; multi-step KD "
                             f"changes the teacher every epoch: remove kd.cache")
-    if kd["centres"] in ("estimate", "fit"):
+    from kd_plugin.teachers.centres import DERIVED_CENTRES
+
+    if kd["centres"] in DERIVED_CENTRES:
         raise KDPluginError(f"config.kd.centres = {kd['centres']!r}: with multistep the teacher changes every epoch: "
                             f"give a centres file or the teacher's classifier shards instead")
     try:
