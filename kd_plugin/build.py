@@ -10,6 +10,7 @@ import torch
 
 from kd_plugin.data.datasets import open_training_data
 from kd_plugin.data.sampler import IdentityBalancedBatchSampler
+from kd_plugin.data.views import EpochItems, ViewDataset, ViewSettings
 from kd_plugin.distributed import all_reduce_, collective_device, get_rank, get_world_size
 from kd_plugin.errors import KDPluginError
 from kd_plugin.heads import PartialFCHead, head_arguments, trainable_head
@@ -22,6 +23,7 @@ from kd_plugin.teachers.centres import DERIVED_CENTRES, centres_from_cache, esti
 from kd_plugin.centre_fit import fit_class_slice
 from kd_plugin.teachers.classifier import save_class_slices, saved_class_slices
 from kd_plugin.teachers.feed import TeacherFeed
+from kd_plugin.teachers.view_cache import open_view_cache
 from kd_plugin.training_log import LOG
 
 
@@ -32,10 +34,20 @@ def build_dataset(cfg):
 
 def build_sampler(cfg, labels) -> IdentityBalancedBatchSampler:
     """This rank's batch sampler: the identity-balanced part (P x K) when `kd.sampler.balanced`, else random only,
-    and `kd.unlabeled.per_batch` unlabelled images."""
+    and `kd.unlabeled.per_batch` unlabelled images; with `kd.views` the views decide the flips."""
     per_rank = cfg.kd.sampler.identities_per_batch if cfg.kd.sampler.balanced else 0
     return IdentityBalancedBatchSampler(labels, cfg.batch_size, per_rank, cfg.kd.sampler.images_per_identity,
-                                        seed=cfg.seed, unlabelled_per_batch=cfg.kd.unlabeled.per_batch)
+                                        seed=cfg.seed, unlabelled_per_batch=cfg.kd.unlabeled.per_batch,
+                                        flip=not cfg.kd.views.enabled)
+
+
+def build_loader(cfg, dataset, sampler, pin_memory: bool) -> torch.utils.data.DataLoader:
+    """The training batches: the sampler's (index, flip) items from the dataset, or with `kd.views` each sample's
+    consistent view of the sampler's epoch."""
+    if cfg.kd.views.enabled:
+        dataset, sampler = ViewDataset(dataset, ViewSettings.from_config(cfg.kd.views)), EpochItems(sampler)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
+                                       pin_memory=pin_memory)
 
 
 def build_teacher(cfg, dataset, device: torch.device) -> TeacherFeed | None:
@@ -52,8 +64,13 @@ def build_teacher(cfg, dataset, device: torch.device) -> TeacherFeed | None:
     own = next((m.teacher for m in methods.values() if m.teacher is not None), None)
     if own is not None:
         return TeacherFeed(own(kd, norm, device, amp))
-    return TeacherFeed(load_embedder(kd.teacher, norm, device=str(device), batch_size=kd.teacher_batch_size,
-                                     amp_dtype=amp))
+    embedder = load_embedder(kd.teacher, norm, device=str(device), batch_size=kd.teacher_batch_size, amp_dtype=amp)
+    if not kd.views.enabled or not kd.views.cache:
+        return TeacherFeed(embedder)
+    size = int(torch.as_tensor(embedder.embed(dataset[0][0][None])).shape[1])
+    views = open_view_cache(kd.views.cache, dataset, kd.teacher, getattr(embedder, "normalization", norm),
+                            ViewSettings.from_config(kd.views).as_dict(), size)
+    return TeacherFeed(embedder, views=views)
 
 
 def derived_centres(cfg, dataset, feed: TeacherFeed):
@@ -126,5 +143,6 @@ def build_objective(cfg, dataset, feed: TeacherFeed | None, sampler: IdentityBal
     return KDObjective(build_head(cfg, dataset, feed), build_terms(cfg), cfg.kd.reference_gradient_scaling,
                        random_rows, needs_teacher=any("teacher" in m.needs for m in methods.values()),
                        equal_dims=tuple(name for name, m in methods.items() if "equal_dims" in m.needs),
-                       unlabelled_rows=cfg.kd.unlabeled.per_batch > 0,
+                       unlabelled_rows=cfg.kd.unlabeled.per_batch > 0 or (cfg.kd.views.enabled and
+                                                                          cfg.kd.views.mixup > 0),
                        label_free=tuple(name for name, m in methods.items() if "labels" not in m.needs))

@@ -40,6 +40,14 @@ KD_SETTINGS = {
     # images without identity labels (a folder of images, any dataset layout, or a list): `per_batch` of each rank's
     # batch_size are drawn from them, and only the label-free terms see them
     "unlabeled": {"data": None, "per_batch": 0},
+    # consistent augmented views (kd_plugin.data.views): student and teacher see the same view of each sample
+    "views": {
+        "enabled": False,  # flip, crop and mixup drawn per (seed, epoch, sample); the teacher runs on that view
+        "crop": 0.8,  # random-resized crop: the kept area is a uniform share of the image in [crop, 1] (1: no crop)
+        "mixup": 0.5,  # share of samples mixed with another training image (lambda ~ U(0, 1)): label-free terms only
+        "seed": 0,  # the views' own seed, not config.seed: every run and training seed sees the same views
+        "cache": None,  # teacher-view cache folder: the teacher's embedding of each (sample, epoch) view, made once
+    },
     "sampler": {"identities_per_batch": 8, "images_per_identity": 4, "balanced": None},  # None: on when a term needs it
     "margin_on_random_part": False,  # the reference EKD recipe: margin loss on the random part only
     "reference_gradient_scaling": False,
@@ -133,6 +141,52 @@ def _check_unlabeled(kd: dict, chosen: dict) -> None:
                                                  f"kd.unlabeled")
 
 
+def _check_views(kd: dict, chosen: dict) -> None:
+    """Consistent views: settings in range, and refused where a part of them would not be honoured."""
+    views, defaults = kd["views"], KD_SETTINGS["views"]
+    if not isinstance(views["enabled"], bool):
+        raise _fail("kd.views.enabled", views["enabled"], "expected True or False")
+    if not views["enabled"]:
+        changed = [k for k in defaults if k != "enabled" and views[k] != defaults[k]]
+        if changed:
+            raise _fail(f"kd.views.{changed[0]}", views[changed[0]], "applies only with kd.views.enabled = True: "
+                                                                     "enable the views or remove it")
+        return
+    if not isinstance(views["crop"], (int, float)) or not 0 < views["crop"] <= 1:
+        raise _fail("kd.views.crop", views["crop"], "expected the smallest share of the image area a crop keeps, in "
+                                                    "(0, 1] (1: no crop; 0.8: a mild crop)")
+    if not isinstance(views["mixup"], (int, float)) or not 0 <= views["mixup"] <= 1:
+        raise _fail("kd.views.mixup", views["mixup"], "expected the share of samples mixed with another image, in "
+                                                      "[0, 1] (0: no mixup)")
+    if not isinstance(views["seed"], int):
+        raise _fail("kd.views.seed", views["seed"], "expected an integer")
+    label_free = [n for n, m in chosen.items() if m.kind == "term" and "labels" not in m.needs]
+    if views["mixup"] > 0 and not label_free:
+        from kd_plugin.methods import methods
+
+        offered = ", ".join(n for n, m in methods().items() if m.kind == "term" and "labels" not in m.needs)
+        raise _fail("kd.views.mixup", views["mixup"], f"a mixed image has no single identity and feeds only the terms "
+                                                      f"that need no labels, and method {kd['method']!r} has none: add "
+                                                      f"one ({offered}) or set kd.views.mixup = 0")
+    if views["mixup"] > 0 and kd["margin_on_random_part"]:
+        raise _fail("kd.views.mixup", views["mixup"], "kd.margin_on_random_part gives the head the random part of "
+                                                      "each batch, and mixed images there have no label: set one of "
+                                                      "them off")
+    if kd["cache"]:
+        raise _fail("kd.cache", kd["cache"], "the cache holds the teacher's embeddings of each image and its flip, but "
+                                             "with kd.views the student sees other views and the teacher must see "
+                                             "them too: remove kd.cache (kd.views.cache keeps the teacher's "
+                                             "embeddings of the views)")
+    if views["cache"]:
+        if not any("teacher" in m.needs for m in chosen.values()):
+            raise _fail("kd.views.cache", views["cache"], f"method {kd['method']!r} does not use the teacher: there "
+                                                          f"is nothing to cache; remove kd.views.cache")
+        own = [m.title for m in chosen.values() if m.teacher is not None]
+        if own:
+            raise _fail("kd.views.cache", views["cache"], f"{own[0]} changes its teacher during the run, and the "
+                                                          f"cache keeps one teacher's views: remove kd.views.cache")
+
+
 def _check_needs(kd: dict, chosen: dict) -> None:
     """What the chosen methods ({name: Method}) need from the config, checked once for all of them."""
     for method in chosen.values():
@@ -194,6 +248,7 @@ def resolve(config: dict) -> EasyDict:
         raise _fail("kd.teacher_amp", kd["teacher_amp"], "an ONNX teacher runs in the precision of its graph: remove "
                                                          "kd.teacher_amp (or export the teacher in fp16)")
     _check_unlabeled(kd, chosen)
+    _check_views(kd, chosen)
     sampler = kd["sampler"]
     balanced = sampler["balanced"] if sampler["balanced"] is not None else any("balanced" in m.needs
                                                                                for m in chosen.values())
@@ -264,6 +319,9 @@ def check_hook_keys(cfg: EasyDict) -> None:
         raise _fail("val_targets", cfg.val_targets, "train_v2 looks for them in the folder config.rec names, and "
                                                     "config.rec is a list of sets here: give val_targets as paths under "
                                                     "kd-plugin train, or drop them under train_v2")
+    if cfg.kd.views.enabled:
+        raise _fail("kd.views.enabled", True, "under train_v2 upstream's data loader makes the images the student "
+                                              "sees; consistent views apply to kd-plugin train only: remove kd.views")
     own = {"amp_dtype": "float16", "max_steps": None, "checkpoint_every": BASE["checkpoint_every"]}
     for key, default in own.items():
         if cfg[key] != default:

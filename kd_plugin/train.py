@@ -23,7 +23,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from kd_plugin.atomic import save_torch
-from kd_plugin.build import build_dataset, build_objective, build_sampler, build_teacher
+from kd_plugin.build import build_dataset, build_loader, build_objective, build_sampler, build_teacher
 from kd_plugin.config import check_num_image, check_trainer_keys, load_config
 from kd_plugin.distributed import all_reduce_, get_rank, get_world_size, init_from_env, is_distributed, scale_grad
 from kd_plugin.errors import KDPluginError
@@ -67,8 +67,7 @@ class Trainer:
             "save_all_states = False, but kd-plugin train still writes checkpoint_gpu_{rank}.pt (its resume and crash "
             "safety need it)"]
         self.sampler = build_sampler(cfg, self.dataset.labels)
-        self.loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler,
-                                                  num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda")
+        self.loader = build_loader(cfg, self.dataset, self.sampler, pin_memory=self.device.type == "cuda")
         self.student_norm = InputNormalization(kd.student_mean, kd.student_std)
         self.student = build_network(cfg.network, cfg.embedding_size, fp16=cfg.fp16).to(self.device)
         self.teacher = build_teacher(cfg, self.dataset, self.device)
@@ -146,7 +145,8 @@ class Trainer:
         every `gradient_acc` steps the summed gradients are unscaled, clipped to norm 5 and applied. Returns the
         logged scalars."""
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-        teacher = self.teacher.embeddings(indices, flips, images, self.device) if self.objective.needs_teacher else None
+        teacher = (self.teacher.embeddings(indices, flips, images, self.device, epoch=self.epoch)
+                   if self.objective.needs_teacher else None)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=bool(self.cfg.fp16)):
             embeddings = self.model(self.student_norm.torch(images))
         # each rank's gradient is the one-process gradient of its rows; DDP averages over ranks: multiply by W once

@@ -1,23 +1,31 @@
 """Where a run's teacher embeddings come from, batch by batch: the teacher's cache (by sample index and flip) when the
-run has one, else the frozen teacher run on the very images the student sees. `kd-plugin train` and the train_v2 hook
-both take them from here."""
+run has one, else the frozen teacher run on the very images the student sees. With consistent views
+(`kd.views`, kd_plugin.data.views) those images are the views, and a teacher-view cache (by sample and epoch) serves
+the views it holds and keeps what the teacher computes for the others. `kd-plugin train` and the train_v2 hook both
+take them from here."""
 
 from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 
 from kd_plugin.teachers.cache import TeacherCache
+from kd_plugin.teachers.view_cache import ViewCache
 
 
 class TeacherFeed:
-    """`embedder` (anything with `embed(uint8 batch)`) or `cache` (a TeacherCache, which then serves every batch)."""
+    """`embedder` (anything with `embed(uint8 batch)`) or `cache` (a TeacherCache, which then serves every batch);
+    `views`: a ViewCache, with the embedder, for runs on consistent views."""
 
-    def __init__(self, embedder=None, cache: TeacherCache | None = None) -> None:
+    def __init__(self, embedder=None, cache: TeacherCache | None = None, views: ViewCache | None = None) -> None:
         if embedder is None and cache is None:
             raise ValueError("a teacher feed needs a teacher or its cache")
-        self.embedder, self.cache = embedder, cache
+        if views is not None and (cache is not None or embedder is None):
+            raise ValueError("a teacher-view cache goes with the teacher itself, not with a cache of plain images")
+        self.embedder, self.cache, self.views = embedder, cache, views
+        self.teacher_rows = 0  # rows the teacher itself embedded (the rest came from a cache)
 
     def set_epoch(self, epoch: int) -> str | None:
         """Multi-step KD switches the teacher per student epoch: the newly loaded teacher's spec, else None. Call it on
@@ -27,11 +35,25 @@ class TeacherFeed:
             return self.embedder.spec
         return None
 
+    def _run(self, images: torch.Tensor) -> torch.Tensor:
+        self.teacher_rows += len(images)
+        return torch.as_tensor(self.embedder.embed(images)).float()
+
     def embeddings(self, indices: torch.Tensor, flips, images: torch.Tensor | Callable[[], torch.Tensor],
-                   device: torch.device) -> torch.Tensor:
-        """float32 teacher embeddings of a batch on `device`: from the cache by (index, flip), else the teacher run
-        on `images` (uint8 RGB, or a function returning them: only called when the teacher runs)."""
+                   device: torch.device, epoch: int | None = None) -> torch.Tensor:
+        """float32 teacher embeddings of a batch on `device`: from the cache by (index, flip), from the view cache by
+        (index, `epoch`) where it holds them, else the teacher run on `images` (uint8 RGB, or a function returning
+        them: only called when the teacher runs)."""
         if self.cache is not None:
             return self.cache.get(indices, flips).to(device)
-        batch = images() if callable(images) else images
-        return torch.as_tensor(self.embedder.embed(batch)).float().to(device)
+        if self.views is None:
+            return self._run(images() if callable(images) else images).to(device)
+        out, known = self.views.lookup(indices, epoch)
+        if not known.all():  # the teacher embeds each missing view once, even if the batch holds it twice
+            batch = images() if callable(images) else images
+            rows = (~known).nonzero()[0]
+            samples, first, repeat = np.unique(np.asarray(torch.as_tensor(indices).cpu())[rows], return_index=True,
+                                               return_inverse=True)
+            computed = self._run(batch[torch.from_numpy(rows[first]).to(batch.device)])
+            out[torch.from_numpy(rows)] = self.views.store(samples, epoch, computed)[torch.from_numpy(repeat)]
+        return out.to(device)
