@@ -56,9 +56,14 @@ class KDObjective(nn.Module):
         if self.unlabelled_rows:
             keep = labels >= 0
             labelled = (student[keep], None if teacher is None else teacher[keep], labels[keep])
-        if isinstance(self.head, AdaDistillHead):
+        # a batch may hold no labelled row at all (mixed views, unlabelled images): what needs labels then adds 0
+        # (the gathered labels are the same on every rank, so every rank skips alike)
+        no_labels = len(labelled[2]) == 0
+        if isinstance(self.head, AdaDistillHead) and not no_labels:
             self.head.update_centres(labelled[0].detach(), labelled[1], labelled[2])
-        if self.margin_random_rows is not None:
+        if no_labels:
+            head_loss = student.sum() * 0.0
+        elif self.margin_random_rows is not None:
             rows = random_part_mask(sizes, self.margin_random_rows).to(student.device)
             head_loss = self.head.global_loss(student[rows], labels[rows])  # the random part is always labelled
         else:
@@ -67,6 +72,8 @@ class KDObjective(nn.Module):
         stats = {"loss_head": head_loss.detach()}
         for name, term in self.terms.items():
             rows = everything if name in self.label_free else labelled
+            if no_labels and name not in self.label_free:
+                continue
             if getattr(term, "sharded", False):
                 loss, term_stats = term(*rows, self.head)
             else:

@@ -84,6 +84,22 @@ def test_the_benchmark_runs_end_to_end_and_reuses_finished_runs(stand_ins, tmp_p
     assert again["methods"] == result["methods"]
 
 
+def test_views_rows_share_one_teacher_view_cache(stand_ins, tmp_path, capsys):
+    out = tmp_path / "views"
+    argv = ["--train", stand_ins["train"], "--val", stand_ins["val"], "--bin", stand_ins["bin"],
+            "--teacher", stand_ins["teacher"], "--out", str(out), "--epochs", "1", "--batch-size", "8",
+            "--identities", "2", "--images-per-identity", "2", "--workers", "0", "--resamples", "0",
+            "--methods", "l2@views,cosine@views", "--seeds", "1"]
+    assert main(argv) == 0
+    first, second = (json.loads((out / row / "seed0" / "result.json").read_text())
+                     for row in ("l2_at_views", "cosine_at_views"))
+    assert first["teacher_rows"] > 0 and second["teacher_rows"] == 0  # the second row read every view from the cache
+    assert first["settings"]["views"] == {"crop": 0.8, "mixup": 0.5, "seed": 0}
+    assert np.load(out / "teacher_views" / "epoch_0000.filled.npy").sum() == first["teacher_rows"]
+    with pytest.raises(Exception, match=r"row 'proxyless@views': '@views' needs a method with label-free"):
+        main(argv[:-4] + ["--methods", "proxyless@views"])
+
+
 def test_curve_points_are_distinct_figures():
     """The evaluation keys TPRs by the FPR at one significant digit: two curve points must never share a key."""
     from kd_plugin.benchmarks.celeba import CURVE_FPRS

@@ -72,6 +72,19 @@ def test_the_student_and_the_teacher_are_given_the_same_view(faces, tmp_path):
     assert (labels == UNLABELLED).any() and (labels >= 0).any()
 
 
+def test_a_batch_of_mixed_images_only_trains_the_label_free_terms(faces, tmp_path):
+    from kd_plugin.train import Trainer
+
+    config = _views_config(faces, _teacher(tmp_path), tmp_path / "run", kd={"method": "proxyless+ekd+l2"})
+    trainer = Trainer(resolve(config))
+    student = torch.randn(8, 16, requires_grad=True)
+    loss, stats = trainer.objective(student, torch.full((8,), UNLABELLED), torch.randn(8, 16))
+    loss.backward()
+    assert torch.isfinite(loss) and float(stats["loss_head"]) == 0.0 and "loss_ekd" not in stats
+    assert float(loss.detach()) == pytest.approx(float(stats["loss_l2"]) * trainer.objective.weights["l2"])
+    assert student.grad.abs().sum() > 0  # from the label-free term alone
+
+
 def _run(config):
     from kd_plugin.train import Trainer
 

@@ -17,7 +17,9 @@ reused, so an interrupted benchmark continues where it stopped; `--fresh` retrai
 A row is a method of the registry ('ekd', 'proxyless+ekd', ...; 'student' = none) with optional settings, each after
 an '@' ('proxyless+ekd@fit@memory'):
 `fit` (centres="fit"), `memory` (EKD's cross-batch memory of 4096 rows and first-batch anchors), `utk` (the unlabelled
-faces, half of each batch's random part). The defaults fit 2 CPU cores (the `cpu_r8` student at half resolution);
+faces, half of each batch's random part), `views` (consistent views, kd_plugin.data.views: student and teacher see the
+same flipped, cropped and mixed image, the teacher online; its embedding of each (sample, epoch) view is kept in
+`<out>/teacher_views`, so the first such run pays the teacher and the other rows and seeds read it). The defaults fit 2 CPU cores (the `cpu_r8` student at half resolution);
 `--network mbf --epochs 20` with a GPU is the same benchmark at the usual size.
 """
 
@@ -44,10 +46,12 @@ VARIANTS = {
     "memory": ({"ekd": {"memory": 4096, "anchor_init": "first"}}, "ekd", lambda ms: any(m.name == "ekd" for m in ms)),
     # kd.unlabeled: the unlabelled faces (set per run: the data path and the batch share)
     "utk": ({}, "label-free", lambda ms: any(m.kind == "term" and "labels" not in m.needs for m in ms)),
+    # kd.views: consistent views at their defaults, the teacher's embeddings of them in one shared cache (set per run)
+    "views": ({}, "label-free", lambda ms: any(m.kind == "term" and "labels" not in m.needs for m in ms)),
 }
-FULL = ("student", "l2", "cosine", "adadistill", "proxyless", "proxyless@fit", "ekd", "ekd@memory", "proxyless+ekd",
-        "proxyless+ekd@fit@memory", "l2@utk", "adadistill+l2@utk")
-QUICK = ("student", "proxyless+ekd@fit@memory", "adadistill", "l2@utk")
+FULL = ("student", "l2", "cosine", "l2@views", "cosine@views", "adadistill", "proxyless", "proxyless@fit", "ekd",
+        "ekd@memory", "proxyless+ekd", "proxyless+ekd@fit@memory", "l2@utk", "adadistill+cosine@views")
+QUICK = ("student", "proxyless+ekd@fit@memory", "adadistill", "cosine@views", "l2@utk")
 FAMILIES = ("student", "proxyless", "ekd", "proxyless+ekd")  # seeded: per family, its row with the most settings
 FIGURES = ("accuracy", "tpr@1e-2", "tpr@1e-3", "cross_tpr@1e-3", "epoch_seconds")
 # 1, 2, ..., 9 x 10^k from 1e-4 to 0.9: distinct at one significant digit, as the evaluation's keys ('2e-04') are
@@ -163,6 +167,9 @@ def _config(args, paths: dict, row: str, seed: int, output: str, caches: dict, n
     for v in variants:
         for key, value in VARIANTS[v][0].items():
             kd[key] = dict(kd.get(key) or {}, **value) if isinstance(value, dict) else value
+    if "views" in variants:  # the teacher on each view (not the cache of plain images), its embeddings shared
+        kd["cache"] = None
+        kd["views"] = {"enabled": True, "cache": os.path.join(args.out, "teacher_views")}
     epochs, warmup = args.epochs, 1
     if utk:  # half as many epochs of twice the steps: the same steps, the same warm-up steps
         kd["unlabeled"] = {"data": paths["unlabeled"], "per_batch": _random_rows(args) // 2}
@@ -187,6 +194,10 @@ def _settings(args, paths: dict, row: str = "") -> dict:
     settings["data"] = [os.path.basename(os.path.dirname(p)) for p in (paths["train"], paths["extra"]) if p]
     if row and "utk" in parse_row(row)[1]:
         settings["unlabeled"] = os.path.abspath(paths["unlabeled"])
+    if row and "views" in parse_row(row)[1]:
+        from kd_plugin.config import KD_SETTINGS
+
+        settings["views"] = {k: v for k, v in KD_SETTINGS["views"].items() if k not in ("enabled", "cache")}
     if args.weight:  # recorded only when set, so results made with the published weights stay reusable
         settings["weights"] = dict(args.weight)
     return settings
@@ -221,6 +232,7 @@ def _train_one(args, paths, row, seed, caches, data, teacher_emb, num_classes) -
     export_onnx(trainer.student.eval(), os.path.join(folder, "model.onnx"), trainer.student_norm)
     record = {"method": row, "seed": seed, "settings": settings, "epoch_seconds": _mean_epoch_seconds(folder),
               "steps": trainer.global_step, "images": trainer.global_step * cfg.batch_size,
+              "teacher_rows": 0 if trainer.teacher is None else trainer.teacher.teacher_rows,
               "train_seconds": train_seconds, **figures}
     write_json(record, record_path)
     print(f"[bench celeba] {row} seed {seed}: accuracy {_num(record['accuracy'])}, TPR@1e-3 "
@@ -346,7 +358,8 @@ def markdown_table(summary: dict, settings: dict) -> str:
     lines.append("")
     lines.append(f"Mean ± std over seeds. Budget for every method: {settings['network']}, {settings['epochs']} epochs "
                  f"of the labelled images ('@utk' rows: half as many, with as many steps: half of each batch's random "
-                 f"part unlabelled), "
+                 f"part unlabelled; '@views' rows: consistent views, half of the samples mixed and seen only by "
+                 f"the label-free term), "
                  f"batch {settings['batch_size']} ({settings['identities']} identities x "
                  f"{settings['images_per_identity']} images + random), {settings['optimizer']} lr {settings['lr']}, "
                  f"margin {tuple(settings['margin'])}; "
