@@ -19,7 +19,8 @@ an '@' ('proxyless+ekd@fit@memory'):
 `fit` (centres="fit"), `memory` (EKD's cross-batch memory of 4096 rows and first-batch anchors), `utk` (the unlabelled
 faces, half of each batch's random part), `views` (consistent views, kd_plugin.data.views: student and teacher see the
 same flipped, cropped and mixed image, the teacher online; its embedding of each (sample, epoch) view is kept in
-`<out>/teacher_views`, so the first such run pays the teacher and the other rows and seeds read it). The defaults fit 2 CPU cores (the `cpu_r8` student at half resolution);
+`<out>/teacher_views` (`teacher_views_utk` with the unlabelled faces), so the first such run pays the teacher and the
+other rows and seeds read it). The defaults fit 2 CPU cores (the `cpu_r8` student at half resolution);
 `--network mbf --epochs 20` with a GPU is the same benchmark at the usual size.
 """
 
@@ -169,7 +170,8 @@ def _config(args, paths: dict, row: str, seed: int, output: str, caches: dict, n
             kd[key] = dict(kd.get(key) or {}, **value) if isinstance(value, dict) else value
     if "views" in variants:  # the teacher on each view (not the cache of plain images), its embeddings shared
         kd["cache"] = None
-        kd["views"] = {"enabled": True, "cache": os.path.join(args.out, "teacher_views")}
+        folder = "teacher_views_utk" if utk else "teacher_views"  # one per training set
+        kd["views"] = {"enabled": True, "cache": os.path.join(args.out, folder)}
     epochs, warmup = args.epochs, 1
     if utk:  # half as many epochs of twice the steps: the same steps, the same warm-up steps
         kd["unlabeled"] = {"data": paths["unlabeled"], "per_batch": _random_rows(args) // 2}
