@@ -1,10 +1,11 @@
 """`kd-plugin train CONFIG`: arcface_torch's training loop with distillation, on CPU or GPU, 1 process or torchrun.
 
-Per step: the sampler's batch (uint8 images, labels, sample indices and flips) -> the student's own normalisation ->
-student embeddings (under autocast with `fp16`: float16 by default, `amp_dtype="bfloat16"` as an option); teacher
-embeddings from the cache (by index and flip) or from the frozen teacher; the KD objective (head + weighted terms, exact
-one-process gradients); the student's embedding gradient times W for DDP's averaging; as arcface_torch: backward of the
-GradScaler-scaled loss (fp16), and every `gradient_acc` steps unscale, clip 5, SGD/AdamW step; arcface_torch's linear
+Per step: the sampler's batch (uint8 images, labels, sample indices and flips; with `kd.views` each sample's
+consistent view of the epoch, kd_plugin.data.views) -> the student's own normalisation -> student embeddings (under
+autocast with `fp16`: float16 by default, `amp_dtype="bfloat16"` as an option); teacher embeddings from the cache (by
+index and flip), the teacher-view cache (by index and epoch) or the frozen teacher; the KD objective (head + weighted
+terms, exact one-process gradients); the student's embedding gradient times W for DDP's averaging; as arcface_torch:
+backward of the GradScaler-scaled loss (fp16), and every `gradient_acc` steps unscale, clip 5, SGD/AdamW step; arcface_torch's linear
 warm-up then linear decay, stepped every step. Rank 0 logs as arcface_torch does (`<output>/training.log` and the
 console: its speed line every `frequent` steps, with every loss term and EKD diagnostic) and writes `train_log.jsonl`
 (every step's losses, each epoch's wall time), tensorboard scalars and `model.pt` (the student's state_dict); every rank writes

@@ -19,8 +19,8 @@ an '@' ('proxyless+ekd@fit@memory'):
 `fit` (centres="fit"), `memory` (EKD's cross-batch memory of 4096 rows and first-batch anchors), `utk` (the unlabelled
 faces, half of each batch's random part), `views` (consistent views, kd_plugin.data.views: student and teacher see the
 same flipped, cropped and mixed image, the teacher online; its embedding of each (sample, epoch) view is kept in
-`<out>/teacher_views` (`teacher_views_utk` with the unlabelled faces), so the first such run pays the teacher and the
-other rows and seeds read it). The defaults fit 2 CPU cores (the `cpu_r8` student at half resolution);
+`<out>/teacher_views*` (one per training set and view settings: --views-crop, --views-mixup), so the first such run
+pays the teacher and the other rows and seeds read it). The defaults fit 2 CPU cores (the `cpu_r8` student at half resolution);
 `--network mbf --epochs 20` with a GPU is the same benchmark at the usual size.
 """
 
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from kd_plugin.atomic import write_json
+from kd_plugin.config import KD_SETTINGS
 from kd_plugin.errors import KDPluginError
 from kd_plugin.normalization import IMAGENET_MEAN, IMAGENET_STD
 
@@ -50,9 +51,9 @@ VARIANTS = {
     # kd.views: consistent views at their defaults, the teacher's embeddings of them in one shared cache (set per run)
     "views": ({}, "label-free", lambda ms: any(m.kind == "term" and "labels" not in m.needs for m in ms)),
 }
-FULL = ("student", "l2", "cosine", "l2@views", "cosine@views", "adadistill", "proxyless", "proxyless@fit", "ekd",
-        "ekd@memory", "proxyless+ekd", "proxyless+ekd@fit@memory", "l2@utk", "adadistill+cosine@views")
-QUICK = ("student", "proxyless+ekd@fit@memory", "adadistill", "cosine@views", "l2@utk")
+FULL = ("student", "l2", "cosine", "cosine@views", "adadistill", "proxyless", "proxyless@fit", "ekd", "ekd@memory",
+        "proxyless+ekd", "proxyless+ekd@fit@memory", "rkd@utk")
+QUICK = ("student", "proxyless+ekd@fit@memory", "adadistill", "l2@utk")
 FAMILIES = ("student", "proxyless", "ekd", "proxyless+ekd")  # seeded: per family, its row with the most settings
 FIGURES = ("accuracy", "tpr@1e-2", "tpr@1e-3", "cross_tpr@1e-3", "epoch_seconds")
 # 1, 2, ..., 9 x 10^k from 1e-4 to 0.9: distinct at one significant digit, as the evaluation's keys ('2e-04') are
@@ -170,8 +171,8 @@ def _config(args, paths: dict, row: str, seed: int, output: str, caches: dict, n
             kd[key] = dict(kd.get(key) or {}, **value) if isinstance(value, dict) else value
     if "views" in variants:  # the teacher on each view (not the cache of plain images), its embeddings shared
         kd["cache"] = None
-        folder = "teacher_views_utk" if utk else "teacher_views"  # one per training set
-        kd["views"] = {"enabled": True, "cache": os.path.join(args.out, folder)}
+        kd["views"] = {"enabled": True, "crop": args.views_crop, "mixup": args.views_mixup,
+                       "cache": os.path.join(args.out, _views_folder(args, utk))}
     epochs, warmup = args.epochs, 1
     if utk:  # half as many epochs of twice the steps: the same steps, the same warm-up steps
         kd["unlabeled"] = {"data": paths["unlabeled"], "per_batch": _random_rows(args) // 2}
@@ -183,6 +184,11 @@ def _config(args, paths: dict, row: str, seed: int, output: str, caches: dict, n
             "margin_list": tuple(args.margin), "sample_rate": 1.0, "fp16": False, "seed": 2048 + seed,
             "num_workers": args.workers, "output": output, "frequent": 10 ** 9, "verbose": 10 ** 9,
             "checkpoint_every": 10 ** 9, "val_targets": [], "kd": kd}
+
+
+def _views_folder(args, utk: bool) -> str:
+    """The teacher-view cache of the '@views' rows: one per training set and view settings."""
+    return f"teacher_views{'_utk' if utk else ''}_crop{args.views_crop:g}_mixup{args.views_mixup:g}"
 
 
 def _random_rows(args) -> int:
@@ -197,9 +203,7 @@ def _settings(args, paths: dict, row: str = "") -> dict:
     if row and "utk" in parse_row(row)[1]:
         settings["unlabeled"] = os.path.abspath(paths["unlabeled"])
     if row and "views" in parse_row(row)[1]:
-        from kd_plugin.config import KD_SETTINGS
-
-        settings["views"] = {k: v for k, v in KD_SETTINGS["views"].items() if k not in ("enabled", "cache")}
+        settings["views"] = {"crop": args.views_crop, "mixup": args.views_mixup, "seed": 0}
     if args.weight:  # recorded only when set, so results made with the published weights stay reusable
         settings["weights"] = dict(args.weight)
     return settings
@@ -509,6 +513,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="arcface_torch margin_list m1,m2,m3 (default ArcFace 1.0,0.5,0.0)")
     p.add_argument("--weight", action="append", default=[], type=_weight, metavar="TERM=W",
                    help="override a term's published weight (config.kd.weights), e.g. --weight l2=1000; repeatable")
+    views = KD_SETTINGS["views"]
+    p.add_argument("--views-crop", type=float, default=views["crop"],
+                   help=f"'@views' rows: kd.views.crop, the smallest share of the area a crop keeps (default "
+                        f"{views['crop']}; 1: no crop)")
+    p.add_argument("--views-mixup", type=float, default=views["mixup"],
+                   help=f"'@views' rows: kd.views.mixup, the share of samples mixed (default {views['mixup']}; 0: none)")
     p.add_argument("--workers", type=int, default=1, help="data loader processes")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--fresh", action="store_true", help="retrain every run instead of reusing finished ones")
