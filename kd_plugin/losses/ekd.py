@@ -201,8 +201,11 @@ class EKDLoss(nn.Module):
             active = self.miner.active()
             a_s, a_t = a_s[active], a_t[active]
             keys = s_unit if earlier is None else torch.cat([earlier[0], s_unit])  # earlier rows carry no gradient
-            s_pos = (keys[picked["pos_i"]] * s_unit[picked["pos_j"]]).sum(1)
-            s_neg = (keys[picked["neg_i"]] * s_unit[picked["neg_j"]]).sum(1)
+            # the pairs read from one similarity matrix: each entry is read at most once, so the backward writes each
+            # gradient once. Gathering the rows instead (keys[pos_i] * s_unit[pos_j]) sums repeated rows' gradients
+            # in an order that varies with thread timing on CPU: runs then differ from the 5th step on.
+            sim = keys @ s_unit.T
+            s_pos, s_neg = sim[picked["pos_i"], picked["pos_j"]], sim[picked["neg_i"], picked["neg_j"]]
             self._remember(s_unit.detach(), t_unit, labels)  # after the pairs are read: `earlier` views the memory
             rank_pos_s, rank_pos_t = soft_rank(s_pos, a_s, self.tau), soft_rank(picked["teacher_pos"], a_t, self.tau)
             rank_neg_s, rank_neg_t = soft_rank(s_neg, a_s, self.tau), soft_rank(picked["teacher_neg"], a_t, self.tau)
