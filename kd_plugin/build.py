@@ -145,4 +145,4 @@ def build_objective(cfg, dataset, feed: TeacherFeed | None, sampler: IdentityBal
                        equal_dims=tuple(name for name, m in methods.items() if "equal_dims" in m.needs),
                        unlabelled_rows=cfg.kd.unlabeled.per_batch > 0 or (cfg.kd.views.enabled and
                                                                           cfg.kd.views.mixup > 0),
-                       label_free=tuple(name for name, m in methods.items() if "labels" not in m.needs))
+                       label_free=tuple(name for name, m in methods.items() if m.label_free))

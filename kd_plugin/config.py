@@ -131,14 +131,18 @@ def _check_unlabeled(kd: dict, chosen: dict) -> None:
     if bool(block["data"]) != bool(block["per_batch"]):
         raise _fail("kd.unlabeled", dict(block), "give both data (the image sets) and per_batch (how many of each "
                                                  "rank's batch_size), or neither")
-    label_free = lambda m: m.kind == "term" and "labels" not in m.needs  # noqa: E731
-    if block["data"] and not any(label_free(m) for m in chosen.values()):
+    if block["data"]:
+        _need_label_free(kd, chosen, "kd.unlabeled", dict(block), "unlabelled images feed", "remove kd.unlabeled")
+
+
+def _need_label_free(kd: dict, chosen: dict, key: str, value: Any, what: str, remedy: str) -> None:
+    """Rows without identity (`what` makes them) are refused when no chosen term reads them."""
+    if not any(m.label_free for m in chosen.values()):
         from kd_plugin.methods import methods
 
-        offered = ", ".join(n for n, m in methods().items() if label_free(m))
-        raise _fail("kd.unlabeled", dict(block), f"unlabelled images feed only the terms that need no labels, and "
-                                                 f"method {kd['method']!r} has none: add one ({offered}) or remove "
-                                                 f"kd.unlabeled")
+        offered = ", ".join(n for n, m in methods().items() if m.label_free)
+        raise _fail(key, value, f"{what} only the terms that need no labels, and method {kd['method']!r} has none: "
+                                f"add one ({offered}) or {remedy}")
 
 
 def _check_views(kd: dict, chosen: dict) -> None:
@@ -160,14 +164,9 @@ def _check_views(kd: dict, chosen: dict) -> None:
                                                       "[0, 1] (0: no mixup)")
     if not isinstance(views["seed"], int):
         raise _fail("kd.views.seed", views["seed"], "expected an integer")
-    label_free = [n for n, m in chosen.items() if m.kind == "term" and "labels" not in m.needs]
-    if views["mixup"] > 0 and not label_free:
-        from kd_plugin.methods import methods
-
-        offered = ", ".join(n for n, m in methods().items() if m.kind == "term" and "labels" not in m.needs)
-        raise _fail("kd.views.mixup", views["mixup"], f"a mixed image has no single identity and feeds only the terms "
-                                                      f"that need no labels, and method {kd['method']!r} has none: add "
-                                                      f"one ({offered}) or set kd.views.mixup = 0")
+    if views["mixup"] > 0:
+        _need_label_free(kd, chosen, "kd.views.mixup", views["mixup"], "a mixed image has no single identity and feeds",
+                         "set kd.views.mixup = 0")
     if views["mixup"] > 0 and kd["margin_on_random_part"]:
         raise _fail("kd.views.mixup", views["mixup"], "kd.margin_on_random_part gives the head the random part of "
                                                       "each batch, and mixed images there have no label: set one of "

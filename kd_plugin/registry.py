@@ -61,6 +61,11 @@ class Method:
     builtin: bool = False
     origin: str = ""  # module.qualname of what registered it
 
+    @property
+    def label_free(self) -> bool:
+        """A term that reads no labels: it also sees the rows without identity (unlabelled images, mixed views)."""
+        return self.kind == "term" and "labels" not in self.needs
+
     def block(self) -> dict:
         """A fresh copy of its config block's defaults."""
         return copy.deepcopy(dict(self.defaults))

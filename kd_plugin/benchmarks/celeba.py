@@ -47,9 +47,9 @@ VARIANTS = {
     "fit": ({"centres": "fit"}, "centres", lambda ms: any("centres" in m.needs for m in ms)),
     "memory": ({"ekd": {"memory": 4096, "anchor_init": "first"}}, "ekd", lambda ms: any(m.name == "ekd" for m in ms)),
     # kd.unlabeled: the unlabelled faces (set per run: the data path and the batch share)
-    "utk": ({}, "label-free", lambda ms: any(m.kind == "term" and "labels" not in m.needs for m in ms)),
-    # kd.views: consistent views at their defaults, the teacher's embeddings of them in one shared cache (set per run)
-    "views": ({}, "label-free", lambda ms: any(m.kind == "term" and "labels" not in m.needs for m in ms)),
+    "utk": ({}, "label-free", lambda ms: any(m.label_free for m in ms)),
+    # kd.views: consistent views (--views-crop, --views-mixup), their teacher embeddings in a shared cache (set per run)
+    "views": ({}, "label-free", lambda ms: any(m.label_free for m in ms)),
 }
 FULL = ("student", "l2", "cosine", "cosine@views", "adadistill", "proxyless", "proxyless@fit", "ekd", "ekd@memory",
         "proxyless+ekd", "proxyless+ekd@fit@memory", "rkd@utk")
@@ -203,7 +203,7 @@ def _settings(args, paths: dict, row: str = "") -> dict:
     if row and "utk" in parse_row(row)[1]:
         settings["unlabeled"] = os.path.abspath(paths["unlabeled"])
     if row and "views" in parse_row(row)[1]:
-        settings["views"] = {"crop": args.views_crop, "mixup": args.views_mixup, "seed": 0}
+        settings["views"] = {"crop": args.views_crop, "mixup": args.views_mixup, "seed": KD_SETTINGS["views"]["seed"]}
     if args.weight:  # recorded only when set, so results made with the published weights stay reusable
         settings["weights"] = dict(args.weight)
     return settings

@@ -27,12 +27,12 @@ from kd_plugin.teachers.cache import dataset_fingerprint
 FORMAT = "kd_plugin.teacher_view_cache"
 
 
-def _create_if_absent(path: str, shape: tuple[int, ...], dtype) -> None:
-    """A zero-filled .npy at `path`, unless one is there (or another process links one in first)."""
+def _create_if_absent(path: str, write) -> None:
+    """`write(temporary)` linked in at `path`, unless a file is there (or another process links one in first)."""
     if os.path.exists(path):
         return
     temporary = f"{path}.{os.getpid()}.tmp"
-    np.lib.format.open_memmap(temporary, mode="w+", dtype=dtype, shape=shape).flush()
+    write(temporary)
     try:
         os.link(temporary, path)
     except FileExistsError:
@@ -57,8 +57,9 @@ class ViewCache:
         if epoch not in self._open:
             rows = os.path.join(self.directory, f"epoch_{epoch:04d}.npy")
             flags = os.path.join(self.directory, f"epoch_{epoch:04d}.filled.npy")
-            _create_if_absent(rows, (self.num_images, self.embedding_size), np.float16)
-            _create_if_absent(flags, (self.num_images,), np.uint8)
+            for path, shape, dtype in ((rows, (self.num_images, self.embedding_size), np.float16),
+                                       (flags, (self.num_images,), np.uint8)):  # zero-filled
+                _create_if_absent(path, lambda t: np.lib.format.open_memmap(t, "w+", dtype, shape).flush())
             self._open = {epoch: (np.load(rows, mmap_mode="r+"), np.load(flags, mmap_mode="r+"))}  # one epoch open
         return self._open[epoch]
 
@@ -101,15 +102,7 @@ def open_view_cache(directory: str, dataset, teacher: str, normalization, views:
             "views": dict(views), "num_images": len(dataset), "embedding_size": int(embedding_size),
             "dtype": "float16", "layout": "epoch_EEEE.npy (index, dim) + epoch_EEEE.filled.npy (index,)",
             "dataset": dataset_fingerprint(dataset)}
-    if not os.path.isfile(where):
-        temporary = f"{where}.{os.getpid()}.tmp"
-        write_json(meta, temporary, indent=1)
-        try:
-            os.link(temporary, where)
-        except FileExistsError:
-            pass
-        finally:
-            os.remove(temporary)
+    _create_if_absent(where, lambda temporary: write_json(meta, temporary, indent=1))
     with open(where, encoding="utf-8") as f:
         saved = json.load(f)
     if saved.get("format") != FORMAT:
