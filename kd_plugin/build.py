@@ -19,7 +19,7 @@ from kd_plugin.normalization import given_normalization
 from kd_plugin.objective import KDObjective
 from kd_plugin.teachers import build_cache, load_cache, load_embedder
 from kd_plugin.teachers.cache import dataset_fingerprint
-from kd_plugin.teachers.centres import DERIVED_CENTRES, centres_from_cache, estimate_class_slice
+from kd_plugin.teachers.centres import DERIVED_CENTRES, centres_from_cache, embedding_width, estimate_class_slice
 from kd_plugin.centre_fit import fit_class_slice
 from kd_plugin.teachers.classifier import save_class_slices, saved_class_slices
 from kd_plugin.teachers.feed import TeacherFeed
@@ -67,9 +67,8 @@ def build_teacher(cfg, dataset, device: torch.device) -> TeacherFeed | None:
     embedder = load_embedder(kd.teacher, norm, device=str(device), batch_size=kd.teacher_batch_size, amp_dtype=amp)
     if not kd.views.enabled or not kd.views.cache:
         return TeacherFeed(embedder)
-    size = int(torch.as_tensor(embedder.embed(dataset[0][0][None])).shape[1])
     views = open_view_cache(kd.views.cache, dataset, kd.teacher, getattr(embedder, "normalization", norm),
-                            ViewSettings.from_config(kd.views).as_dict(), size)
+                            ViewSettings.from_config(kd.views).as_dict(), embedding_width(embedder, dataset))
     return TeacherFeed(embedder, views=views)
 
 

@@ -41,15 +41,20 @@ from kd_plugin.config import KD_SETTINGS
 from kd_plugin.errors import KDPluginError
 from kd_plugin.normalization import IMAGENET_MEAN, IMAGENET_STD
 
+
+def _has_label_free(methods) -> bool:
+    return any(m.label_free for m in methods)
+
+
 # settings a row may add after '@': name -> (its config.kd overrides, what the row's method must have, a test of that
 # over the row's methods)
 VARIANTS = {
     "fit": ({"centres": "fit"}, "centres", lambda ms: any("centres" in m.needs for m in ms)),
     "memory": ({"ekd": {"memory": 4096, "anchor_init": "first"}}, "ekd", lambda ms: any(m.name == "ekd" for m in ms)),
     # kd.unlabeled: the unlabelled faces (set per run: the data path and the batch share)
-    "utk": ({}, "label-free", lambda ms: any(m.label_free for m in ms)),
+    "utk": ({}, "label-free", _has_label_free),
     # kd.views: consistent views (--views-crop, --views-mixup), their teacher embeddings in a shared cache (set per run)
-    "views": ({}, "label-free", lambda ms: any(m.label_free for m in ms)),
+    "views": ({}, "label-free", _has_label_free),
 }
 FULL = ("student", "l2", "cosine", "cosine@views", "adadistill", "proxyless", "proxyless@fit", "ekd", "ekd@memory",
         "proxyless+ekd", "proxyless+ekd@fit@memory", "rkd@utk")

@@ -19,7 +19,7 @@ from kd_plugin.atomic import write_json
 from kd_plugin.data.datasets import FaceDataset
 from kd_plugin.distributed import get_rank, get_world_size, is_distributed
 from kd_plugin.errors import KDPluginError
-from kd_plugin.teachers.centres import embed_pairs
+from kd_plugin.teachers.centres import embed_pairs, embedding_width
 
 FORMAT = "kd_plugin.teacher_cache"
 CACHEABLE_AUGMENTATIONS = (None, "none", "flip")
@@ -44,7 +44,7 @@ def build_cache(embedder, dataset: FaceDataset, out_dir: str, teacher: str, batc
     rank, world = get_rank(), get_world_size()
     os.makedirs(out_dir, exist_ok=True)
     final, partial = os.path.join(out_dir, "embeddings.npy"), os.path.join(out_dir, "embeddings.npy.partial")
-    dim = int(torch.as_tensor(embedder.embed(dataset[0][0][None])).shape[1])
+    dim = embedding_width(embedder, dataset)
     if rank == 0:
         for stale in (os.path.join(out_dir, "meta.json"), final):
             if os.path.exists(stale):

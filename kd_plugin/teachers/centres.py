@@ -25,6 +25,11 @@ from kd_plugin.teachers.classifier import ClassSlice
 DERIVED_CENTRES = ("estimate", "fit")  # kd.centres values that derive the centres from the teacher's embeddings
 
 
+def embedding_width(embedder, dataset: FaceDataset) -> int:
+    """The teacher's embedding size, from one embedding of the dataset's first image."""
+    return int(torch.as_tensor(embedder.embed(dataset[0][0][None])).shape[1])
+
+
 def embed_pairs(embedder, dataset: FaceDataset, indices: np.ndarray, batch_size: int = 256,
                 desc: str = "embedding", progress: bool = True, workers: int = 1):
     """Yield (indices, embeddings of the images, embeddings of their flips) for `indices`, in chunks; images are
@@ -107,8 +112,7 @@ def estimate_class_slice(embedder, dataset: FaceDataset, batch_size: int = 256, 
     for _ in range(rounds):  # at least one: a dataset has images
         chunk, plain, flipped = next(pairs, (None, None, None))
         if sums is None:  # the width: from this rank's first chunk, or one embedding when it has none
-            width = plain.shape[1] if plain is not None else \
-                torch.as_tensor(embedder.embed(dataset[0][0][None])).shape[1]
+            width = plain.shape[1] if plain is not None else embedding_width(embedder, dataset)
             sums = ClassSums(dataset.num_classes, width)
         if plain is None:  # this rank is done; the others still send it rows of its classes
             sums.add(torch.zeros(0, dtype=torch.int64), torch.zeros(0, sums.dim), weight=2.0)
