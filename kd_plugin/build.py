@@ -11,8 +11,9 @@ import torch
 from kd_plugin.data.datasets import open_training_data
 from kd_plugin.data.sampler import IdentityBalancedBatchSampler
 from kd_plugin.data.views import EpochItems, ViewDataset, ViewSettings
-from kd_plugin.distributed import all_reduce_, collective_device, get_rank, get_world_size
+from kd_plugin.distributed import get_rank, get_world_size
 from kd_plugin.errors import KDPluginError
+from kd_plugin.job_files import agree, agree_or_raise, require_shared_folder
 from kd_plugin.heads import PartialFCHead, head_arguments, trainable_head
 from kd_plugin.methods import chosen
 from kd_plugin.normalization import given_normalization
@@ -21,7 +22,7 @@ from kd_plugin.teachers import build_cache, load_cache, load_embedder
 from kd_plugin.teachers.cache import dataset_fingerprint
 from kd_plugin.teachers.centres import DERIVED_CENTRES, centres_from_cache, embedding_width, estimate_class_slice
 from kd_plugin.centre_fit import fit_class_slice
-from kd_plugin.teachers.classifier import save_class_slices, saved_class_slices
+from kd_plugin.teachers.classifier import save_class_slices, saved_class_slice
 from kd_plugin.teachers.feed import TeacherFeed
 from kd_plugin.teachers.view_cache import open_view_cache
 from kd_plugin.training_log import LOG
@@ -29,7 +30,7 @@ from kd_plugin.training_log import LOG
 
 def build_dataset(cfg):
     """The training set: `config.rec` (one labelled set or a list, one class space) plus `kd.unlabeled.data`."""
-    return open_training_data(cfg.rec, cfg.kd.unlabeled.data)
+    return open_training_data(cfg.rec, cfg.kd.unlabeled.data, index_dir=cfg.output)
 
 
 def build_sampler(cfg, labels) -> IdentityBalancedBatchSampler:
@@ -57,8 +58,10 @@ def build_teacher(cfg, dataset, device: torch.device) -> TeacherFeed | None:
     estimating = kd.centres in DERIVED_CENTRES and any("centres" in m.needs for m in methods.values())
     if not estimating and not any("teacher" in m.needs for m in methods.values()):
         return None
-    if kd.cache:
-        return TeacherFeed(cache=load_cache(kd.cache, dataset, teacher=kd.teacher))
+    if kd.cache:  # every rank opens it, or every rank stops with the message of one that could not
+        return TeacherFeed(cache=agree_or_raise(lambda: load_cache(kd.cache, dataset, teacher=kd.teacher)))
+    if kd.views.enabled and kd.views.cache:  # ranks read views other ranks stored: checked before the teacher loads
+        require_shared_folder(kd.views.cache, "kd.views.cache (the teacher-view cache)")
     norm = given_normalization(kd.teacher_mean, kd.teacher_std, kd.teacher_bgr)
     amp = getattr(torch, kd.teacher_amp) if kd.teacher_amp else None
     own = next((m.teacher for m in methods.values() if m.teacher is not None), None)
@@ -67,8 +70,10 @@ def build_teacher(cfg, dataset, device: torch.device) -> TeacherFeed | None:
     embedder = load_embedder(kd.teacher, norm, device=str(device), batch_size=kd.teacher_batch_size, amp_dtype=amp)
     if not kd.views.enabled or not kd.views.cache:
         return TeacherFeed(embedder)
-    views = open_view_cache(kd.views.cache, dataset, kd.teacher, getattr(embedder, "normalization", norm),
-                            ViewSettings.from_config(kd.views).as_dict(), embedding_width(embedder, dataset))
+    width = embedding_width(embedder, dataset)
+    views = agree_or_raise(lambda: open_view_cache(kd.views.cache, dataset, kd.teacher,
+                                                   getattr(embedder, "normalization", norm),
+                                                   ViewSettings.from_config(kd.views).as_dict(), width))
     return TeacherFeed(embedder, views=views)
 
 
@@ -76,8 +81,9 @@ def derived_centres(cfg, dataset, feed: TeacherFeed):
     """ProxylessKD's centres derived from the teacher, this rank's class range: `centres="estimate"` (the class means
     of the cached or online teacher embeddings) or `centres="fit"` (a margin-softmax classifier fitted over the cached
     embeddings, starting from those means; without kd.cache the teacher's embeddings are cached first, in
-    `<output>/teacher_cache`). Saved as `<output>/teacher_centres/rank_{r}_softmax_weight.pt` (+ meta.json); a resumed
-    run (`resume=True`) reads the saved ones back instead of running the teacher over the dataset again."""
+    `<output>/teacher_cache`). Each rank saves its part as `<output>/teacher_centres/rank_{r}_softmax_weight.pt` (+ its
+    .json); a resumed run (`resume=True`) reads its own part back instead of running the teacher over the dataset
+    again, when every rank finds its part (the output folder may be node-local)."""
     folder = os.path.join(cfg.output, "teacher_centres")
     fingerprint = dataset_fingerprint(dataset)
     meta = {"kind": "estimated_centres", "teacher": cfg.kd.teacher, "num_classes": int(cfg.num_classes),
@@ -85,12 +91,12 @@ def derived_centres(cfg, dataset, feed: TeacherFeed):
             "images_sha1": fingerprint["images_sha1"], "world_size": get_world_size()}
     if cfg.kd.centres == "fit":  # what the fit depends on: a saved fit of other settings is not reused
         meta.update(kind="fitted_centres", margin_list=list(cfg.margin_list), seed=int(cfg.seed), **cfg.kd.centre_fit)
-    # every rank must take the same branch (estimation is collective): reuse only if every rank sees the saved set
-    saved = torch.tensor([1.0 if cfg.resume and saved_class_slices(folder, meta) else 0.0], device=collective_device())
-    if all_reduce_(saved, "min").item() > 0:
+    # one decision for the job (estimation is collective): reuse only if every rank finds its own saved part
+    mine = saved_class_slice(folder, get_rank(), meta) if cfg.resume else None
+    if agree(mine is not None):
         if get_rank() == 0:
             LOG.info(f"resume: ProxylessKD reuses the centres derived before ({cfg.kd.centres}), {folder}")
-        return folder
+        return mine
     if cfg.kd.centres == "fit":
         cache = feed.cache if feed.cache is not None else _cache_for_fit(cfg, dataset, feed)
         part = fit_class_slice(cache, dataset.labels, cfg.num_classes, head_arguments(cfg)[0], seed=cfg.seed,
@@ -104,15 +110,19 @@ def derived_centres(cfg, dataset, feed: TeacherFeed):
 
 
 def _cache_for_fit(cfg, dataset, feed: TeacherFeed):
-    """The teacher's embeddings of every training image and its flip, cached once for the fit (collective)."""
+    """The teacher's embeddings of every training image and its flip, cached once for the fit (collective): reused
+    when every rank opens the cache of an earlier run, else built by all ranks."""
     folder = os.path.join(cfg.output, "teacher_cache")
     try:
-        return load_cache(folder, dataset, teacher=cfg.kd.teacher)
+        cache = load_cache(folder, dataset, teacher=cfg.kd.teacher)
     except KDPluginError:
-        if get_rank() == 0:
-            LOG.info(f"centres='fit': caching the teacher's embeddings of the training set in {folder}")
-        build_cache(feed.embedder, dataset, folder, cfg.kd.teacher, cfg.kd.teacher_batch_size)
-        return load_cache(folder, dataset, teacher=cfg.kd.teacher)
+        cache = None
+    if agree(cache is not None):
+        return cache
+    if get_rank() == 0:
+        LOG.info(f"centres='fit': caching the teacher's embeddings of the training set in {folder}")
+    build_cache(feed.embedder, dataset, folder, cfg.kd.teacher, cfg.kd.teacher_batch_size)
+    return agree_or_raise(lambda: load_cache(folder, dataset, teacher=cfg.kd.teacher))
 
 
 def build_head(cfg, dataset, feed: TeacherFeed | None) -> PartialFCHead:

@@ -3,6 +3,7 @@ config. Validation names the key, the value and what is allowed."""
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import importlib.util
 import os
@@ -328,13 +329,25 @@ def check_hook_keys(cfg: EasyDict) -> None:
                                        "(fp16 with its GradScaler, num_epoch, a checkpoint per epoch): remove it")
 
 
+_READING = contextvars.ContextVar("kd_plugin_reading_config", default=False)
+
+
+def read_by_kd_plugin() -> bool:
+    """Whether the config being imported is read by kd_plugin itself (`load_config`), not by arcface_torch."""
+    return _READING.get()
+
+
 def load_config(path: str) -> EasyDict:
     """Import a python config file defining `config` (an EasyDict or dict), as arcface_torch's configs do."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
     spec = importlib.util.spec_from_file_location(f"kd_plugin_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    reading = _READING.set(True)  # its distill(...) line then only fills in config.kd
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        _READING.reset(reading)
     if not hasattr(module, "config"):
         raise KDPluginError(f"{path}: defines no `config` (an easydict.EasyDict, as arcface_torch configs do)")
     cfg = resolve(module.config)

@@ -46,8 +46,9 @@ def class_owners(labels: torch.Tensor, num_classes: int, world_size: int) -> tor
 
 def collective_device() -> torch.device:
     """Where a tensor must be for a collective: NCCL reduces CUDA tensors only; gloo and no process group use the CPU."""
-    if is_distributed() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
+    if is_distributed() and dist.get_backend() == "nccl":  # this rank's GPU, even before train_v2 calls set_device
+        import os
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
     return torch.device("cpu")
 
 

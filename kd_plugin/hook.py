@@ -15,7 +15,10 @@ replaces those three names there, keeping train_v2's contract with each:
   restored on resume. Its scalars are averaged on the device and written by rank 0 every `frequent` steps (one
   device sync then, none in between) to `<output>/train_log.jsonl`, tensorboard and arcface_torch's `training.log`.
 `config.num_image` is set to the sampler's epoch length so train_v2's LR schedule matches it.
-Under any other program (e.g. `kd-plugin train`) `distill` only fills in `config.kd`.
+train_v2 is recognised by those three names in the running script (`__main__`), whatever its file is called (a
+renamed copy, a wrapper that defines them); a script with some but not all of them is refused. When kd_plugin reads
+the config itself (`kd-plugin train`, `load_config`) `distill` only fills in `config.kd`; under any other program it
+fills it in and warns that distillation is not active.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 
 import torch
+from easydict import EasyDict
 from torch import nn
 
 from kd_plugin.errors import KDPluginError
@@ -214,13 +219,24 @@ def distill(config, teacher: str | None = None, method: str = "proxyless", **kd)
     if teacher is not None:
         block["teacher"] = teacher
     config.kd = block
+    from kd_plugin.config import read_by_kd_plugin
+
+    if read_by_kd_plugin():
+        return  # kd-plugin train (or another kd_plugin command) reads config.kd itself
     main = sys.modules.get("__main__")
-    if main is None or os.path.basename(getattr(main, "__file__", "") or "") != "train_v2.py":
-        return  # kd-plugin train (or any other reader) uses config.kd directly
-    names = vars(main)
+    names = vars(main) if main is not None else {}
+    script = getattr(main, "__file__", None) or "the running program"
     missing = [n for n in PATCHED_NAMES if n not in names]
+    if len(missing) == len(PATCHED_NAMES):  # not train_v2 (whatever its file name): say so, never train silently
+        warnings.warn(f"kd_plugin.distill: distillation is NOT active: {script} defines none of "
+                      f"{', '.join(PATCHED_NAMES)} (the names the hook replaces in arcface_torch's train_v2.py, or a "
+                      f"renamed copy of it), and kd_plugin is not reading this config (kd-plugin train). Run the "
+                      f"config with train_v2.py, or with `kd-plugin train CONFIG`", stacklevel=2)
+        LOG.warning(f"kd_plugin.distill: distillation is NOT active under {script} (none of "
+                    f"{', '.join(PATCHED_NAMES)} to replace)")
+        return
     if missing:
-        raise KDPluginError(f"kd_plugin.distill: {main.__file__} has no {missing[0]!r} to replace; the hook supports "
+        raise KDPluginError(f"kd_plugin.distill: {script} has no {missing[0]!r} to replace; the hook supports "
                             f"{SUPPORTED}. Update kd_plugin, or train with `kd-plugin train CONFIG` instead")
     if config.get("output") is None:  # what upstream's get_config does after importing this job config
         config.output = _upstream_output(_calling_module())
@@ -250,6 +266,8 @@ def distill(config, teacher: str | None = None, method: str = "proxyless", **kd)
         if (embedding_size, num_classes) != (cfg.embedding_size, cfg.num_classes):
             raise KDPluginError(f"kd_plugin.distill: train_v2 asks for a classifier of {num_classes} classes x "
                                 f"{embedding_size}, the config says {cfg.num_classes} x {cfg.embedding_size}")
-        return HookHead(cfg, shared)
+        # the head's logits in the precision train_v2 asks for: it passes fp16=False, keeping them in fp32 even
+        # when cfg.fp16 runs the backbone under autocast
+        return HookHead(EasyDict({**cfg, "fp16": bool(fp16)}), shared)
 
     names.update(get_model=get_model, get_dataloader=get_dataloader, PartialFC_V2=partial_fc)

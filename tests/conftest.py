@@ -22,6 +22,16 @@ def shared(*parts: str) -> Path:
     return path
 
 
+def assert_within_one_float16_unit(a, b) -> None:
+    """Equal up to one float16 unit in the last place: what a teacher's fp16 output guarantees when the same image is
+    embedded in batches of different composition (another rank count, batch size or thread count)."""
+    a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
+    assert a.shape == b.shape
+    unit = np.spacing(np.maximum(np.abs(a), np.abs(b)).astype(np.float16)).astype(np.float32)
+    worst = np.abs(a - b) - unit
+    assert (worst <= 0).all(), f"{int((worst > 0).sum())} values differ by more than one float16 unit"
+
+
 def jpeg_bytes(seed: int, size: int = 112) -> bytes:
     """A deterministic random-looking JPEG."""
     rng = np.random.default_rng(seed)

@@ -19,9 +19,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
+def _entry(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: tuple, timeout: float | None) -> None:
+    import datetime
+
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    extra = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, **extra)
     try:
         result = fn(rank, world, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -32,8 +35,9 @@ def _entry(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: t
         dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
-    """`fn(rank, world, *args)` on `world` processes inside a gloo process group; returns the results in rank order."""
+def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float | None = None) -> list[Any]:
+    """`fn(rank, world, *args)` on `world` processes inside a gloo process group; returns the results in rank order.
+    `timeout`: the process group's (seconds), so a rank left waiting in a collective fails instead of hanging."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_entry, args=(world, _free_port(), out_dir, fn, args), nprocs=world, join=True)
+        mp.spawn(_entry, args=(world, _free_port(), out_dir, fn, args, timeout), nprocs=world, join=True)
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]

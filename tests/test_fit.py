@@ -88,9 +88,10 @@ def test_training_with_fitted_centres_saves_and_resumes_them(tmp_path):
     kd = dict(KD, teacher=_teacher(tmp_path), centres="fit", centre_fit={"epochs": 2, "batch_size": 16})
     train(resolve(_config(data, tmp_path / "out", max_steps=2, kd=kd)))
     folder = tmp_path / "out" / "teacher_centres"
-    meta = json.loads((folder / "meta.json").read_text())
+    meta = json.loads((folder / "rank_0_softmax_weight.json").read_text())
     assert meta["kind"] == "fitted_centres" and meta["epochs"] == 2 and meta["batch_size"] == 16
-    assert (tmp_path / "out" / "teacher_cache" / "embeddings.npy").exists()  # no kd.cache: cached for the fit
+    assert meta["rows"] == 8 and meta["bytes"] == (folder / "rank_0_softmax_weight.pt").stat().st_size
+    assert (tmp_path / "out" / "teacher_cache" / "meta.json").exists()  # no kd.cache: cached for the fit
     head = torch.load(tmp_path / "out" / "checkpoint_gpu_0.pt", weights_only=True)["state_dict_softmax_fc"]["weight"]
     assert torch.allclose(head, torch.load(folder / "rank_0_softmax_weight.pt", weights_only=True), atol=1e-6)
 

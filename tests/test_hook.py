@@ -22,10 +22,46 @@ PYTHON = os.environ.get("ARCFACE_TORCH_PYTHON", "")  # a python that runs upstre
 SHIM = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "tools", "arcface_torch_cpu")
 
 
-def test_outside_train_v2_it_only_fills_config_kd():
+def test_outside_train_v2_it_fills_config_kd_and_warns_that_distillation_is_not_active():
     config = EasyDict(rec="x", num_classes=3)
-    distill(config, teacher="r100:t.pth", method="proxyless+ekd", centres="estimate")
+    with pytest.warns(UserWarning, match=r"distillation is NOT active: .* defines none of get_dataloader, get_model, "
+                                         r"PartialFC_V2"):
+        distill(config, teacher="r100:t.pth", method="proxyless+ekd", centres="estimate")
     assert config.kd == {"method": "proxyless+ekd", "teacher": "r100:t.pth", "centres": "estimate"}
+
+
+def test_a_config_kd_plugin_reads_itself_fills_config_kd_without_a_warning(tmp_path):
+    import warnings
+
+    from kd_plugin.config import load_config
+
+    job = tmp_path / "job.py"
+    job.write_text("from easydict import EasyDict\nfrom kd_plugin import distill\n"
+                   "config = EasyDict(rec='x', num_classes=3)\n"
+                   "distill(config, teacher='t.onnx', method='proxyless', centres='estimate')\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = load_config(str(job))
+    assert cfg.kd.method == "proxyless" and cfg.kd.teacher == "t.onnx"
+
+
+def _fake_train_v2(monkeypatch, path):
+    fake = types.ModuleType("__main__")
+    fake.__file__ = str(path)
+    fake.get_model, fake.get_dataloader, fake.PartialFC_V2 = object(), object(), object()
+    monkeypatch.setitem(sys.modules, "__main__", fake)
+    return fake
+
+
+@pytest.mark.parametrize("name", ["train_v2_kd.py", "launch.py"])
+def test_train_v2_is_recognised_by_the_names_it_patches_whatever_the_file_is_called(monkeypatch, tmp_path, name):
+    from test_train import make_faces
+
+    fake = _fake_train_v2(monkeypatch, tmp_path / name)
+    originals = (fake.get_model, fake.get_dataloader, fake.PartialFC_V2)
+    config = EasyDict(rec=str(make_faces(tmp_path / "faces")), num_classes=8, num_image=0, output=str(tmp_path / "o"))
+    distill(config, teacher="t.onnx", method="ekd")
+    assert all(new is not old for new, old in zip((fake.get_model, fake.get_dataloader, fake.PartialFC_V2), originals))
 
 
 def test_a_train_v2_without_the_names_it_patches_stops_clearly(monkeypatch, tmp_path):
@@ -202,6 +238,19 @@ def _hook_head_under_a_fake_train_v2(monkeypatch, tmp_path, **kd):
     distill(config, teacher=f"test_tiny:{tmp_path / 'teacher.pth'}", method="ekd",
             sampler=dict(identities_per_batch=1, images_per_identity=2), **kd)
     return config, fake.PartialFC_V2(None, 16, 8, 1.0, False)
+
+
+def test_the_hooks_head_keeps_fp32_logits_as_train_v2_asks_even_with_fp16(monkeypatch, tmp_path):
+    from test_train import TinyStudent, make_faces
+
+    fake = _fake_train_v2(monkeypatch, tmp_path / "train_v2.py")
+    torch.save(TinyStudent(16).state_dict(), tmp_path / "teacher.pth")
+    config = EasyDict(rec=str(make_faces(tmp_path / "faces")), num_classes=8, embedding_size=16, batch_size=6,
+                      num_image=0, fp16=True, output=str(tmp_path / "out"))
+    distill(config, teacher=f"test_tiny:{tmp_path / 'teacher.pth'}", method="proxyless", centres="estimate",
+            sampler=dict(identities_per_batch=1, images_per_identity=2))
+    assert fake.PartialFC_V2(None, 16, 8, 1.0, False).objective.head.fp16 is False  # what train_v2 passes
+    assert fake.PartialFC_V2(None, 16, 8, 1.0, True).objective.head.fp16 is True
 
 
 def test_the_hook_honours_margin_on_random_part(monkeypatch, tmp_path):

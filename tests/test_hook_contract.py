@@ -44,9 +44,9 @@ def _config(path, data, output, teachers, **overrides):
     return path
 
 
-def _run(config, world):
+def _run(config, world, script=STAND_IN):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_port",
-           str(_free_port()), STAND_IN, str(config)]
+           str(_free_port()), script, str(config)]
     env = dict(os.environ, PYTHONPATH=SHIM, OMP_NUM_THREADS="1")
     env.pop("KD_CPU_SHIM_LAX", None)  # strict device mode
     return subprocess.run(cmd, cwd=os.path.dirname(STAND_IN), env=env, capture_output=True, text=True, timeout=600)
@@ -94,3 +94,22 @@ def test_the_hook_meets_train_v2s_loader_and_device_contract_over_epochs_ranks_a
     assert int(states[0]["kd_step"]) == int(states[1]["kd_step"]) == 18
     key = "objective.terms.ekd.miner.student_anchors"
     assert torch.equal(states[0][key], states[1][key])
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(SHIM, "sitecustomize.py")),
+                    reason=f"needs the CPU harness {SHIM} (../shared/tools beside the repository)")
+def test_a_renamed_copy_of_train_v2_distils(tmp_path):
+    import shutil
+
+    data = make_faces(tmp_path / "faces")
+    torch.manual_seed(1)
+    torch.save(TinyStudent(16).state_dict(), tmp_path / "teacher_e1.pth")
+    renamed = tmp_path / "train_v2_kd.py"
+    shutil.copy(STAND_IN, renamed)
+    out = tmp_path / "run"
+    proc = _run(_config(tmp_path / "job.py", data, out, str(tmp_path / "teacher_e{epoch}.pth"), num_epoch=1), world=1,
+                script=str(renamed))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    figures = [e for e in _jsonl(out / "train_log.jsonl") if "loss" in e]
+    assert figures and all({"loss_head", "loss_ekd", "loss_multistep"} <= set(e) for e in figures)
+    assert "distillation is NOT active" not in proc.stderr

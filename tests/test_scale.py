@@ -146,7 +146,7 @@ def test_a_resumed_run_reads_the_centres_it_estimated_instead_of_running_the_tea
     kd = dict(KD, teacher=_teacher(tmp_path))
     kd_plugin.train.train(resolve(_config(data, tmp_path / "out", max_steps=2, kd=kd)))
     saved = tmp_path / "out" / "teacher_centres"
-    assert sorted(p.name for p in saved.iterdir()) == ["meta.json", "rank_0_softmax_weight.pt"]
+    assert sorted(p.name for p in saved.iterdir()) == ["rank_0_softmax_weight.json", "rank_0_softmax_weight.pt"]
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher ran over the dataset again")
@@ -182,8 +182,11 @@ def test_the_scale_benchmark_prints_its_figures_as_json(capsys):
     """Structure only, at a small size: the figures themselves come from `kd-plugin bench scale --json`."""
     from kd_plugin.cli import main
     assert main(["bench", "scale", "--records", "20000", "--rec-classes", "200", "--classes", "3000",
-                 "--worlds", "1,2", "--json"]) == 0
+                 "--worlds", "1,2", "--big-records", "30000", "--big-classes", "1500", "--index-records", "200000",
+                 "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result["rec_open_seconds_20m"]) == {"1", "4"} and len(result["rec_open_seconds_20m"]["4"]) == 4
+    assert result["label_index_writers"] == 1
     assert result["records"] == 20000 and result["rec_open_seconds"] > 0 and result["records_per_second"] > 0
     for key in ("classifier", "adadistill", "centres"):
         ratios = result[f"{key}_rank_memory_ratio"]
@@ -196,15 +199,14 @@ def test_the_scale_benchmark_prints_its_figures_as_json(capsys):
 def test_a_full_header_read_leaves_a_label_index_that_the_next_open_uses(tmp_path, monkeypatch):
     import kd_plugin.data.datasets as datasets
     monkeypatch.setattr(datasets, "LABEL_INDEX_MIN_RECORDS", 100)
-    monkeypatch.setattr(datasets, "FLOAT32_EXACT", 500)  # as if the keys passed 2^24: the ranges are not trusted
-    write_synthetic_rec(str(tmp_path), 1_000, 10)
+    write_synthetic_rec(str(tmp_path), 1_000, 10, ranges=False)  # im2rec's layout: no identity ranges
     first = open_dataset(str(tmp_path))
     assert (tmp_path / "train.kd_labels.npz").is_file()
     reads = []
     real = RecordIOReader.read_header
     monkeypatch.setattr(RecordIOReader, "read_header", lambda self, key: reads.append(key) or real(self, key))
     again = open_dataset(str(tmp_path))
-    assert len(reads) == 1 and np.array_equal(again.labels, first.labels)  # only the header record was read
+    assert len(reads) == 1 and np.array_equal(again.labels, first.labels)  # only the first record was read
     with open(tmp_path / "train.rec", "ab") as f:  # the .rec changed: the index no longer applies
         f.write(b"\0" * 4)
     reads.clear()
@@ -222,8 +224,56 @@ def test_a_malformed_idx_line_is_named_even_when_the_numbers_add_up(tmp_path):
 def test_a_broken_label_index_is_ignored(tmp_path, monkeypatch):
     import kd_plugin.data.datasets as datasets
     monkeypatch.setattr(datasets, "LABEL_INDEX_MIN_RECORDS", 100)
-    monkeypatch.setattr(datasets, "FLOAT32_EXACT", 500)
-    write_synthetic_rec(str(tmp_path), 1_000, 10)
+    write_synthetic_rec(str(tmp_path), 1_000, 10, ranges=False)
     (tmp_path / "train.kd_labels.npz").write_bytes(b"")  # an interrupted write elsewhere, say
     assert np.bincount(open_dataset(str(tmp_path)).labels).tolist() == [100] * 10
     assert (tmp_path / "train.kd_labels.npz").stat().st_size > 0  # rewritten from the headers
+
+
+@pytest.mark.parametrize("per_class", [1, 2, 7])
+def test_past_2_to_the_24_the_rounded_identity_ranges_are_resolved_by_reading_a_few_records(tmp_path, monkeypatch,
+                                                                                          per_class):
+    """Keys from 2^24 - 200 on: the header's and the ranges' float32 keys are rounded as insightface's are; the labels
+    still come from the ranges, each rounded boundary settled by reading the records that round to it."""
+    classes = 600 // per_class
+    write_synthetic_rec(str(tmp_path), classes * per_class, classes, first_key=(1 << 24) - 200)
+    reads = []
+    real = RecordIOReader.read_header
+    monkeypatch.setattr(RecordIOReader, "read_header", lambda self, key: reads.append(key) or real(self, key))
+    ds = open_dataset(str(tmp_path))
+    assert np.array_equal(ds.labels, np.repeat(np.arange(classes), per_class))
+    assert ds.keys == list(range((1 << 24) - 199, (1 << 24) - 199 + classes * per_class))
+    rounded = sum(1 for c in range(classes) if (1 << 24) - 199 + c * per_class > (1 << 24))
+    assert len(reads) <= 1 + 64 + 2 + 3 * rounded  # header, the 64 checks, the header's ends, <= 3 per boundary
+    assert not (tmp_path / "train.kd_labels.npz").exists()  # nothing to save: no full read happened
+
+
+def _open_in_group(rank, world, folder, output):
+    import kd_plugin.data.datasets as datasets
+    from kd_plugin.data.datasets import open_training_data
+
+    datasets.LABEL_INDEX_MIN_RECORDS = 100
+    real_replacing = datasets.replacing
+
+    def read_only_folder(path):  # the dataset folder refuses writes, as a read-only mount does (even for root)
+        if path.startswith(folder):
+            raise OSError(30, "Read-only file system", path)
+        return real_replacing(path)
+    datasets.replacing = read_only_folder
+    reads = []
+    real = RecordIOReader.read_header
+    RecordIOReader.read_header = lambda self, key: reads.append(key) or real(self, key)
+    ds = open_training_data(folder, index_dir=output)
+    return ds.labels, ds.keys, len(reads), datasets.LABEL_INDEX_WRITES
+
+
+def test_one_rank_reads_the_labels_and_a_read_only_dataset_folder_keeps_the_index_in_the_output(tmp_path):
+    data, output = tmp_path / "data", tmp_path / "out"
+    write_synthetic_rec(str(data), 1_000, 10, ranges=False)
+    ranks = run_ranks(_open_in_group, 2, str(data), str(output))
+    for labels, keys, reads, writes in ranks:
+        assert np.array_equal(labels, np.repeat(np.arange(10), 100)) and keys == list(range(1000))
+    assert [r[2] for r in ranks] == [1001, 0] and [r[3] for r in ranks] == [1, 0]  # rank 0 alone read and wrote
+    assert len(list((output / "label_index").iterdir())) == 1
+    again = run_ranks(_open_in_group, 2, str(data), str(output))
+    assert [r[2] for r in again] == [1, 0] and [r[3] for r in again] == [0, 0]  # the index in the output was used

@@ -2,7 +2,9 @@
 purpose: `kd-plugin bench scale --json`.
 
 Side by side in one run: (1) opening a `.rec` of 5,000,000 records (insightface layout: header, images, identity
-ranges); (2) for W = 1, 2 and 4 gloo ranks, the peak resident memory each rank adds while (a) loading its class range
+ranges); (1b) past 2^24: a .rec of 20,000,000 records (its float32 identity ranges rounded as insightface's are; tiny
+records, 0.9 GB, not sparse) opened by 1 process and by the 4 ranks of one job (rank 0 reads, the others receive), and
+an im2rec file without ranges opened by 4 ranks, counting the processes that write its label index; (2) for W = 1, 2 and 4 gloo ranks, the peak resident memory each rank adds while (a) loading its class range
 of an inherited classifier of C = 1,000,000 x 512 from one classifier file, (b) creating AdaDistill's centres and
 running one update (the margin loss after it costs B x C/W logits, as any partial-FC head does, and is left out),
 (c) estimating class centres from embeddings spread over the ranks; each over C·d·bytes/W for the dtype it holds.
@@ -33,32 +35,40 @@ _IMAGE = [("magic", "<u4"), ("lrec", "<u4"), ("flag", "<u4"), ("label", "<f4"), 
           ("pixels", "<u4")]  # a record with a 4-byte stand-in for the image
 
 
-def write_synthetic_rec(folder: str, num_images: int, num_classes: int) -> None:
-    """An insightface train.rec/idx/property of `num_images` tiny records over `num_classes` identities (header
-    record, images in class order, identity-range records), written with numpy in seconds."""
+def write_synthetic_rec(folder: str, num_images: int, num_classes: int, first_key: int = 0,
+                        ranges: bool = True) -> None:
+    """An insightface train.rec/idx/property of `num_images` tiny records (a 4-byte stand-in for each image, 44 bytes
+    a record) over `num_classes` identities, written with numpy in seconds: the header record (key `first_key`),
+    images in class order, identity-range records, their keys stored as float32 as insightface stores them (rounded
+    past 2^24). `ranges=False`: im2rec's layout instead, images only, keys from `first_key`."""
     os.makedirs(folder, exist_ok=True)
     per_class = np.full(num_classes, num_images // num_classes, dtype=np.int64)
     per_class[: num_images % num_classes] += 1
-    ends = 1 + np.cumsum(per_class)
-    end_images, end_ranges = num_images + 1, num_images + 1 + num_classes
+    first_image = first_key + 1 if ranges else first_key
+    ends = first_image + np.cumsum(per_class)
+    end_images, end_ranges = first_image + num_images, first_image + num_images + num_classes
     labels2, image = np.dtype(_LABELS2), np.dtype(_IMAGE)
-    header = np.zeros(1, labels2)
+    header = np.zeros(1 if ranges else 0, labels2)
     images = np.zeros(num_images, image)
-    ranges = np.zeros(num_classes, labels2)
-    for part in (header, images, ranges):
+    range_records = np.zeros(num_classes if ranges else 0, labels2)
+    for part in (header, images, range_records):
         part["magic"] = MAGIC
         part["lrec"] = part.dtype.itemsize - 8
     header["flag"], header["first"], header["second"] = 2, end_images, end_ranges
-    images["label"], images["id"] = np.repeat(np.arange(num_classes), per_class), np.arange(1, end_images)
-    ranges["flag"], ranges["first"], ranges["second"] = 2, ends - per_class, ends
-    ranges["id"] = np.arange(end_images, end_ranges)
+    images["label"], images["id"] = np.repeat(np.arange(num_classes), per_class), np.arange(first_image, end_images)
+    if ranges:
+        range_records["flag"], range_records["first"], range_records["second"] = 2, ends - per_class, ends
+        range_records["id"] = np.arange(end_images, end_images + len(range_records))
     with open(os.path.join(folder, "train.rec"), "wb") as f:
-        for part in (header, images, ranges):
+        for part in (header, images, range_records):
             part.tofile(f)
-    offsets = np.concatenate([[0], labels2.itemsize + image.itemsize * np.arange(num_images),
-                              labels2.itemsize + image.itemsize * num_images + labels2.itemsize * np.arange(num_classes)])
+    start = labels2.itemsize * len(header)
+    offsets = np.concatenate([np.zeros(len(header), np.int64), start + image.itemsize * np.arange(num_images),
+                              start + image.itemsize * num_images + labels2.itemsize * np.arange(len(range_records))])
     with open(os.path.join(folder, "train.idx"), "w", encoding="ascii") as f:
-        f.write("".join(f"{k}\t{o}\n" for k, o in enumerate(offsets.tolist())))
+        for a in range(0, len(offsets), 1 << 20):  # in chunks: 20M lines at once would take GBs of strings
+            chunk = offsets[a:a + (1 << 20)].tolist()
+            f.write("".join(f"{first_key + a + k}\t{o}\n" for k, o in enumerate(chunk)))
     with open(os.path.join(folder, "property"), "w", encoding="ascii") as f:
         f.write(f"{num_classes},112,112")
 
@@ -176,6 +186,67 @@ def rec_open(records: int, classes: int, folder: str) -> dict:
             "records": records, "classes": classes, "write_seconds": round(written, 2)}
 
 
+def _open_in_group(rank: int, world: int, port: int, folder: str, index_dir: str, out_dir: str) -> None:
+    """One rank of a job opening the training set as kd-plugin train does (rank 0 reads, the others receive)."""
+    import torch.distributed as dist
+
+    import kd_plugin.data.datasets as datasets
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        dist.barrier()
+        start = time.perf_counter()
+        dataset = datasets.open_training_data(folder, index_dir=index_dir)
+        seconds = time.perf_counter() - start
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w", encoding="utf-8") as f:
+            json.dump({"seconds": seconds, "images": len(dataset), "classes": int(dataset.num_classes),
+                       "index_writes": datasets.LABEL_INDEX_WRITES}, f)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def open_in_processes(folder: str, processes: int, index_dir: str) -> list[dict]:
+    """Each process's open of `folder` when `processes` ranks of one job start together (a fresh process each)."""
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_open_in_group, args=(processes, port, folder, index_dir, out_dir), nprocs=processes, join=True)
+        ranks = []
+        for r in range(processes):
+            with open(os.path.join(out_dir, f"rank{r}.json"), encoding="utf-8") as f:
+                ranks.append(json.load(f))
+    return ranks
+
+
+def rec_open_at_scale(records: int, classes: int, index_records: int, work: str) -> dict:
+    """Past 2^24: a synthetic insightface .rec of `records` records (float32-rounded identity ranges) opened by 1 and
+    by 4 processes of one job; and an im2rec file of `index_records` records (no ranges: every header is read)
+    opened by 4 processes, counting the processes that wrote its label index."""
+    folder, plain, index_dir = (os.path.join(work, name) for name in ("big", "plain", "out"))
+    write_synthetic_rec(folder, records, classes)
+    seconds = {}
+    for processes in (1, 4):
+        ranks = open_in_processes(folder, processes, index_dir)
+        if any((r["images"], r["classes"]) != (records, classes) for r in ranks):
+            raise KDPluginError(f"bench scale: the {records}-record .rec opened as {ranks}")
+        seconds[str(processes)] = [round(r["seconds"], 2) for r in ranks]
+    shutil.rmtree(folder)
+    write_synthetic_rec(plain, index_records, max(1, index_records // 20), ranges=False)
+    ranks = open_in_processes(plain, 4, index_dir)
+    shutil.rmtree(plain)
+    return {"rec_open_seconds_20m": seconds, "records_20m": records, "classes_20m": classes,
+            "label_index_writers": sum(r["index_writes"] for r in ranks),
+            "label_index_records": index_records, "label_index_open_seconds": [round(r["seconds"], 2) for r in ranks]}
+
+
 def _per_gpu(result: dict, gpus: int = 8) -> dict:
     """What the measured ratios mean per GPU for the public datasets on `gpus` GPUs (d = 512)."""
     out = {}
@@ -197,6 +268,12 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=5_000_000, help="records of the synthetic .rec")
     parser.add_argument("--rec-classes", type=int, default=100_000, help="identities of the synthetic .rec")
+    parser.add_argument("--big-records", type=int, default=20_000_000,
+                        help="records of the synthetic .rec past 2^24, opened by 1 and 4 processes")
+    parser.add_argument("--big-classes", type=int, default=1_000_000, help="its identities (WebFace42M: ~20 images each)")
+    parser.add_argument("--index-records", type=int, default=500_000,
+                        help="records of the synthetic im2rec file (no identity ranges) whose label index 4 processes "
+                             "build")
     parser.add_argument("--classes", type=int, default=1_000_000, help="C for the per-rank memory figures (d = 512)")
     parser.add_argument("--worlds", default="1,2,4", help="numbers of gloo ranks")
     parser.add_argument("--work-dir", help="where the synthetic files go (default: a temporary folder, removed)")
@@ -214,6 +291,11 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(os.path.join(work, "rec"))
         print(f"  opened in {result['rec_open_seconds']} s ({result['records_per_second']} records/s)",
               file=sys.stderr, flush=True)
+        print(f"bench scale: a .rec of {args.big_records} records opened by 1 and 4 processes; an im2rec file of "
+              f"{args.index_records} records by 4 ...", file=sys.stderr, flush=True)
+        result.update(rec_open_at_scale(args.big_records, args.big_classes, args.index_records, work))
+        print(f"  {result['records_20m']} records: {result['rec_open_seconds_20m']} s per process; label index "
+              f"written by {result['label_index_writers']} process(es) of 4", file=sys.stderr, flush=True)
         path = os.path.join(work, "classifier.pt")
         print(f"bench scale: writing a {args.classes} x {DIM} float32 classifier ...", file=sys.stderr, flush=True)
         _write_classifier(path, args.classes, DIM)

@@ -7,6 +7,7 @@ index. An item is either an index or an `(index, flip)` pair: flipping is decide
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from typing import Sequence
@@ -17,11 +18,25 @@ import torch
 from kd_plugin.atomic import replacing
 from kd_plugin.data.images import decode_image, hwc_to_chw
 from kd_plugin.data.recordio import RecordIOReader, unpack_payload
+from kd_plugin.distributed import is_distributed
 from kd_plugin.errors import DataFormatError
 from kd_plugin.progress import Progress
 
 LABEL_INDEX_MIN_RECORDS = 200_000  # a full header read of a file this large leaves a label index beside it
+LABEL_INDEX_WRITES = 0  # label indexes this process wrote (the scale benchmark counts writers)
 FLOAT32_EXACT = 1 << 24  # identity-range records store keys as float32: exact integers up to here
+
+
+def _float32_round(keys: np.ndarray) -> np.ndarray:
+    """What a float32 label field makes of integer keys (round to nearest, ties to even), back as int64."""
+    return np.asarray(keys, dtype=np.int64).astype(np.float32).astype(np.int64)
+
+
+def _rounding_to(value: int) -> np.ndarray:
+    """Every integer whose float32 is `value`, ascending."""
+    step = max(1, int(np.spacing(np.float32(value))))
+    around = np.arange(value - step, value + step + 1, dtype=np.int64)
+    return around[_float32_round(around) == value]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 Item = int | tuple[int, bool]
 _REPACK = "re-pack the data (kd-plugin pack) or pass skip_bad_records=True to skip and count bad records"
@@ -141,10 +156,17 @@ def read_property(path: str) -> tuple[int, int, int]:
 
 
 class RecordDataset(FaceDataset):
-    """An insightface `train.rec/train.idx`, with or without the header record (im2rec output)."""
+    """An insightface `train.rec/train.idx`, with or without the header record (im2rec output).
+
+    Labels come, cheapest first, from the identity-range records (one read per class; past 2^24 records their float32
+    keys are rounded, and each rounded boundary is found by reading the few records that round to it), from a label
+    index an earlier full read saved (beside the .rec, or in `index_dir` when the dataset folder is read-only), or
+    from every record's header (then saved as that index). With `share_labels` under a process group, rank 0 alone
+    does this and the other ranks receive the keys and labels: one reader per job, whatever the node layout."""
 
     def __init__(self, rec_path: str, idx_path: str | None = None, skip_bad_records: bool = False,
-                 image_size: tuple[int, int] | None = None) -> None:
+                 image_size: tuple[int, int] | None = None, index_dir: str | None = None,
+                 share_labels: bool = False) -> None:
         self.reader = RecordIOReader(rec_path, idx_path)
         folder = os.path.dirname(os.path.abspath(rec_path))
         prop_path = os.path.join(folder, "property")
@@ -157,29 +179,43 @@ class RecordDataset(FaceDataset):
         self.has_header = False
         self.identity_ranges: list[tuple[int, int]] = []
         self.range_keys: list[int] = []
-        keys = self._image_keys()
-        labels = self._labels_from_ranges(keys) if self.identity_ranges and not skip_bad_records else None
-        if labels is not None:
-            self._key_array = keys
-        elif not skip_bad_records and (indexed := self._read_label_index(keys)) is not None:
-            self._key_array, labels = keys, indexed
+        self.index_dir = index_dir
+        if share_labels and is_distributed():
+            from kd_plugin.data.shared_labels import labels_from_rank0
+            self._key_array, labels = labels_from_rank0(self._derive_labels, self.source)
         else:
-            labels, kept = self._labels_from_headers(keys)
-            self._key_array = np.asarray(kept, dtype=np.int64)
-            if not skip_bad_records and len(keys) >= LABEL_INDEX_MIN_RECORDS:
-                self._write_label_index(self._key_array, np.asarray(labels, dtype=np.int64))
+            self._key_array, labels = self._derive_labels()
         if self.skipped:
             warnings.warn(f"{self.source}: skipped {len(self.skipped)} bad records; first: {self.skipped[0]}")
-        self._check_identity_ranges()
         self._finish_labels(labels, prop[0] if prop else None)
+
+    def _derive_labels(self, beat=None) -> tuple[np.ndarray, np.ndarray]:
+        """(image keys, labels) of the file, by the cheapest way that holds; `beat()` is called now and then during
+        a long read (a process group's heartbeat)."""
+        keys = self._image_keys()
+        labels = self._labels_from_ranges(keys) if self.identity_ranges and not self.skip_bad_records else None
+        if labels is None and not self.skip_bad_records:
+            labels = self._read_label_index(keys)
+        if labels is None:
+            labels, kept = self._labels_from_headers(keys, beat)
+            keys, labels = np.asarray(kept, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+            if not self.skip_bad_records and len(keys) >= LABEL_INDEX_MIN_RECORDS:
+                self._write_label_index(keys, labels)
+        self._check_identity_ranges()
+        return keys, np.asarray(labels, dtype=np.int64)
 
     @property
     def keys(self) -> list[int]:
         """The record key of each sample, in sample order."""
         return self._key_array.tolist()
 
-    def _label_index_path(self) -> str:
-        return os.path.splitext(self.reader.rec_path)[0] + ".kd_labels.npz"
+    def _label_index_paths(self) -> list[str]:
+        """Where a label index may live: beside the .rec, then in `index_dir` (named after the .rec's path)."""
+        paths = [os.path.splitext(self.reader.rec_path)[0] + ".kd_labels.npz"]
+        if self.index_dir:
+            name = hashlib.sha1(os.path.abspath(self.reader.rec_path).encode()).hexdigest()[:16]
+            paths.append(os.path.join(self.index_dir, "label_index", f"{name}.kd_labels.npz"))
+        return paths
 
     def _label_index_stamp(self) -> np.ndarray:
         """What the label index was written for: the .rec's and .idx's sizes and modification times."""
@@ -187,38 +223,47 @@ class RecordDataset(FaceDataset):
         return np.asarray([v for st in stats for v in (st.st_size, st.st_mtime_ns)], dtype=np.int64)
 
     def _read_label_index(self, keys: np.ndarray) -> np.ndarray | None:
-        """The labels saved beside the .rec by an earlier full read, if they were written for this very file."""
-        try:
-            with np.load(self._label_index_path()) as saved:
-                if np.array_equal(saved["stamp"], self._label_index_stamp()) and np.array_equal(saved["keys"], keys):
-                    return saved["labels"].astype(np.int64)
-        except Exception:  # a missing, truncated or foreign file (EOFError, BadZipFile, ...): read the headers
-            pass
+        """The labels saved by an earlier full read, if they were written for this very file."""
+        for path in self._label_index_paths():
+            try:
+                with np.load(path) as saved:
+                    if np.array_equal(saved["stamp"], self._label_index_stamp()) and np.array_equal(saved["keys"], keys):
+                        return saved["labels"].astype(np.int64)
+            except Exception:  # a missing, truncated or foreign file (EOFError, BadZipFile, ...): try the next
+                continue
         return None
 
     def _write_label_index(self, keys: np.ndarray, labels: np.ndarray) -> None:
-        """Save the labels read from every header beside the .rec, so the next open of this file takes a second; a
-        read-only dataset folder just means the next open reads the headers again."""
-        path = self._label_index_path()
-        try:
-            with replacing(path) as tmp, open(tmp, "wb") as f:  # ranks opening the file at once write their own tmp
-                np.savez(f, keys=keys, labels=labels, stamp=self._label_index_stamp())
-        except OSError as exc:
-            warnings.warn(f"{self.source}: could not save the label index {path} ({exc}); the next open reads every "
-                          f"record's header again")
+        """Save the labels read from every header beside the .rec (or, in a read-only dataset folder, in
+        `index_dir`), so the next open of this file takes a second."""
+        global LABEL_INDEX_WRITES
+        failures = []
+        for path in self._label_index_paths():
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with replacing(path) as tmp, open(tmp, "wb") as f:
+                    np.savez(f, keys=keys, labels=labels, stamp=self._label_index_stamp())
+                LABEL_INDEX_WRITES += 1
+                return
+            except OSError as exc:
+                failures.append(f"{path} ({exc})")
+        warnings.warn(f"{self.source}: could not save the label index: {'; '.join(failures)}; the next open reads "
+                      f"every record's header again" + ("" if self.index_dir else " (kd_plugin's runs save it in "
+                                                                                  "their output folder)"))
 
     def _labels_from_ranges(self, keys: np.ndarray) -> np.ndarray | None:
-        """Labels from the identity-range records alone (one read per class, not per image), when the ranges tile
-        the image keys in class order and evenly spaced image records agree; None means read every header. Range
-        records hold float32 keys, exact only up to 2^24: beyond that they are not used."""
-        if len(keys) and keys[-1] + 1 > FLOAT32_EXACT:
-            return None
+        """Labels from the identity-range records alone, when the ranges tile the image keys in class order and
+        evenly spaced image records agree; None means read every header. Range records hold float32 keys, exact
+        only up to 2^24: past that each rounded boundary is resolved by reading the records that round to it."""
         ranges = np.asarray(self.identity_ranges, dtype=np.int64)
         starts, ends = ranges[:, 0], ranges[:, 1]
-        if (len(keys) == 0 or starts[0] != keys[0] or ends[-1] != keys[-1] + 1 or (ends < starts).any()
-                or (starts[1:] != ends[:-1]).any() or len(keys) != keys[-1] - keys[0] + 1):
+        if (len(keys) == 0 or (ends < starts).any() or (starts[1:] != ends[:-1]).any()
+                or len(keys) != keys[-1] - keys[0] + 1):
             return None
-        labels = np.repeat(np.arange(len(ranges), dtype=np.int64), ends - starts)
+        bounds = self._exact_bounds(np.append(starts, ends[-1]), keys)
+        if bounds is None:
+            return None
+        labels = np.repeat(np.arange(len(ranges), dtype=np.int64), np.diff(bounds))
         for i in np.unique(np.linspace(0, len(keys) - 1, min(64, len(keys))).astype(np.int64)):
             header, has_image = self.reader.read_header(int(keys[i]))
             if not has_image or int(header.class_label) != labels[i]:
@@ -227,12 +272,35 @@ class RecordDataset(FaceDataset):
                 return None
         return labels
 
-    def _labels_from_headers(self, keys: np.ndarray) -> tuple[list[int], list[int]]:
+    def _exact_bounds(self, rounded: np.ndarray, keys: np.ndarray) -> np.ndarray | None:
+        """The C + 1 class boundaries (first key of each class, then the end) from their recorded values: exact up
+        to 2^24; past it the first key of class i is the first of the keys rounding to the recorded value whose
+        record's label is >= i (labels grow with the key), found by reading those records (at most 3 per boundary
+        below 2^26). The first and the end are the index's own keys. None when they do not fit the records."""
+        bounds = rounded.copy()
+        bounds[0], bounds[-1] = keys[0], keys[-1] + 1
+        if (_float32_round(bounds[[0, -1]]) != rounded[[0, -1]]).any():
+            return None
+        for i in np.flatnonzero(rounded[1:-1] >= FLOAT32_EXACT) + 1:
+            candidates = _rounding_to(int(rounded[i]))
+            if len(candidates) == 0 or candidates[0] < keys[0] or candidates[-1] > keys[-1] + 1:
+                return None
+            bounds[i] = candidates[-1]  # unless an earlier candidate already holds class i
+            for key in candidates[:-1].tolist():
+                header, _ = self.reader.read_header(key)
+                if int(header.class_label) >= i:
+                    bounds[i] = key
+                    break
+        return bounds if (np.diff(bounds) >= 0).all() else None
+
+    def _labels_from_headers(self, keys: np.ndarray, beat=None) -> tuple[list[int], list[int]]:
         """Labels read from every image record's header (im2rec files without identity ranges, or skip mode)."""
         labels, kept = [], []
         bar = Progress(len(keys), f"reading labels of {self.source}", "records", enabled=len(keys) >= 200_000)
-        for key in keys.tolist():
+        for n, key in enumerate(keys.tolist()):
             bar.update()
+            if beat is not None and n % 65536 == 0:
+                beat()
             try:
                 header, has_image = self.reader.read_header(key)
                 if not has_image:
@@ -254,7 +322,7 @@ class RecordDataset(FaceDataset):
         header, has_image = self.reader.read_header(first)
         if header.flag > 0 and not has_image:
             self.has_header = True
-            end_images, end_ranges = (int(v) for v in header.labels[:2])
+            end_images, end_ranges = self._header_ends(*(int(v) for v in header.labels[:2]))
             self._read_identity_ranges(range(end_images, end_ranges))
             candidates = np.arange(first + 1, end_images, dtype=np.int64)
             present = self.reader.offsets.positions(candidates) >= 0
@@ -266,6 +334,25 @@ class RecordDataset(FaceDataset):
                 self.skipped.append(msg)
             return candidates[present]
         return self.reader.key_array.copy()
+
+    def _header_ends(self, end_images: int, end_ranges: int) -> tuple[int, int]:
+        """The header's first_non_image_key and end of the range records, exact: past 2^24 its float32 labels are
+        rounded, and the true keys are the ones rounding to them where the records change (an image record before
+        first_non_image_key, none after; the last range record is the last key of the index)."""
+        if end_images >= FLOAT32_EXACT:
+            candidates = _rounding_to(end_images)
+            end_images = int(candidates[-1])
+            for key in candidates[:-1].tolist():
+                if key in self.reader.offsets and not self.reader.read_header(key)[1]:  # no image: a range record
+                    end_images = key
+                    break
+        if end_ranges >= FLOAT32_EXACT:
+            candidates = _rounding_to(end_ranges)
+            present = self.reader.offsets.positions(candidates - 1) >= 0
+            ends_here = present & (self.reader.offsets.positions(candidates) < 0)
+            end_ranges = int(candidates[ends_here][0] if ends_here.any() else candidates[present][-1]
+                             if present.any() else end_ranges)
+        return end_images, end_ranges
 
     def _read_identity_ranges(self, keys: range) -> None:
         """The per-identity [first, end) key ranges after the images; all or nothing (classes are their order)."""
@@ -295,7 +382,7 @@ class RecordDataset(FaceDataset):
     def _check_identity_ranges(self) -> None:
         """Empty identity ranges in the header layout mean an identity without images."""
         for cls, (start, end) in enumerate(self.identity_ranges):
-            if end <= start and end <= FLOAT32_EXACT:  # past 2^24 the float32 keys are rounded: not evidence
+            if end <= start and end < FLOAT32_EXACT:  # from 2^24 on the float32 keys are rounded: not evidence
                 msg = (f"{self.reader.where(self.range_keys[cls])}: the identity range record of class {cls} is empty "
                        f"([{start}, {end})): that identity has no image; {_EMPTY_CLASS_HINT}")
                 if not self.skip_bad_records:
@@ -377,20 +464,23 @@ def read_label_list(list_path: str) -> tuple[list[str], list[int]]:
     return paths, labels
 
 
-def open_dataset(path: str, skip_bad_records: bool = False) -> FaceDataset:
+def open_dataset(path: str, skip_bad_records: bool = False, index_dir: str | None = None,
+                 share_labels: bool = False) -> FaceDataset:
     """Open a face dataset, recognising its layout: a `.rec` file or a folder holding `train.rec`, a `label.txt`
-    or `.lst` list (or a folder holding `label.txt`), or an ImageFolder tree."""
+    or `.lst` list (or a folder holding `label.txt`), or an ImageFolder tree. `index_dir` and `share_labels`: see
+    RecordDataset (`share_labels` is collective: every rank of the process group must open the same path)."""
     path = os.fspath(path)
+    records = {"skip_bad_records": skip_bad_records, "index_dir": index_dir, "share_labels": share_labels}
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "train.rec")):
-            return RecordDataset(os.path.join(path, "train.rec"), skip_bad_records=skip_bad_records)
+            return RecordDataset(os.path.join(path, "train.rec"), **records)
         if os.path.isfile(os.path.join(path, "label.txt")):
             path = os.path.join(path, "label.txt")
         else:
             paths, labels, _ = list_image_folder(path, skip_bad_records)
             return FileListDataset(path, paths, labels, skip_bad_records=skip_bad_records)
     if path.endswith(".rec"):
-        return RecordDataset(path, skip_bad_records=skip_bad_records)
+        return RecordDataset(path, **records)
     if path.endswith((".txt", ".lst")) and os.path.isfile(path):
         paths, labels = read_label_list(path)
         return FileListDataset(path, paths, labels, skip_bad_records=skip_bad_records)
@@ -454,10 +544,13 @@ class CombinedDataset(FaceDataset):
         return np.bincount(self.labels[self.labels >= 0], minlength=self.num_classes)
 
 
-def open_training_data(rec, unlabeled=None) -> FaceDataset:
+def open_training_data(rec, unlabeled=None, index_dir: str | None = None) -> FaceDataset:
     """The training set of a config: `rec` one labelled set or a list of them, plus `unlabeled` image sets (a path or
-    a list). One labelled set alone is returned as it is."""
-    labelled = [open_dataset(p) for p in ([rec] if isinstance(rec, (str, os.PathLike)) else rec)]
+    a list). One labelled set alone is returned as it is. Call it on every rank: under a process group rank 0 reads
+    the labels of each RecordIO set and sends them to the others; a label index that cannot be saved beside a .rec
+    goes to `index_dir` (the run's output folder)."""
+    labelled = [open_dataset(p, index_dir=index_dir, share_labels=True)
+                for p in ([rec] if isinstance(rec, (str, os.PathLike)) else rec)]
     unlabelled = [open_images(p) for p in ([unlabeled] if isinstance(unlabeled, (str, os.PathLike)) else
                                            (unlabeled or []))]
     if len(labelled) == 1 and not unlabelled:

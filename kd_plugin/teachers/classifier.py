@@ -211,32 +211,45 @@ def save_classifier(weight: torch.Tensor, out: str, **metadata: object) -> None:
     save_torch(payload, out)
 
 
+def _slice_paths(folder: str, rank: int) -> tuple[str, str]:
+    return (os.path.join(folder, f"rank_{rank}_softmax_weight.pt"),
+            os.path.join(folder, f"rank_{rank}_softmax_weight.json"))
+
+
 def save_class_slices(part: ClassSlice, folder: str, rank: int, world_size: int, meta: dict) -> None:
     """Each rank writes its rows as `rank_{r}_softmax_weight.pt` (the model zoo's shard layout, which
-    `read_classifier_rows` reads for any number of ranks); rank 0 then writes `meta.json`, the mark of a complete set
-    (call it on every rank: it ends with a barrier)."""
+    `read_classifier_rows` reads for any number of ranks) and then `rank_{r}_softmax_weight.json`: `meta` plus the
+    part's rank, class range and byte size, the mark of a complete part. Each rank writes and later reads only its own
+    part, so the folder may be node-local (call it on every rank: it ends with a barrier)."""
     from kd_plugin.distributed import barrier
 
     os.makedirs(folder, exist_ok=True)
-    shard = os.path.join(folder, f"rank_{rank}_softmax_weight.pt")
+    shard, part_meta = _slice_paths(folder, rank)
     save_torch(part.rows.detach().contiguous(), shard)
+    write_json({**meta, "rank": rank, "start": int(part.start), "rows": len(part.rows),
+                "bytes": os.path.getsize(shard)}, part_meta)
     barrier()
     if rank == 0:
-        for stale in glob.glob(os.path.join(folder, "rank_*_softmax_weight.pt")):  # left by a run with more ranks
+        for stale in glob.glob(os.path.join(folder, "rank_*_softmax_weight.*")):  # left by a run with more ranks
             if int(re.search(r"rank_(\d+)_", os.path.basename(stale)).group(1)) >= world_size:
                 os.remove(stale)
-        write_json(meta, os.path.join(folder, "meta.json"))
     barrier()
 
 
-def saved_class_slices(folder: str, meta: dict) -> bool:
-    """Whether `folder` holds a complete set written by `save_class_slices` with this `meta` (which names the world
-    size): the meta and every rank's shard."""
+def saved_class_slice(folder: str, rank: int, meta: dict) -> ClassSlice | None:
+    """This rank's part written by `save_class_slices` with this `meta` (which names the world size), when it is
+    complete (its meta and byte size match); else None."""
+    shard, part_meta = _slice_paths(folder, rank)
     try:
-        with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
-            if json.load(f) != json.loads(json.dumps(meta)):
-                return False
-    except (OSError, ValueError):
-        return False
-    return all(os.path.isfile(os.path.join(folder, f"rank_{r}_softmax_weight.pt"))
-               for r in range(int(meta.get("world_size", 1))))
+        with open(part_meta, encoding="utf-8") as f:
+            saved = json.load(f)
+        recorded = {k: saved.pop(k) for k in ("rank", "start", "rows", "bytes")}
+        if saved != json.loads(json.dumps(meta)) or recorded["rank"] != rank or \
+                os.path.getsize(shard) != recorded["bytes"]:
+            return None
+        rows = safe_torch_load(shard)
+    except (OSError, ValueError, KeyError, KDPluginError):
+        return None
+    if not isinstance(rows, torch.Tensor) or tuple(rows.shape[:1]) != (recorded["rows"],):
+        return None
+    return ClassSlice(int(recorded["start"]), rows)
