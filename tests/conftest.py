@@ -6,20 +6,69 @@ import io
 import os
 from pathlib import Path
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one torch thread per worker: 2 workers on 2 cores, not 4 threads
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
 from PIL import Image
 
-SHARED_DATA = Path(os.environ.get("KD_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")).resolve()
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("KD_SHARED_DATA", REPO / ".." / "shared" / "data")).resolve()
 TEACHER_DIR = SHARED_DATA / "teachers" / "mobilefacenet_ms1m"
+CPU_HARNESS = (REPO / ".." / "shared" / "tools" / "arcface_torch_cpu").resolve()  # runs upstream's train_v2 on CPU
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# The real arcface_torch: ARCFACE_TORCH_ROOT / ARCFACE_TORCH_PYTHON when set, else what `.ci/upstream-env` built in
+# this clone (set here, before the test modules read them, so their subprocesses inherit them too)
+for _variable, _local in (("ARCFACE_TORCH_ROOT", REPO / "upstream" / "arcface_torch"),
+                          ("ARCFACE_TORCH_PYTHON", REPO / ".venv-upstream" / "bin" / "python")):
+    if not os.environ.get(_variable) and _local.exists():
+        os.environ[_variable] = str(_local)
+UPSTREAM_ROOT = os.environ.get("ARCFACE_TORCH_ROOT", "")
+UPSTREAM_PYTHON = os.environ.get("ARCFACE_TORCH_PYTHON", "")
+
+
+def missing(reason: str) -> None:
+    """A test's input is absent: skip with the reason, but fail under CI=true, where ../shared and the upstream
+    environment (.ci/run builds it) are always meant to be there."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: a missing ../shared item or upstream environment fails the run)")
+    pytest.skip(reason)
 
 
 def shared(*parts: str) -> Path:
-    """Path of a file under ../shared/data; skips the test with the reason when it is absent."""
+    """Path of a file under ../shared/data; skips the test with the reason when it is absent (fails under CI)."""
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"real test data not available: {path} is missing (tests read ../shared/data in place)")
+        missing(f"real test data not available: {path} is missing (tests read ../shared/data in place)")
     return path
+
+
+@pytest.fixture
+def needs_upstream_source() -> str:
+    """arcface_torch's source folder (recognition/arcface_torch)."""
+    if not os.path.isfile(os.path.join(UPSTREAM_ROOT, "partial_fc_v2.py")):
+        missing("no arcface_torch checkout: run `bash .ci/upstream-env` (a copy of ../shared's), or set "
+                "ARCFACE_TORCH_ROOT to recognition/arcface_torch of an insightface clone")
+    return UPSTREAM_ROOT
+
+
+@pytest.fixture
+def needs_cpu_harness() -> Path:
+    """../shared/tools/arcface_torch_cpu, which runs train_v2.py on CPU in strict device mode."""
+    if not (CPU_HARNESS / "sitecustomize.py").is_file():
+        missing(f"needs the CPU harness {CPU_HARNESS} (../shared/tools beside the repository)")
+    return CPU_HARNESS
+
+
+@pytest.fixture
+def needs_upstream(needs_upstream_source, needs_cpu_harness) -> tuple[str, str]:
+    """(arcface_torch's folder, a python that runs it: mxnet, numpy <= 1.23.5, kd_plugin installed)."""
+    if not (os.path.isfile(os.path.join(UPSTREAM_ROOT, "train_v2.py")) and os.path.isfile(UPSTREAM_PYTHON)):
+        missing("needs a python able to run arcface_torch: run `bash .ci/upstream-env`, or set ARCFACE_TORCH_PYTHON "
+                "(e.g. the venv of ../shared/tools/arcface_torch_cpu/make_env.sh, kd_plugin installed in it)")
+    return UPSTREAM_ROOT, UPSTREAM_PYTHON
 
 
 def assert_within_one_float16_unit(a, b) -> None:

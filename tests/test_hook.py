@@ -12,14 +12,12 @@ import pytest
 import torch
 from easydict import EasyDict
 
-from conftest import shared
+from conftest import CPU_HARNESS, UPSTREAM_PYTHON, UPSTREAM_ROOT, shared
 from kd_plugin import distill
 from test_train import _registered_for_this_module  # noqa: F401 (autouse: the test_tiny network, this module only)
 from kd_plugin.errors import KDPluginError
 
-ROOT = os.environ.get("ARCFACE_TORCH_ROOT", "")
-PYTHON = os.environ.get("ARCFACE_TORCH_PYTHON", "")  # a python that runs upstream (mxnet, numpy<=1.23.5)
-SHIM = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "tools", "arcface_torch_cpu")
+ROOT, PYTHON, SHIM = UPSTREAM_ROOT, UPSTREAM_PYTHON, str(CPU_HARNESS)  # PYTHON runs upstream (mxnet, numpy<=1.23.5)
 
 
 def test_outside_train_v2_it_fills_config_kd_and_warns_that_distillation_is_not_active():
@@ -73,10 +71,9 @@ def test_a_train_v2_without_the_names_it_patches_stops_clearly(monkeypatch, tmp_
         distill(EasyDict(rec="x", num_classes=3), teacher="t.onnx", method="ekd")
 
 
-UPSTREAM = pytest.mark.skipif(
-    not (os.path.isfile(os.path.join(ROOT, "train_v2.py")) and os.path.isfile(PYTHON)),
-    reason="needs an arcface_torch checkout (ARCFACE_TORCH_ROOT) and a python able to run it (ARCFACE_TORCH_PYTHON, "
-           "e.g. the venv of ../shared/tools/arcface_torch_cpu/make_env.sh)")
+def UPSTREAM(test):
+    """Runs unchanged upstream train_v2 (skips, or fails under CI=true, without it); grouped on one xdist worker."""
+    return pytest.mark.xdist_group("upstream_train_v2")(pytest.mark.usefixtures("needs_upstream")(test))
 
 
 def _celeba_subset(tmp_path, identities):
@@ -152,13 +149,13 @@ def _kd_log(output):
 def test_unchanged_upstream_train_v2_distils_with_one_line(tmp_path, world):
     """proxyless+ekd from the shared ONNX teacher, 2 epochs, under strict device mode."""
     teacher = shared("teachers", "mobilefacenet_ms1m", "mobilefacenet_dynamic.onnx")
-    subset, n = _celeba_subset(tmp_path, 12)
+    subset, n = _celeba_subset(tmp_path, 8)
     name = f"_kd_plugin_hook_test_{os.getpid()}_{world}"
     kd_call = (f"distill(config, teacher={str(teacher)!r}, method='proxyless+ekd', "
                "teacher_mean='123.675,116.28,103.53', teacher_std='58.395,57.12,57.375', centres='estimate', "
                "margin_on_random_part=True, sampler=dict(identities_per_batch=4, images_per_identity=4))")
     output = tmp_path / "run"
-    _finish(_upstream(name, _job(output, subset, 12, 2, False, kd_call), world), name)
+    _finish(_upstream(name, _job(output, subset, 8, 2, False, kd_call), world), name)
     steps = -(-n // (world * 16))  # the balanced sampler's epoch: R = 32 - 4 x 4 random images per rank
     _check(output, world, steps, 2)
     figures = [e for e in _kd_log(output) if "loss" in e]

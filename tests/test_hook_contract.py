@@ -12,10 +12,11 @@ import sys
 import pytest
 import torch
 
+from conftest import CPU_HARNESS
 from test_train import TinyStudent, make_faces
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHIM = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "tools", "arcface_torch_cpu"))
+SHIM = str(CPU_HARNESS)
 STAND_IN = os.path.join(HERE, "emulated_upstream", "train_v2.py")
 
 
@@ -57,8 +58,7 @@ def _jsonl(path):
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(SHIM, "sitecustomize.py")),
-                    reason=f"needs the CPU harness {SHIM} (../shared/tools beside the repository)")
+@pytest.mark.usefixtures("needs_cpu_harness")
 def test_the_hook_meets_train_v2s_loader_and_device_contract_over_epochs_ranks_and_resume(tmp_path):
     data = make_faces(tmp_path / "faces")  # 8 identities x 6 images
     for epoch in (1, 2, 3):  # multi-step KD: a different teacher after each of its epochs
@@ -96,8 +96,7 @@ def test_the_hook_meets_train_v2s_loader_and_device_contract_over_epochs_ranks_a
     assert torch.equal(states[0][key], states[1][key])
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(SHIM, "sitecustomize.py")),
-                    reason=f"needs the CPU harness {SHIM} (../shared/tools beside the repository)")
+@pytest.mark.usefixtures("needs_cpu_harness")
 def test_a_renamed_copy_of_train_v2_distils(tmp_path):
     import shutil
 

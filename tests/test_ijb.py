@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TEACHER_DIR, shared
+from conftest import shared
 from kd_plugin.cli import main
 from kd_plugin.ijb import (ARCFACE_LANDMARKS, align, image_features, pair_scores, read_protocol, similarity_transform,
                            template_features)
@@ -85,9 +85,7 @@ def _expected(root, faces, marks, pairs, onnx_path):
 
 
 def test_ijb_evaluation_equals_the_protocol_computed_independently(tmp_path, capsys):
-    onnx_path = TEACHER_DIR / "mobilefacenet_dynamic.onnx"
-    if not onnx_path.exists():
-        pytest.skip(f"real teacher not available: {onnx_path}")
+    onnx_path = shared("teachers", "mobilefacenet_ms1m", "mobilefacenet_dynamic.onnx")
     root = tmp_path / "IJB"
     faces, marks, pairs = _miniature(root)
     assert main(["eval", "--model", str(onnx_path), "--mean", "123.675,116.28,103.53", "--std",

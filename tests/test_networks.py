@@ -13,6 +13,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import missing
+
 from kd_plugin.networks import UnknownNetworkError, create_network, load_upstream_get_model, network_names
 
 NAMES = ["r18", "r34", "r50", "r100", "r200", "mbf", "mbf_large", "vit_t", "vit_s", "vit_b"]
@@ -155,7 +157,7 @@ def upstream_get_model():
     had_backbones = "backbones" in sys.modules
     get_model = load_upstream_get_model()
     if get_model is None:
-        pytest.skip("no arcface_torch checkout: set ARCFACE_TORCH_ROOT")
+        missing("no arcface_torch checkout: run `bash .ci/upstream-env`, or set ARCFACE_TORCH_ROOT")
     assert had_backbones or "backbones" not in sys.modules  # imported under a private name only
     return get_model
 

@@ -126,7 +126,7 @@ def test_pack_folder_roundtrip_keeps_bytes_and_labels(image_folder, tmp_path):
     assert list(packed.labels) == list(source.labels)
     for i in range(len(source)):
         assert packed.read_bytes(i) == source.read_bytes(i)
-    assert packed.identity_ranges == [(1, 3), (3, 6), (6, 10)]
+    assert packed.identity_ranges.tolist() == [[1, 3], [3, 6], [6, 10]]
 
 
 def test_pack_reproduces_real_celeba_file_byte_for_byte(tmp_path):

@@ -13,7 +13,7 @@ from distributed_helpers import run_ranks
 from kd_plugin.distributed import class_range
 from kd_plugin.heads import CombinedMarginLoss, PartialFCHead
 
-ROOT = os.environ.get("ARCFACE_TORCH_ROOT", "")
+ROOT = os.environ.get("ARCFACE_TORCH_ROOT", "")  # tests/conftest.py fills it in from `.ci/upstream-env`
 
 
 def _upstream_module(name: str):
@@ -48,9 +48,7 @@ def _compare(rank, world, margin):
     return out
 
 
-requires_upstream = pytest.mark.skipif(
-    not os.path.isfile(os.path.join(ROOT, "partial_fc_v2.py")),
-    reason="no arcface_torch checkout: set ARCFACE_TORCH_ROOT to recognition/arcface_torch of an insightface clone")
+requires_upstream = pytest.mark.usefixtures("needs_upstream_source")  # skips (fails under CI=true) without it
 
 
 @requires_upstream

@@ -167,33 +167,48 @@ class RecordDataset(FaceDataset):
     def __init__(self, rec_path: str, idx_path: str | None = None, skip_bad_records: bool = False,
                  image_size: tuple[int, int] | None = None, index_dir: str | None = None,
                  share_labels: bool = False) -> None:
-        self.reader = RecordIOReader(rec_path, idx_path)
+        self.index_dir = index_dir
+        if share_labels and is_distributed():
+            from kd_plugin.data.shared_labels import from_rank0
+
+            def on_rank0(beat) -> dict:
+                self._open(rec_path, idx_path, skip_bad_records, image_size)
+                keys, labels = self._derive_labels(beat)
+                return {"index_keys": self.reader.offsets.keys, "index_offsets": self.reader.offsets.offsets,
+                        "keys": keys, "labels": labels}
+            got = from_rank0(on_rank0, ("index_keys", "index_offsets", "keys", "labels"), os.fspath(rec_path))
+            if not hasattr(self, "reader"):  # the other ranks: the index rank 0 read, not the .idx again
+                self._open(rec_path, idx_path, skip_bad_records, image_size, (got["index_keys"], got["index_offsets"]))
+            self._key_array, labels = got["keys"], got["labels"]
+        else:
+            self._open(rec_path, idx_path, skip_bad_records, image_size)
+            self._key_array, labels = self._derive_labels()
+        if self.skipped:
+            warnings.warn(f"{self.source}: skipped {len(self.skipped)} bad records; first: {self.skipped[0]}")
+        self._finish_labels(labels, self._declared_classes)
+
+    def _open(self, rec_path: str, idx_path: str | None, skip_bad_records: bool,
+              image_size: tuple[int, int] | None, index: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """The reader, the `property` file and the base class's state."""
+        self.reader = RecordIOReader(rec_path, idx_path, index)
         folder = os.path.dirname(os.path.abspath(rec_path))
         prop_path = os.path.join(folder, "property")
         # insightface's `property` describes the folder's train.rec only (a val.rec beside it has other classes)
         is_train = os.path.basename(self.reader.rec_path) == "train.rec"
         prop = read_property(prop_path) if is_train and os.path.isfile(prop_path) else None
+        self._declared_classes = prop[0] if prop else None
         if image_size is None:
             image_size = prop[1:] if prop else (112, 112)
         super().__init__(self.reader.rec_path, image_size, skip_bad_records)
         self.has_header = False
-        self.identity_ranges: list[tuple[int, int]] = []
-        self.range_keys: list[int] = []
-        self.index_dir = index_dir
-        if share_labels and is_distributed():
-            from kd_plugin.data.shared_labels import labels_from_rank0
-            self._key_array, labels = labels_from_rank0(self._derive_labels, self.source)
-        else:
-            self._key_array, labels = self._derive_labels()
-        if self.skipped:
-            warnings.warn(f"{self.source}: skipped {len(self.skipped)} bad records; first: {self.skipped[0]}")
-        self._finish_labels(labels, prop[0] if prop else None)
+        self.identity_ranges = np.zeros((0, 2), dtype=np.int64)  # [first, end) keys per class, as recorded
+        self.range_keys: range | list[int] = []
 
     def _derive_labels(self, beat=None) -> tuple[np.ndarray, np.ndarray]:
         """(image keys, labels) of the file, by the cheapest way that holds; `beat()` is called now and then during
         a long read (a process group's heartbeat)."""
         keys = self._image_keys()
-        labels = self._labels_from_ranges(keys) if self.identity_ranges and not self.skip_bad_records else None
+        labels = self._labels_from_ranges(keys) if len(self.identity_ranges) and not self.skip_bad_records else None
         if labels is None and not self.skip_bad_records:
             labels = self._read_label_index(keys)
         if labels is None:
@@ -273,24 +288,32 @@ class RecordDataset(FaceDataset):
         return labels
 
     def _exact_bounds(self, rounded: np.ndarray, keys: np.ndarray) -> np.ndarray | None:
-        """The C + 1 class boundaries (first key of each class, then the end) from their recorded values: exact up
-        to 2^24; past it the first key of class i is the first of the keys rounding to the recorded value whose
-        record's label is >= i (labels grow with the key), found by reading those records (at most 3 per boundary
-        below 2^26). The first and the end are the index's own keys. None when they do not fit the records."""
+        """The C + 1 class boundaries (first key of each class, then the end) from their recorded values: exact below
+        2^24; from there on the first key of class i is the first of the keys rounding to the recorded value whose
+        record's label is >= i (labels grow with the key): those records' labels are read, with one gather for all
+        boundaries (at most 3 records a boundary below 2^26). The first and the end are the index's own keys. None
+        when they do not fit the records."""
         bounds = rounded.copy()
         bounds[0], bounds[-1] = keys[0], keys[-1] + 1
         if (_float32_round(bounds[[0, -1]]) != rounded[[0, -1]]).any():
             return None
-        for i in np.flatnonzero(rounded[1:-1] >= FLOAT32_EXACT) + 1:
-            candidates = _rounding_to(int(rounded[i]))
-            if len(candidates) == 0 or candidates[0] < keys[0] or candidates[-1] > keys[-1] + 1:
+        inner = np.flatnonzero(rounded[1:-1] >= FLOAT32_EXACT) + 1
+        if len(inner):
+            step = max(1, int(np.spacing(np.float32(rounded[inner].max()))))
+            candidates = rounded[inner][:, None] + np.arange(-step, step + 1)
+            valid = (_float32_round(candidates) == rounded[inner][:, None]) & (candidates >= keys[0]) & \
+                (candidates <= keys[-1])
+            if not valid.any(axis=1).all():
                 return None
-            bounds[i] = candidates[-1]  # unless an earlier candidate already holds class i
-            for key in candidates[:-1].tolist():
-                header, _ = self.reader.read_header(key)
-                if int(header.class_label) >= i:
-                    bounds[i] = key
-                    break
+            labels = np.full(candidates.shape, -1, dtype=np.int64)
+            read = self.reader.read_class_labels(candidates[valid])
+            if read is None:
+                return None
+            labels[valid] = read
+            holds = valid & (labels >= inner[:, None])  # keys already in class i (or later)
+            last = candidates.shape[1] - 1 - np.argmax(valid[:, ::-1], axis=1)
+            first = np.where(holds.any(axis=1), np.argmax(holds, axis=1), last)
+            bounds[inner] = candidates[np.arange(len(inner)), first]
         return bounds if (np.diff(bounds) >= 0).all() else None
 
     def _labels_from_headers(self, keys: np.ndarray, beat=None) -> tuple[list[int], list[int]]:
@@ -358,7 +381,7 @@ class RecordDataset(FaceDataset):
         """The per-identity [first, end) key ranges after the images; all or nothing (classes are their order)."""
         fast = self.reader.read_label_pairs(np.arange(keys.start, keys.stop, dtype=np.int64))
         if fast is not None:
-            self.identity_ranges, self.range_keys = [tuple(r) for r in fast.tolist()], list(keys)
+            self.identity_ranges, self.range_keys = fast, keys
             return
         ranges, range_keys = [], []
         try:
@@ -377,17 +400,18 @@ class RecordDataset(FaceDataset):
                 raise
             self.skipped.append(f"{exc} (identity ranges ignored; labels come from the image records)")
             return
-        self.identity_ranges, self.range_keys = ranges, range_keys
+        self.identity_ranges, self.range_keys = np.asarray(ranges, dtype=np.int64).reshape(-1, 2), range_keys
 
     def _check_identity_ranges(self) -> None:
         """Empty identity ranges in the header layout mean an identity without images."""
-        for cls, (start, end) in enumerate(self.identity_ranges):
-            if end <= start and end < FLOAT32_EXACT:  # from 2^24 on the float32 keys are rounded: not evidence
-                msg = (f"{self.reader.where(self.range_keys[cls])}: the identity range record of class {cls} is empty "
-                       f"([{start}, {end})): that identity has no image; {_EMPTY_CLASS_HINT}")
-                if not self.skip_bad_records:
-                    raise DataFormatError(msg)
-                warnings.warn(msg)
+        starts, ends = self.identity_ranges[:, 0], self.identity_ranges[:, 1]
+        for cls in np.flatnonzero((ends <= starts) & (ends < FLOAT32_EXACT)).tolist():  # past 2^24: rounded, no proof
+            start, end = int(starts[cls]), int(ends[cls])
+            msg = (f"{self.reader.where(self.range_keys[cls])}: the identity range record of class {cls} is empty "
+                   f"([{start}, {end})): that identity has no image; {_EMPTY_CLASS_HINT}")
+            if not self.skip_bad_records:
+                raise DataFormatError(msg)
+            warnings.warn(msg)
 
     def read_bytes(self, index: int) -> bytes:
         key = int(self._key_array[index])

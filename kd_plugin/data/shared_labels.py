@@ -1,13 +1,14 @@
-"""One reader of a dataset's labels per job: rank 0 derives them (identity ranges, a label index or every record's
-header) and the other ranks receive them through the process group, so a WebFace42M start reads the headers once
-per job, not once per rank, and no rank depends on seeing a file another node wrote.
+"""One reader of a dataset's index and labels per job: rank 0 reads the .idx and derives the labels (identity ranges, a
+label index or every record's header) and the other ranks receive both through the process group, so a WebFace42M
+start reads the index and the headers once per job, not once per rank, and no rank depends on seeing a file another
+node wrote.
 
 Why every rank then holds all N labels: the identity-balanced sampler draws each rank's batches from every class,
 seeded the same on all ranks, so it needs the whole label array (4 bytes per image here, 170 MB at WebFace42M).
 
 While rank 0 reads, the others wait in small broadcasts that rank 0 answers every 65,536 records (seconds apart), so a
 12-minute first read never runs into the process group's timeout. Budget: start-up only; 2 broadcasts per beat, then
-the keys' range (or the keys) and the labels once."""
+the .idx's keys and offsets, the image keys and the labels once (a run of consecutive keys as two numbers)."""
 
 from __future__ import annotations
 
@@ -30,29 +31,40 @@ def _state(value: int) -> int:
     return int(state.item())
 
 
-def _send(array: np.ndarray | None, dtype: torch.dtype) -> np.ndarray:
-    """`array` of rank 0 on every rank."""
+def _send(array: np.ndarray | None) -> np.ndarray:
+    """Rank 0's int64 `array` on every rank: a run of consecutive integers as its first value and length, values
+    that fit int32 as int32 (half the bytes), else int64."""
     import torch.distributed as dist
 
     device = collective_device()
-    size = torch.tensor([0 if array is None else len(array)], dtype=torch.int64, device=device)
-    dist.broadcast(size, 0)
+    head = torch.zeros(3, dtype=torch.int64, device=device)  # kind (0 run, 1 int32, 2 int64), length, first
+    if get_rank() == 0:
+        n = len(array)
+        run = n > 0 and int(array[-1]) - int(array[0]) == n - 1 and bool((np.diff(array) == 1).all())
+        narrow = n == 0 or (int(array.min()) >= -2 ** 31 and int(array.max()) < 2 ** 31)
+        head = torch.tensor([0 if run else 1 if narrow else 2, n, int(array[0]) if run else 0], device=device)
+    dist.broadcast(head, 0)
+    kind, n, first = (int(v) for v in head.cpu())
+    if kind == 0:
+        return np.arange(first, first + n, dtype=np.int64)
+    dtype = torch.int32 if kind == 1 else torch.int64
     data = (torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype) if get_rank() == 0 else
-            torch.empty(int(size.item()), dtype=dtype, device=device))
+            torch.empty(n, dtype=dtype, device=device))
     dist.broadcast(data, 0)
     return data.cpu().numpy().astype(np.int64)
 
 
-def labels_from_rank0(derive: Callable[..., tuple[np.ndarray, np.ndarray]],
-                      source: str) -> tuple[np.ndarray, np.ndarray]:
-    """(keys, labels) that `derive(beat)` returns on rank 0, on every rank (collective)."""
+def from_rank0(derive: Callable[..., dict[str, np.ndarray]], names: tuple[str, ...],
+               source: str) -> dict[str, np.ndarray]:
+    """The int arrays `names` of the dict `derive(beat)` returns on rank 0, on every rank (collective); `beat()`
+    keeps the others waiting in step while rank 0 works."""
     from kd_plugin.job_files import broadcast_text
 
-    keys = labels = None
+    arrays: dict[str, np.ndarray] = {}
     if get_rank() == 0:
         error: Exception | None = None
         try:
-            keys, labels = derive(lambda: _state(_WORKING))
+            arrays = derive(lambda: _state(_WORKING))
         except (DataFormatError, KDPluginError, OSError) as exc:
             error = exc
         _state(_FAILED if error is not None else _DONE)
@@ -65,9 +77,4 @@ def labels_from_rank0(derive: Callable[..., tuple[np.ndarray, np.ndarray]],
             state = _state(_WORKING)
         if state == _FAILED:
             raise DataFormatError(f"rank 0 could not read the labels of {source}: {broadcast_text('', 0)}")
-    contiguous = keys is not None and len(keys) > 0 and bool((np.diff(keys) == 1).all())
-    span = _send(np.asarray([keys[0], len(keys)]) if contiguous else np.zeros(0, np.int64), torch.int64)
-    keys = np.arange(span[0], span[0] + span[1], dtype=np.int64) if len(span) else _send(keys, torch.int64)
-    big = labels is not None and len(labels) and int(np.max(labels)) >= 2 ** 31
-    wide = bool(_send(np.asarray([1 if big else 0]), torch.int64)[0])
-    return keys, _send(labels, torch.int64 if wide else torch.int32)
+    return {name: _send(np.asarray(arrays[name], dtype=np.int64) if arrays else None) for name in names}
