@@ -3,12 +3,14 @@ label index or every record's header) and the other ranks receive both through t
 start reads the index and the headers once per job, not once per rank, and no rank depends on seeing a file another
 node wrote.
 
-Why every rank then holds all N labels: the identity-balanced sampler draws each rank's batches from every class,
-seeded the same on all ranks, so it needs the whole label array (4 bytes per image here, 170 MB at WebFace42M).
+Why every rank then holds all N labels and offsets: the identity-balanced sampler draws each rank's batches from every
+class, seeded the same on all ranks, so it needs the whole label array (int64: 340 MB at WebFace42M's 42.5M images),
+and a rank's loader reads any image by its byte offset (16 bytes per record for keys and offsets). They travel as
+int32 where the values fit, and a run of consecutive keys as two numbers.
 
-While rank 0 reads, the others wait in small broadcasts that rank 0 answers every 65,536 records (seconds apart), so a
-12-minute first read never runs into the process group's timeout. Budget: start-up only; 2 broadcasts per beat, then
-the .idx's keys and offsets, the image keys and the labels once (a run of consecutive keys as two numbers)."""
+While rank 0 reads, the others wait in one-number broadcasts that rank 0 answers every 65,536 records (seconds apart),
+so a 12-minute first read of every header never runs into the process group's timeout. Budget: start-up only; one
+broadcast per beat, then the .idx's keys and offsets, the image keys and the labels once."""
 
 from __future__ import annotations
 
