@@ -31,16 +31,6 @@ def demo_methods() -> tuple[str, ...]:
     return ("none", *ours, "+".join(ours))
 
 
-def ensure_demo_networks() -> None:
-    """Register `demo_teacher` and `demo_student` (only the demo needs them)."""
-    from kd_plugin.networks import network_names, register_network
-    from kd_plugin.networks.demo import demo_student, demo_teacher
-
-    for name, constructor in (("demo_teacher", demo_teacher), ("demo_student", demo_student)):
-        if name not in network_names():
-            register_network(name, constructor)
-
-
 def make_identities(root: str, identities: int, per_identity: int, seed: int) -> None:
     """An ImageFolder tree of synthetic identities (JPEG, 112x112)."""
     rng = np.random.default_rng(seed)
@@ -75,7 +65,6 @@ def run(out: str, identities: int = 60, per_identity: int = 20, val_identities: 
     from kd_plugin.teachers import build_cache, load_embedder
     from kd_plugin.train import train
 
-    ensure_demo_networks()
     start = time.perf_counter()
     train_dir, val_dir, rec_dir = (os.path.join(out, "data", d) for d in ("train_images", "val", "train"))
     _say(f"making {identities} training identities x {per_identity} images and {val_identities} held-out identities")

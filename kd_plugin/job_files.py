@@ -19,12 +19,17 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from kd_plugin.distributed import collective_device, get_rank, get_world_size, is_distributed
+from kd_plugin.distributed import (
+    collective_device,
+    get_rank,
+    get_world_size,
+    is_distributed,
+)
 from kd_plugin.errors import KDPluginError
 
 SHARED_WAIT_ENV = "KD_PLUGIN_SHARED_WAIT"  # seconds a rank waits for a file another rank wrote (NFS caches lookups)

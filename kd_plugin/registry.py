@@ -20,6 +20,7 @@ registered the same way from their config file:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import re
@@ -163,3 +164,19 @@ def _first_line(obj) -> str:
 def registered() -> dict[str, Method]:
     """Every method registered so far, in registration order (built-ins: see kd_plugin.methods)."""
     return dict(_REGISTRY)
+
+
+def unregister(name: str) -> None:
+    """Forget method `name` (a config's or a test's own term); unknown names are ignored."""
+    _REGISTRY.pop(name, None)
+
+
+@contextlib.contextmanager
+def restored():
+    """`with restored(): ...` registers and unregisters freely inside; the registry is put back as it was after."""
+    before = dict(_REGISTRY)
+    try:
+        yield
+    finally:
+        _REGISTRY.clear()
+        _REGISTRY.update(before)

@@ -96,18 +96,16 @@ def row_counters():
     """Two terms that report what they were given: one label-free, one that needs labels."""
     import kd_plugin.methods  # noqa: F401  (the built-ins first)
 
-    before = dict(registry._REGISTRY)
 
     class Rows(torch.nn.Module):
         def forward(self, student, teacher, labels):
             loss = (student - teacher).pow(2).mean()
             return loss, {"rows": torch.tensor(float(len(labels))), "lowest_label": labels.min().float()}
 
-    register_term("rows_label_free", needs=("teacher",))(type("RowsLabelFree", (Rows,), {}))
-    register_term("rows_labelled", needs=("teacher", "labels"))(type("RowsLabelled", (Rows,), {}))
-    yield
-    registry._REGISTRY.clear()
-    registry._REGISTRY.update(before)
+    with registry.restored():
+        register_term("rows_label_free", needs=("teacher",))(type("RowsLabelFree", (Rows,), {}))
+        register_term("rows_labelled", needs=("teacher", "labels"))(type("RowsLabelled", (Rows,), {}))
+        yield
 
 
 def _mixed_config(sets, teacher, output, **overrides):

@@ -4,18 +4,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from kd_plugin.cli import main
-
-
-@pytest.fixture(autouse=True)
-def _leave_the_registry_as_found():
-    """The demo registers its two networks in this process; other test modules expect the built-in list."""
-    yield
-    from kd_plugin import networks
-    for name in ("demo_teacher", "demo_student"):
-        networks._REGISTRY.pop(name, None)
 
 
 def test_quick_demo_trains_every_method_and_prints_the_table(tmp_path, capsys):

@@ -47,7 +47,8 @@ def _param_count(model: nn.Module) -> int:
 
 
 def test_registry_lists_every_network():
-    assert network_names() == NAMES + ["cpu_r8"]  # arcface_torch's names, then kd_plugin's CPU benchmark student
+    # arcface_torch's names, then kd_plugin's CPU benchmark student and the demo's networks, each declared in its module
+    assert network_names() == NAMES + ["cpu_r8", "demo_teacher", "demo_student"]
 
 
 def test_unknown_name_is_a_value_error_listing_the_known_ones():

@@ -49,10 +49,8 @@ def _restore_registry():
     import kd_plugin.methods  # noqa: F401  (the built-ins are registered)
 
     ensure_registered()
-    before = dict(registry._REGISTRY)
-    yield
-    registry._REGISTRY.clear()
-    registry._REGISTRY.update(before)
+    with registry.restored():
+        yield
 
 
 def _write_user_config(tmp_path) -> str:
@@ -126,7 +124,7 @@ def test_the_registry_refuses_declarations_it_could_not_honour():
         register_term(reserved, needs=())(Term)
         with pytest.raises(KDPluginError, match=f"has the name of the config.kd setting '{reserved}'"):
             resolve({"rec": "x", "num_classes": 2})
-        registry._REGISTRY.pop(reserved)
+        registry.unregister(reserved)
 
 
 def test_a_built_in_never_silently_replaces_a_users_term_of_its_name():
@@ -137,7 +135,7 @@ def test_a_built_in_never_silently_replaces_a_users_term_of_its_name():
     class Mine(torch.nn.Module):
         pass
 
-    del registry._REGISTRY["l2"]
+    registry.unregister("l2")
     register_term("l2")(Mine)
     with pytest.raises(KDPluginError, match=r"test_registry.*Mine registered 'l2', the name of kd_plugin's built-in L2"):
         registry.add_term("l2", L2Loss, weight=100.0, needs=("teacher", "equal_dims"), title="L2", _builtin=True)

@@ -17,7 +17,7 @@ from conftest import jpeg_bytes
 from distributed_helpers import run_ranks
 from kd_plugin.config import resolve
 from kd_plugin.errors import KDPluginError
-from kd_plugin.networks import network_names, register_network
+from kd_plugin.networks import network_names, register_network, unregister_network
 
 
 class TinyStudent(nn.Module):
@@ -42,8 +42,7 @@ def _registered_for_this_module():
     """Register for these tests only, leaving the registry as the other test modules expect it."""
     ensure_registered()
     yield
-    from kd_plugin import networks
-    networks._REGISTRY.pop("test_tiny", None)
+    unregister_network("test_tiny")
 
 
 def make_faces(root, identities=8, per_identity=6):

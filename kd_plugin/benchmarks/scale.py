@@ -190,7 +190,7 @@ def _open_in_group(rank: int, world: int, port: int, folder: str, index_dir: str
     """One rank of a job opening the training set as kd-plugin train does (rank 0 reads, the others receive)."""
     import torch.distributed as dist
 
-    import kd_plugin.data.datasets as datasets
+    from kd_plugin.data import datasets
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

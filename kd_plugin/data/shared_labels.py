@@ -14,7 +14,7 @@ broadcast per beat, then the .idx's keys and offsets, the image keys and the lab
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -15,92 +15,20 @@ import importlib.util
 import os
 import sys
 import warnings
-from typing import Callable, Protocol
+from collections.abc import Callable
 
 from torch import nn
 
-from kd_plugin.errors import KDPluginError
-from kd_plugin.networks.iresnet import UNITS_PER_STAGE, build_iresnet
-from kd_plugin.networks.mobilefacenet import VARIANTS as _MBF_VARIANTS
-from kd_plugin.networks.mobilefacenet import build_mobilefacenet
-from kd_plugin.networks.vit import VARIANTS as _VIT_VARIANTS
-from kd_plugin.networks.vit import build_vit
+# every family module declares its networks with @register_network when imported, in this order: arcface_torch's
+# names first, then kd_plugin's CPU benchmark student and the demo's two small CNNs
+from kd_plugin.networks import iresnet, mobilefacenet, vit  # noqa: F401
+# isort: split
+from kd_plugin.networks import cpu_facenet, demo  # noqa: F401
+from kd_plugin.networks.registry import (NetworkConstructor, UnknownNetworkError, create_network, network_names,
+                                         register_network, unregister_network)
 
-__all__ = ["UnknownNetworkError", "create_network", "load_upstream_get_model", "network_names", "register_network"]
-
-
-class NetworkConstructor(Protocol):
-    """What the registry stores: a builder taking the uniform keyword arguments."""
-
-    def __call__(self, *, embedding_size: int, fp16: bool, dropout: float) -> nn.Module:
-        """Build the network."""
-
-
-class UnknownNetworkError(KDPluginError, ValueError):
-    """A network name that is not registered; the message lists the registered ones."""
-
-
-_REGISTRY: dict[str, NetworkConstructor] = {}
-
-
-def register_network(name: str, constructor: NetworkConstructor) -> None:
-    """Make `create_network(name, ...)` call `constructor(embedding_size=..., fp16=..., dropout=...)`."""
-    if name in _REGISTRY:
-        raise ValueError(f"network {name!r} is already registered")
-    _REGISTRY[name] = constructor
-
-
-def network_names() -> list[str]:
-    """Registered network names, in registration order."""
-    return list(_REGISTRY)
-
-
-def create_network(name: str, embedding_size: int = 512, fp16: bool = False, dropout: float = 0.0) -> nn.Module:
-    """Build network `name` with freshly initialised weights; raises UnknownNetworkError (a ValueError) if unknown."""
-    constructor = _REGISTRY.get(name)
-    if constructor is None:
-        raise UnknownNetworkError(f"unknown network {name!r}; known networks: {', '.join(network_names())}")
-    if isinstance(embedding_size, bool) or not isinstance(embedding_size, int) or embedding_size < 1:
-        raise ValueError(f"embedding_size must be a positive integer, got {embedding_size!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-    return constructor(embedding_size=embedding_size, fp16=bool(fp16), dropout=float(dropout))
-
-
-def _iresnet_constructor(name: str) -> NetworkConstructor:
-    def build(*, embedding_size: int, fp16: bool, dropout: float) -> nn.Module:
-        return build_iresnet(name, embedding_size=embedding_size, fp16=fp16, dropout=dropout)
-    return build
-
-
-def _ignoring_dropout(name: str, build: Callable[[int, bool], nn.Module]) -> NetworkConstructor:
-    # arcface_torch drops the argument silently for these families; a warning keeps a configured value from
-    # looking as if it had an effect, while the network stays identical to upstream's
-    def constructor(*, embedding_size: int, fp16: bool, dropout: float) -> nn.Module:
-        if dropout > 0:
-            warnings.warn(f"network {name!r} has no dropout layer (as in arcface_torch): dropout={dropout} is ignored",
-                          stacklevel=3)
-        return build(embedding_size, fp16)
-    return constructor
-
-
-for _name in UNITS_PER_STAGE:
-    register_network(_name, _iresnet_constructor(_name))
-for _name in _MBF_VARIANTS:
-    register_network(_name, _ignoring_dropout(
-        _name, lambda size, fp16, _n=_name: build_mobilefacenet(_n, embedding_size=size, fp16=fp16)))
-for _name in _VIT_VARIANTS:
-    register_network(_name, _ignoring_dropout(
-        _name, lambda size, fp16, _n=_name: build_vit(_n, embedding_size=size)))
-del _name
-
-
-def _cpu_r8(*, embedding_size: int, fp16: bool, dropout: float) -> nn.Module:
-    from kd_plugin.networks.cpu_facenet import cpu_r8
-    return cpu_r8(embedding_size, fp16, dropout)
-
-
-register_network("cpu_r8", _cpu_r8)
+__all__ = ["NetworkConstructor", "UnknownNetworkError", "create_network", "load_upstream_get_model", "network_names",
+           "register_network", "unregister_network"]
 
 
 def _arcface_torch_root(root: str | None) -> str | None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kd_plugin.networks.registry import register_network
+
 
 def _conv_bn_prelu(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False),
@@ -57,6 +59,7 @@ class CpuFaceNet(nn.Module):
         return self.features(self.fc(self.dropout(torch.flatten(x, 1))))
 
 
+@register_network("cpu_r8")
 def cpu_r8(embedding_size: int = 128, fp16: bool = False, dropout: float = 0.0) -> CpuFaceNet:
     """The benchmark's CPU student (fp16 has no effect: CPU training runs in float32)."""
     return CpuFaceNet(embedding_size, dropout=dropout)

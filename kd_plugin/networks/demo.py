@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kd_plugin.networks.registry import register_network
+
 
 class DemoNet(nn.Module):
     """Four stride-2 conv stages (112 -> 7), global average pooling, linear, BatchNorm1d (arcface's `features`)."""
@@ -24,11 +26,13 @@ class DemoNet(nn.Module):
         return self.features(self.fc(self.body(x)))
 
 
+@register_network("demo_teacher")
 def demo_teacher(embedding_size: int = 128, fp16: bool = False, dropout: float = 0.0) -> DemoNet:
     """The demo's teacher: width 32."""
     return DemoNet(32, embedding_size)
 
 
+@register_network("demo_student")
 def demo_student(embedding_size: int = 128, fp16: bool = False, dropout: float = 0.0) -> DemoNet:
     """The demo's student: width 8."""
     return DemoNet(8, embedding_size)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from kd_plugin.networks._amp import cuda_autocast
+from kd_plugin.networks.registry import register_network
 
 STAGE_WIDTHS = (64, 128, 256, 512)
 UNITS_PER_STAGE = {
@@ -101,3 +102,34 @@ class IResNet(nn.Module):
 def build_iresnet(name: str, embedding_size: int = 512, fp16: bool = False, dropout: float = 0.0) -> IResNet:
     """The IResNet called `name` (r18, r34, r50, r100 or r200)."""
     return IResNet(UNITS_PER_STAGE[name], embedding_size=embedding_size, dropout=dropout, fp16=fp16)
+
+
+# the arcface_torch names, one declaration each (arcface_torch's iresnets are the only family with dropout)
+@register_network("r18")
+def r18(*, embedding_size: int, fp16: bool, dropout: float) -> IResNet:
+    """IResNet-18."""
+    return build_iresnet("r18", embedding_size, fp16, dropout)
+
+
+@register_network("r34")
+def r34(*, embedding_size: int, fp16: bool, dropout: float) -> IResNet:
+    """IResNet-34."""
+    return build_iresnet("r34", embedding_size, fp16, dropout)
+
+
+@register_network("r50")
+def r50(*, embedding_size: int, fp16: bool, dropout: float) -> IResNet:
+    """IResNet-50."""
+    return build_iresnet("r50", embedding_size, fp16, dropout)
+
+
+@register_network("r100")
+def r100(*, embedding_size: int, fp16: bool, dropout: float) -> IResNet:
+    """IResNet-100."""
+    return build_iresnet("r100", embedding_size, fp16, dropout)
+
+
+@register_network("r200")
+def r200(*, embedding_size: int, fp16: bool, dropout: float) -> IResNet:
+    """IResNet-200."""
+    return build_iresnet("r200", embedding_size, fp16, dropout)

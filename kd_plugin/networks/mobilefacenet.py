@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from kd_plugin.networks._amp import cuda_autocast
+from kd_plugin.networks.registry import register_network, without_dropout
 
 # (units in each of the four stages, width multiplier of the 64/128 base channels)
 VARIANTS = {
@@ -124,3 +125,17 @@ def build_mobilefacenet(name: str, embedding_size: int = 512, fp16: bool = False
     """The MobileFaceNet called `name` (mbf or mbf_large)."""
     stage_units, width = VARIANTS[name]
     return MobileFaceNet(embedding_size=embedding_size, fp16=fp16, stage_units=stage_units, width=width)
+
+
+@register_network("mbf")
+@without_dropout
+def mbf(*, embedding_size: int, fp16: bool) -> MobileFaceNet:
+    """arcface_torch's MobileFaceNet."""
+    return build_mobilefacenet("mbf", embedding_size, fp16)
+
+
+@register_network("mbf_large")
+@without_dropout
+def mbf_large(*, embedding_size: int, fp16: bool) -> MobileFaceNet:
+    """arcface_torch's larger MobileFaceNet."""
+    return build_mobilefacenet("mbf_large", embedding_size, fp16)

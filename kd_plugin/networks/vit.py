@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kd_plugin.networks._amp import cuda_autocast
+from kd_plugin.networks.registry import register_network, without_dropout
 
 IMAGE_SIZE = 112
 PATCH_SIZE = 9
@@ -227,3 +228,25 @@ def build_vit(name: str, embedding_size: int = 512) -> VisionTransformer:
     dim, depth, checkpoint_blocks = VARIANTS[name]
     return VisionTransformer(embedding_size=embedding_size, dim=dim, depth=depth, heads=8, drop_path_rate=0.1,
                              mask_ratio=0.1, checkpoint_blocks=checkpoint_blocks)
+
+
+# arcface_torch's ViTs ignore fp16 (see the module docstring)
+@register_network("vit_t")
+@without_dropout
+def vit_t(*, embedding_size: int, fp16: bool) -> VisionTransformer:
+    """arcface_torch's ViT-T."""
+    return build_vit("vit_t", embedding_size)
+
+
+@register_network("vit_s")
+@without_dropout
+def vit_s(*, embedding_size: int, fp16: bool) -> VisionTransformer:
+    """arcface_torch's ViT-S."""
+    return build_vit("vit_s", embedding_size)
+
+
+@register_network("vit_b")
+@without_dropout
+def vit_b(*, embedding_size: int, fp16: bool) -> VisionTransformer:
+    """arcface_torch's ViT-B."""
+    return build_vit("vit_b", embedding_size)
