@@ -11,6 +11,7 @@ factor into its gather instead).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -47,7 +48,6 @@ def class_owners(labels: torch.Tensor, num_classes: int, world_size: int) -> tor
 def collective_device() -> torch.device:
     """Where a tensor must be for a collective: NCCL reduces CUDA tensors only; gloo and no process group use the CPU."""
     if is_distributed() and dist.get_backend() == "nccl":  # this rank's GPU, even before train_v2 calls set_device
-        import os
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
     return torch.device("cpu")
 
@@ -133,8 +133,6 @@ def sharded_exp_sum(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 def init_from_env() -> bool:
     """Join the process group torchrun describes (WORLD_SIZE > 1): NCCL with GPUs, gloo without. True if it did."""
-    import os
-
     if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     backend = "nccl" if torch.cuda.is_available() else "gloo"

@@ -24,12 +24,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from kd_plugin.distributed import (
-    collective_device,
-    get_rank,
-    get_world_size,
-    is_distributed,
-)
+from kd_plugin.distributed import collective_device, get_rank, get_world_size, is_distributed
 from kd_plugin.errors import KDPluginError
 
 SHARED_WAIT_ENV = "KD_PLUGIN_SHARED_WAIT"  # seconds a rank waits for a file another rank wrote (NFS caches lookups)
@@ -141,7 +136,7 @@ def require_shared_folder(folder: str, purpose: str) -> None:
 
 class PartSet:
     """A set of `world` numpy part files `DIR/STEM.part{r}-of-{world}.npy` written by one process each, and read
-    together. Part r holds rows `ranges[r]` of the whole (contiguous, as `class_range` splits classes)."""
+    together; the set's meta (its writer's) records which rows of the whole each part holds."""
 
     def __init__(self, directory: str, stem: str, world: int) -> None:
         self.directory, self.stem, self.world = directory, stem, int(world)
@@ -157,10 +152,10 @@ class PartSet:
         return [os.path.join(self.directory, f) for f in sorted(os.listdir(self.directory))
                 if f.startswith(prefix) and f.endswith(".npy") and f not in mine]
 
-    def listing(self, wait: bool = True) -> list[dict]:
+    def listing(self) -> list[dict]:
         """`[{"file", "bytes"}]` of every part, checked complete (waiting up to KD_PLUGIN_SHARED_WAIT for parts
-        other processes wrote, when `wait`); raises naming the first missing part."""
-        deadline = time.monotonic() + (_shared_wait() if wait else 0.0)
+        other processes wrote); raises naming the first missing part."""
+        deadline = time.monotonic() + _shared_wait()
         for part in range(self.world):
             path = self.path(part)
             while not os.path.isfile(path) and time.monotonic() < deadline:

@@ -2,9 +2,10 @@
 purpose: `kd-plugin bench scale --json`.
 
 Side by side in one run: (1) opening a `.rec` of 5,000,000 records (insightface layout: header, images, identity
-ranges); (1b) past 2^24: a .rec of 20,000,000 records (its float32 identity ranges rounded as insightface's are; tiny
-records, 0.9 GB, not sparse) opened by 1 process and by the 4 ranks of one job (rank 0 reads, the others receive), and
-an im2rec file without ranges opened by 4 ranks, counting the processes that write its label index; (2) for W = 1, 2 and 4 gloo ranks, the peak resident memory each rank adds while (a) loading its class range
+ranges); (1b) past 2^24: a .rec of 20,000,000 records (its float32 identity ranges rounded as insightface's are;
+tiny records, 0.9 GB, not sparse) opened by 1 process and by the 4 ranks of one job (rank 0 reads, the others
+receive), and an im2rec file without ranges opened by 4 ranks, counting the processes that write its label index;
+(2) for W = 1, 2 and 4 gloo ranks, the peak resident memory each rank adds while (a) loading its class range
 of an inherited classifier of C = 1,000,000 x 512 from one classifier file, (b) creating AdaDistill's centres and
 running one update (the margin loss after it costs B x C/W logits, as any partial-FC head does, and is left out),
 (c) estimating class centres from embeddings spread over the ranks; each over C·d·bytes/W for the dtype it holds.
@@ -125,30 +126,23 @@ def _task_centres(classes: int, path: str, rows_per_class: int = 2, chunk: int =
 TASKS = {"classifier": _task_classifier, "adadistill": _task_adadistill, "centres": _task_centres}
 
 
-def _rank_main(rank: int, world: int, port: int, task: str, classes: int, path: str, out_dir: str) -> None:
+def _in_group(rank: int, world: int, port: int, out_dir: str, job, args: tuple) -> None:
+    """One gloo rank of a benchmark: `job(*args)` returns this rank's figures, saved as `out_dir/rank{rank}.json`."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        import kd_plugin.heads  # noqa: F401  (imports outside the measured span)
-        import kd_plugin.teachers.centres  # noqa: F401
-        dist.barrier()
-        base = rss_bytes()
-        reset_peak_rss()
-        start = time.perf_counter()
-        elements, size = TASKS[task](classes, path)
-        seconds = time.perf_counter() - start
-        added = max(peak_rss_bytes() - base, 0)
+        figures = job(*args)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w", encoding="utf-8") as f:
-            json.dump({"added_bytes": added, "held_elements": elements, "dtype_bytes": size, "seconds": seconds}, f)
+            json.dump(figures, f)
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def per_rank_memory(task: str, classes: int, world: int, path: str) -> dict:
-    """Run `task` on `world` gloo ranks: the largest peak any rank added, over C·d·bytes/W for the dtype it holds."""
+def run_in_group(job, world: int, *args) -> list[dict]:
+    """`job(*args)` on `world` fresh gloo processes started together; each rank's figures, in rank order."""
     import socket
     import tempfile
 
@@ -158,11 +152,33 @@ def per_rank_memory(task: str, classes: int, world: int, path: str) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_rank_main, args=(world, port, task, classes, path, out_dir), nprocs=world, join=True)
+        mp.spawn(_in_group, args=(world, port, out_dir, job, args), nprocs=world, join=True)
         ranks = []
         for r in range(world):
             with open(os.path.join(out_dir, f"rank{r}.json"), encoding="utf-8") as f:
                 ranks.append(json.load(f))
+    return ranks
+
+
+def _memory_job(task: str, classes: int, path: str) -> dict:
+    """One rank's peak added memory and time while running `task` (imports outside the measured span)."""
+    import torch.distributed as dist
+
+    import kd_plugin.heads  # noqa: F401
+    import kd_plugin.teachers.centres  # noqa: F401
+    dist.barrier()
+    base = rss_bytes()
+    reset_peak_rss()
+    start = time.perf_counter()
+    elements, size = TASKS[task](classes, path)
+    seconds = time.perf_counter() - start
+    added = max(peak_rss_bytes() - base, 0)
+    return {"added_bytes": added, "held_elements": elements, "dtype_bytes": size, "seconds": seconds}
+
+
+def per_rank_memory(task: str, classes: int, world: int, path: str) -> dict:
+    """Run `task` on `world` gloo ranks: the largest peak any rank added, over C·d·bytes/W for the dtype it holds."""
+    ranks = run_in_group(_memory_job, world, task, classes, path)
     dtype_bytes = ranks[0]["dtype_bytes"]
     ideal = classes * DIM * dtype_bytes / world
     return {"ratio": round(max(r["added_bytes"] for r in ranks) / ideal, 4), "ideal_bytes": int(ideal),
@@ -186,44 +202,17 @@ def rec_open(records: int, classes: int, folder: str) -> dict:
             "records": records, "classes": classes, "write_seconds": round(written, 2)}
 
 
-def _open_in_group(rank: int, world: int, port: int, folder: str, index_dir: str, out_dir: str) -> None:
+def _open_job(folder: str, index_dir: str) -> dict:
     """One rank of a job opening the training set as kd-plugin train does (rank 0 reads, the others receive)."""
     import torch.distributed as dist
 
     from kd_plugin.data import datasets
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        dist.barrier()
-        start = time.perf_counter()
-        dataset = datasets.open_training_data(folder, index_dir=index_dir)
-        seconds = time.perf_counter() - start
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w", encoding="utf-8") as f:
-            json.dump({"seconds": seconds, "images": len(dataset), "classes": int(dataset.num_classes),
-                       "index_writes": datasets.LABEL_INDEX_WRITES}, f)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def open_in_processes(folder: str, processes: int, index_dir: str) -> list[dict]:
-    """Each process's open of `folder` when `processes` ranks of one job start together (a fresh process each)."""
-    import socket
-    import tempfile
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_open_in_group, args=(processes, port, folder, index_dir, out_dir), nprocs=processes, join=True)
-        ranks = []
-        for r in range(processes):
-            with open(os.path.join(out_dir, f"rank{r}.json"), encoding="utf-8") as f:
-                ranks.append(json.load(f))
-    return ranks
+    dist.barrier()
+    start = time.perf_counter()
+    dataset = datasets.open_training_data(folder, index_dir=index_dir)
+    return {"seconds": time.perf_counter() - start, "images": len(dataset), "classes": int(dataset.num_classes),
+            "index_writes": datasets.LABEL_INDEX_WRITES}
 
 
 def rec_open_at_scale(records: int, classes: int, index_records: int, work: str) -> dict:
@@ -234,13 +223,13 @@ def rec_open_at_scale(records: int, classes: int, index_records: int, work: str)
     write_synthetic_rec(folder, records, classes)
     seconds = {}
     for processes in (1, 4):
-        ranks = open_in_processes(folder, processes, index_dir)
+        ranks = run_in_group(_open_job, processes, folder, index_dir)
         if any((r["images"], r["classes"]) != (records, classes) for r in ranks):
             raise KDPluginError(f"bench scale: the {records}-record .rec opened as {ranks}")
         seconds[str(processes)] = [round(r["seconds"], 2) for r in ranks]
     shutil.rmtree(folder)
     write_synthetic_rec(plain, index_records, max(1, index_records // 20), ranges=False)
-    ranks = open_in_processes(plain, 4, index_dir)
+    ranks = run_in_group(_open_job, 4, plain, index_dir)
     shutil.rmtree(plain)
     return {"rec_open_seconds_20m": seconds, "records_20m": records, "classes_20m": classes,
             "label_index_writers": sum(r["index_writes"] for r in ranks),

@@ -18,13 +18,18 @@ import torch
 from kd_plugin.atomic import replacing
 from kd_plugin.data.images import decode_image, hwc_to_chw
 from kd_plugin.data.recordio import RecordIOReader, unpack_payload
-from kd_plugin.distributed import is_distributed
+from kd_plugin.distributed import get_rank, is_distributed
 from kd_plugin.errors import DataFormatError
 from kd_plugin.progress import Progress
 
 LABEL_INDEX_MIN_RECORDS = 200_000  # a full header read of a file this large leaves a label index beside it
 LABEL_INDEX_WRITES = 0  # label indexes this process wrote (the scale benchmark counts writers)
 FLOAT32_EXACT = 1 << 24  # identity-range records store keys as float32: exact integers up to here
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+Item = int | tuple[int, bool]
+_REPACK = "re-pack the data (kd-plugin pack) or pass skip_bad_records=True to skip and count bad records"
+_EMPTY_CLASS_HINT = ("labels must be 0..C-1 with every class present: relabel the source without gaps and re-pack, or "
+                     "pass skip_bad_records=True to accept it (that class then never appears in training)")
 
 
 def _float32_round(keys: np.ndarray) -> np.ndarray:
@@ -32,16 +37,13 @@ def _float32_round(keys: np.ndarray) -> np.ndarray:
     return np.asarray(keys, dtype=np.int64).astype(np.float32).astype(np.int64)
 
 
-def _rounding_to(value: int) -> np.ndarray:
-    """Every integer whose float32 is `value`, ascending."""
-    step = max(1, int(np.spacing(np.float32(value))))
-    around = np.arange(value - step, value + step + 1, dtype=np.int64)
-    return around[_float32_round(around) == value]
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-Item = int | tuple[int, bool]
-_REPACK = "re-pack the data (kd-plugin pack) or pass skip_bad_records=True to skip and count bad records"
-_EMPTY_CLASS_HINT = ("labels must be 0..C-1 with every class present: relabel the source without gaps and re-pack, or "
-                     "pass skip_bad_records=True to accept it (that class then never appears in training)")
+def _keys_rounding_to(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(candidates, which): row i holds the integers around `values[i]`, ascending, and `which[i]` marks those whose
+    float32 is `values[i]` (at most 3 a value below 2^26)."""
+    values = np.asarray(values, dtype=np.int64)
+    step = max(1, int(np.spacing(np.float32(values.max())))) if len(values) else 1
+    candidates = values[:, None] + np.arange(-step, step + 1)
+    return candidates, _float32_round(candidates) == values[:, None]
 
 
 def split_item(item: Item) -> tuple[int, bool]:
@@ -177,7 +179,7 @@ class RecordDataset(FaceDataset):
                 return {"index_keys": self.reader.offsets.keys, "index_offsets": self.reader.offsets.offsets,
                         "keys": keys, "labels": labels}
             got = from_rank0(on_rank0, ("index_keys", "index_offsets", "keys", "labels"), os.fspath(rec_path))
-            if not hasattr(self, "reader"):  # the other ranks: the index rank 0 read, not the .idx again
+            if get_rank() != 0:  # the other ranks: the index rank 0 read, not the .idx again
                 self._open(rec_path, idx_path, skip_bad_records, image_size, (got["index_keys"], got["index_offsets"]))
             self._key_array, labels = got["keys"], got["labels"]
         else:
@@ -299,10 +301,8 @@ class RecordDataset(FaceDataset):
             return None
         inner = np.flatnonzero(rounded[1:-1] >= FLOAT32_EXACT) + 1
         if len(inner):
-            step = max(1, int(np.spacing(np.float32(rounded[inner].max()))))
-            candidates = rounded[inner][:, None] + np.arange(-step, step + 1)
-            valid = (_float32_round(candidates) == rounded[inner][:, None]) & (candidates >= keys[0]) & \
-                (candidates <= keys[-1])
+            candidates, valid = _keys_rounding_to(rounded[inner])
+            valid &= (candidates >= keys[0]) & (candidates <= keys[-1])
             if not valid.any(axis=1).all():
                 return None
             labels = np.full(candidates.shape, -1, dtype=np.int64)
@@ -363,14 +363,16 @@ class RecordDataset(FaceDataset):
         rounded, and the true keys are the ones rounding to them where the records change (an image record before
         first_non_image_key, none after; the last range record is the last key of the index)."""
         if end_images >= FLOAT32_EXACT:
-            candidates = _rounding_to(end_images)
+            around, which = _keys_rounding_to([end_images])
+            candidates = around[0][which[0]]
             end_images = int(candidates[-1])
             for key in candidates[:-1].tolist():
                 if key in self.reader.offsets and not self.reader.read_header(key)[1]:  # no image: a range record
                     end_images = key
                     break
         if end_ranges >= FLOAT32_EXACT:
-            candidates = _rounding_to(end_ranges)
+            around, which = _keys_rounding_to([end_ranges])
+            candidates = around[0][which[0]]
             present = self.reader.offsets.positions(candidates - 1) >= 0
             ends_here = present & (self.reader.offsets.positions(candidates) < 0)
             end_ranges = int(candidates[ends_here][0] if ends_here.any() else candidates[present][-1]
