@@ -24,6 +24,7 @@ from kd_plugin.teachers.centres import DERIVED_CENTRES, centres_from_cache, embe
 from kd_plugin.centre_fit import fit_class_slice
 from kd_plugin.teachers.classifier import save_class_slices, saved_class_slice
 from kd_plugin.teachers.feed import TeacherFeed
+from kd_plugin.teachers.onnx_embedder import CHECK_IMAGES
 from kd_plugin.teachers.view_cache import open_view_cache
 from kd_plugin.training_log import LOG
 
@@ -68,6 +69,8 @@ def build_teacher(cfg, dataset, device: torch.device) -> TeacherFeed | None:
     if own is not None:
         return TeacherFeed(own(kd, norm, device, amp))
     embedder = load_embedder(kd.teacher, norm, device=str(device), batch_size=kd.teacher_batch_size, amp_dtype=amp)
+    if hasattr(embedder, "check"):  # an ONNX teacher converted to torch: compared with onnxruntime now, not in a step
+        embedder.check(torch.stack([dataset[i][0] for i in range(min(CHECK_IMAGES, len(dataset)))]))
     if not kd.views.enabled or not kd.views.cache:
         return TeacherFeed(embedder)
     width = embedding_width(embedder, dataset)

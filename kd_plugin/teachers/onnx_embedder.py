@@ -1,21 +1,28 @@
-"""Embedding networks stored as ONNX files, run with onnxruntime on uint8 RGB batches."""
+"""Embedding networks stored as ONNX files: converted to a torch module on the run's device (checked once against
+onnxruntime), or, for a graph the converter does not read, run with onnxruntime itself."""
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
 
 from kd_plugin.errors import KDPluginError
 from kd_plugin.normalization import InputNormalization
+from kd_plugin.teachers.torch_embedder import TorchEmbedder
+
+CHECK_IMAGES = 4  # real images compared with onnxruntime, once per file and process
+CHECK_TOLERANCE = 1e-4  # max |torch - onnxruntime| / max |onnxruntime|, in fp32
+_CHECKED: set = set()  # (path, size, mtime) of the files whose torch module matched onnxruntime in this process
 
 
 class OnnxEmbedder:
     """`embed(uint8 (N,3,H,W) RGB) -> float32 (N, d)` for an ONNX face network; fixed-batch files are looped."""
 
     def __init__(self, path: str, normalization: InputNormalization | None = None, batch_size: int = 64,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> None:
         import onnxruntime as ort  # imported here: only ONNX users pay for it
 
         self.path = os.fspath(path)
@@ -27,7 +34,7 @@ class OnnxEmbedder:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(self.path, options, providers=list(providers))
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise KDPluginError(f"{self.path}: onnxruntime cannot load this model ({exc})") from None
         inputs = self.session.get_inputs()
@@ -42,7 +49,6 @@ class OnnxEmbedder:
         self.fixed_batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
         self.input_size = tuple(s if isinstance(s, int) else None for s in shape[2:])
         self.batch_size = self.fixed_batch or batch_size
-        self.embedding_size = self.embed(np.zeros((1, 3, *(s or 112 for s in self.input_size)), np.uint8)).shape[1]
 
     def embed(self, images: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         """Embed uint8 RGB images (N, 3, H, W); returns raw (not L2-normalised) float32 embeddings (N, d), as numpy
@@ -64,6 +70,80 @@ class OnnxEmbedder:
             out = self.session.run(None, {self.input_name: chunk})[0]
             outputs.append(np.asarray(out, dtype=np.float32).reshape(len(chunk), -1)[:real])
         return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
+
+
+class CheckedOnnxModule(TorchEmbedder):
+    """An ONNX teacher converted to torch (`kd_plugin.teachers.onnx_graph`), on the run's device and under its
+    autocast like any torch teacher. Its first `embed` compares up to CHECK_IMAGES of the real images it is given with
+    onnxruntime, in fp32 (at most CHECK_IMAGES onnxruntime calls, once per file in a process), and raises if they
+    differ by more than CHECK_TOLERANCE; no later call touches onnxruntime."""
+
+    def __init__(self, path: str, module, normalization: InputNormalization, device, amp_dtype, batch_size: int) -> None:
+        import onnx
+
+        first = onnx.load(path, load_external_data=False).graph
+        known = {i.name for i in first.initializer}
+        feed = next(i for i in first.input if i.name not in known)
+        self.takes_uint8 = feed.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+        super().__init__(module, normalization, device=device, amp_dtype=amp_dtype, batch_size=batch_size, spec=path,
+                         raw_uint8=self.takes_uint8)
+        self.path, self.fixed_batch = path, module.fixed_batch  # the module itself takes any batch size
+        stat = os.stat(path)
+        self._key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+    def embed(self, images):
+        self.check(images)
+        return super().embed(images)
+
+    def check(self, images) -> None:
+        """Compare the module with onnxruntime on the first CHECK_IMAGES of `images` (uint8 RGB), unless this file
+        was checked before in this process; the run builds its teacher with this call, so no step runs it."""
+        if self._key in _CHECKED:
+            return
+        images = images[:CHECK_IMAGES]
+        reference = OnnxEmbedder(self.path, self.normalization, batch_size=CHECK_IMAGES)
+        sample = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+        expected = reference.embed(sample)
+        amp, self.amp_dtype = self.amp_dtype, None  # the check runs in fp32: the file's own precision
+        try:
+            got = np.asarray(TorchEmbedder.embed(self, sample))
+        finally:
+            self.amp_dtype = amp
+        error = float(np.abs(got - expected).max() / max(1e-12, float(np.abs(expected).max())))
+        if not error <= CHECK_TOLERANCE:
+            raise KDPluginError(
+                f"{self.path}: converted to torch, it differs from onnxruntime by {error:.2e} (relative, on "
+                f"{len(sample)} of the run's images; allowed {CHECK_TOLERANCE:g}). Cache the teacher instead: "
+                f"`kd-plugin cache --teacher {self.path} ...` on the training machine, then config.kd.cache")
+        _CHECKED.add(self._key)
+
+
+def load_onnx_embedder(path: str, normalization: InputNormalization, device: str | torch.device = "cpu",
+                       amp_dtype: torch.dtype | None = None, batch_size: int = 64):
+    """An ONNX teacher on `device`: as a torch module when the converter reads its graph, else onnxruntime — on the
+    CPU only for a CPU run; a GPU run takes onnxruntime's CUDA provider when installed, and is refused otherwise."""
+    from kd_plugin.teachers.onnx_graph import UnsupportedGraph, load_graph_module
+
+    device = torch.device(device)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"ONNX model not found: {path}")
+    try:
+        module = load_graph_module(path)
+    except UnsupportedGraph as exc:
+        reason = str(exc)
+    else:
+        return CheckedOnnxModule(path, module, normalization, device, amp_dtype, batch_size)
+    if device.type == "cpu":
+        warnings.warn(f"{reason}; the teacher runs with onnxruntime on the CPU", stacklevel=2)
+        return OnnxEmbedder(path, normalization, batch_size=batch_size)
+    import onnxruntime as ort
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        warnings.warn(f"{reason}; the teacher runs with onnxruntime's CUDA provider (each batch crosses the host)",
+                      stacklevel=2)
+        return OnnxEmbedder(path, normalization, batch_size=batch_size, providers=("CUDAExecutionProvider",))
+    raise KDPluginError(f"{reason}, and onnxruntime has no CUDA provider here (install onnxruntime-gpu), so this "
+                        f"teacher would run on the CPU in a {device.type} run. Cache it instead on the training "
+                        f"machine: `kd-plugin cache --teacher {path} ...`, then config.kd.cache")
 
 
 def insightface_normalization(path: str) -> InputNormalization:

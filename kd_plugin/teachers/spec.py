@@ -5,7 +5,8 @@
   arcface_torch checkout when one is importable (`ARCFACE_TORCH_ROOT`, or the working directory), else from
   kd_plugin's own definitions, which have the same state_dict keys.
 - `timm:<name>` or `timm:<name>:path.pth` — a timm body with an embedding neck (needs timm).
-- `path/model.onnx` — an ONNX file run with onnxruntime (fixed-batch files are looped).
+- `path/model.onnx` — an ONNX file, converted to a torch module on the run's device and checked once against
+  onnxruntime (`kd_plugin.teachers.onnx_embedder.load_onnx_embedder`).
 """
 
 from __future__ import annotations
@@ -101,13 +102,13 @@ def build_network(spec: str | ModelSpec, embedding_size: int | None = None, fp16
 def load_embedder(spec: str, normalization: InputNormalization | None = None, device: str = "cpu",
                   amp_dtype: torch.dtype | None = None, batch_size: int = 64, embedding_size: int | None = None):
     """A frozen embedder for any spec: `embed(uint8 (N,3,H,W) RGB) -> float32 (N, d)`."""
-    from kd_plugin.teachers.onnx_embedder import OnnxEmbedder
+    from kd_plugin.teachers.onnx_embedder import load_onnx_embedder
     from kd_plugin.teachers.torch_embedder import TorchEmbedder
 
     parsed = parse_model_spec(spec)
     normalization = normalization or default_normalization(parsed)
     if parsed.kind == "onnx":
-        return OnnxEmbedder(parsed.name, normalization, batch_size=batch_size)
+        return load_onnx_embedder(parsed.name, normalization, device, amp_dtype, batch_size)
     if parsed.checkpoint is None:
         raise KDPluginError(f"model spec {spec!r}: a teacher needs weights: write {parsed.name}:path/to/backbone.pth")
     module = build_network(parsed, embedding_size)

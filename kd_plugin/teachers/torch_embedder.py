@@ -19,13 +19,14 @@ class TorchEmbedder:
 
     def __init__(self, module: nn.Module, normalization: InputNormalization | None = None,
                  device: str | torch.device = "cpu", amp_dtype: torch.dtype | None = None, batch_size: int = 256,
-                 spec: str = "", freeze: bool = True) -> None:
+                 spec: str = "", freeze: bool = True, raw_uint8: bool = False) -> None:
         self.module = module.to(device).eval().requires_grad_(False) if freeze else module
         self.normalization = normalization or InputNormalization()
         self.device = torch.device(device)
         self.amp_dtype = amp_dtype
         self.batch_size = batch_size
         self.spec = spec
+        self.raw_uint8 = raw_uint8  # a graph that normalises its uint8 input itself is fed the images as they are
 
     @torch.inference_mode()
     def embed(self, images: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -39,7 +40,8 @@ class TorchEmbedder:
         try:
             out = []
             for start in range(0, len(batch), self.batch_size):
-                x = self.normalization.torch(batch[start:start + self.batch_size].to(self.device, non_blocking=True))
+                x = batch[start:start + self.batch_size].to(self.device, non_blocking=True)
+                x = x if self.raw_uint8 else self.normalization.torch(x)
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float16,
                                     enabled=self.amp_dtype is not None):
                     out.append(self.module(x).float())
