@@ -244,9 +244,6 @@ def resolve(config: dict) -> EasyDict:
                                                            "lower precision: remove it or add proxyless to kd.method")
     if kd["teacher_amp"] not in (None,) + AMP_DTYPES:
         raise _fail("kd.teacher_amp", kd["teacher_amp"], f"allowed: None (float32), {', '.join(AMP_DTYPES)}")
-    if kd["teacher_amp"] and str(kd["teacher"] or "").lower().endswith(".onnx"):
-        raise _fail("kd.teacher_amp", kd["teacher_amp"], "an ONNX teacher runs in the precision of its graph: remove "
-                                                         "kd.teacher_amp (or export the teacher in fp16)")
     _check_unlabeled(kd, chosen)
     _check_views(kd, chosen)
     sampler = kd["sampler"]

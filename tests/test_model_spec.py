@@ -69,6 +69,20 @@ def test_torch_teacher_is_frozen_and_normalises_its_own_input(mbf_checkpoints):
         assert torch.allclose(bgr.embed(images), net((images.flip(1).float() - 127.5) / 127.5), atol=1e-5)
 
 
+def test_teacher_amp_reaches_the_body_of_the_network(mbf_checkpoints):
+    """arcface_torch's networks switch CUDA autocast off inside their body unless built with fp16=True, and enter
+    float16 autocast when it is: a teacher with kd.teacher_amp is built with the flag, a bfloat16 one from
+    kd_plugin's definitions (which keep the caller's dtype), a float32 one without it."""
+    net, folder = mbf_checkpoints
+    spec = f"mbf:{folder / 'backbone.pth'}"
+    plain, half, brain = (load_embedder(spec, amp_dtype=dtype).module for dtype in (None, torch.float16, torch.bfloat16))
+    assert not plain.fp16 and half.fp16 and brain.fp16
+    assert type(brain).__module__.startswith("kd_plugin.networks")
+    images = torch.randint(0, 256, (2, 3, 112, 112), dtype=torch.uint8)
+    assert torch.allclose(load_embedder(spec, amp_dtype=torch.bfloat16).embed(images),
+                          load_embedder(spec).embed(images), atol=0.05)  # the same weights, in bf16
+
+
 def test_a_teacher_needs_weights():
     with pytest.raises(KDPluginError, match="a teacher needs weights"):
         load_embedder("r50")

@@ -133,6 +133,10 @@ def load_onnx_embedder(path: str, normalization: InputNormalization, device: str
         reason = str(exc)
     else:
         return CheckedOnnxModule(path, module, normalization, device, amp_dtype, batch_size)
+    if amp_dtype is not None:
+        raise KDPluginError(f"{reason}, so onnxruntime would run it in the precision of its graph, not in "
+                            f"{amp_dtype} as kd.teacher_amp asks: remove kd.teacher_amp, or cache the teacher "
+                            f"(`kd-plugin cache --teacher {path} ...`)")
     if device.type == "cpu":
         warnings.warn(f"{reason}; the teacher runs with onnxruntime on the CPU", stacklevel=2)
         return OnnxEmbedder(path, normalization, batch_size=batch_size)

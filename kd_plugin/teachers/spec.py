@@ -70,8 +70,10 @@ def default_normalization(spec: ModelSpec) -> InputNormalization:
 
 
 def build_network(spec: str | ModelSpec, embedding_size: int | None = None, fp16: bool = False,
-                  dropout: float = 0.0) -> nn.Module:
-    """The torch module of an `arcface` or `timm` spec, with its checkpoint loaded strictly when one is given."""
+                  dropout: float = 0.0, own_definition: bool = False) -> nn.Module:
+    """The torch module of an `arcface` or `timm` spec, with its checkpoint loaded strictly when one is given.
+    `own_definition`: kd_plugin's definition of an arcface_torch network even where the checkout is importable (same
+    state_dict keys and computation)."""
     spec = parse_model_spec(spec) if isinstance(spec, str) else spec
     if spec.kind == "onnx":
         raise KDPluginError(f"{spec.name}: an ONNX file cannot be trained or built as a torch module; use it as a "
@@ -87,7 +89,7 @@ def build_network(spec: str | ModelSpec, embedding_size: int | None = None, fp16
         module = TimmEmbeddingNet(spec.name, size, dropout=dropout)
     else:
         from kd_plugin.networks import create_network, load_upstream_get_model
-        upstream = load_upstream_get_model(None) if spec.name in ARCFACE_TORCH_NAMES else None
+        upstream = load_upstream_get_model(None) if spec.name in ARCFACE_TORCH_NAMES and not own_definition else None
         module = (upstream(spec.name, dropout=dropout, fp16=fp16, num_features=size) if upstream is not None
                   else create_network(spec.name, size, fp16=fp16, dropout=dropout))
     if state is not None:
@@ -111,6 +113,11 @@ def load_embedder(spec: str, normalization: InputNormalization | None = None, de
         return load_onnx_embedder(parsed.name, normalization, device, amp_dtype, batch_size)
     if parsed.checkpoint is None:
         raise KDPluginError(f"model spec {spec!r}: a teacher needs weights: write {parsed.name}:path/to/backbone.pth")
-    module = build_network(parsed, embedding_size)
+    # teacher_amp must reach the body: arcface_torch's networks (and kd_plugin's, which follow them) switch CUDA
+    # autocast off inside their body unless built with fp16=True. Upstream's body then enters float16 autocast
+    # whatever dtype the caller chose, so a bfloat16 teacher is built from kd_plugin's definitions, which keep the
+    # caller's dtype (the same weights and computation).
+    module = build_network(parsed, embedding_size, fp16=amp_dtype is not None,
+                           own_definition=amp_dtype == torch.bfloat16)
     return TorchEmbedder(module, normalization, device=device, amp_dtype=amp_dtype, batch_size=batch_size,
                          spec=str(parsed))
