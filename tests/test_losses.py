@@ -58,8 +58,9 @@ def test_ekd_hand_computed_selection_anchors_and_loss():
     ekd = EKDLoss(fprs=(0.5, 0.25), top_k=2, tau=0.1)
     loss, stats = ekd(student, teacher, labels)
     picked = ekd.miner(_unit([0.0, 10.0, 60.0, 100.0]), teacher, labels)  # a second look at the same batch
-    assert sorted(zip(picked["neg_i"].tolist(), picked["neg_j"].tolist())) == [(0, 2), (1, 2)]  # student's top 2
-    assert sorted(zip(picked["pos_i"].tolist(), picked["pos_j"].tolist())) == [(0, 1), (2, 3)]
+    negatives = picked["negative_index"][picked["negative_valid"]]
+    assert sorted(zip((negatives // 4).tolist(), (negatives % 4).tolist())) == [(0, 2), (1, 2)]  # student's top 2
+    assert picked["positive"].nonzero().tolist() == [[0, 1], [2, 3]]
     cos = lambda d: math.cos(math.radians(d))  # noqa: E731
     # L = 4 negatives: FPR 0.5 -> index 2 of the descending list, 0.25 -> index 1
     s_batch, t_batch = [cos(90), cos(60)], [cos(100), cos(40)]  # student desc: 50,60,90,100; teacher desc: 20,40,100,120
@@ -145,6 +146,36 @@ def test_gradcheck_float64(term):
     teacher, labels = torch.randn(8, 6, dtype=torch.float64), torch.arange(8) // 2
     fn = _stateless(term)
     assert torch.autograd.gradcheck(lambda s: fn(s, teacher, labels), (student,), eps=1e-6, atol=1e-5)
+
+
+def _kthvalue_thresholds(values, fprs):
+    """The reference's thresholds: per FPR, torch.kthvalue of the floor(L * FPR)-th largest (0-based)."""
+    count = values.numel()
+    return [torch.kthvalue(values, count - count // round(1 / f)).values.item() for f in fprs]
+
+
+@pytest.mark.parametrize("n, labels_mod, memory", [(40, 5, 0), (64, 64, 0), (24, 3, 48), (7, 7, 0)])
+def test_ekd_thresholds_from_one_topk_equal_the_kthvalue_of_each_fpr(n, labels_mod, memory):
+    """The anchors after one step (momentum 1: the batch's thresholds) equal torch.kthvalue's per FPR, for batches
+    that resolve some FPRs and not others, with and without remembered rows."""
+    from kd_plugin.fprs import DEFAULT_FPRS
+
+    torch.manual_seed(n)
+    ekd = EKDLoss(momentum=1.0, memory=memory, top_k=30)
+    if memory:
+        ekd(torch.randn(memory, 8), torch.randn(memory, 12), torch.arange(memory) % 11)
+    student, teacher, labels = torch.randn(n, 8), torch.randn(n, 12), torch.arange(n) % labels_mod
+    earlier = ekd._remembered()
+    earlier = None if earlier is None else [x.clone() for x in earlier]  # the step overwrites the ring
+    ekd(student, teacher, labels)
+    for unit, mine, old in ((student, ekd.miner.student_anchors, 0), (teacher, ekd.miner.teacher_anchors, 1)):
+        unit = torch.nn.functional.normalize(unit, dim=1)
+        keys = unit if earlier is None else torch.cat([earlier[old], unit])
+        key_labels = labels if earlier is None else torch.cat([earlier[2], labels])
+        p = len(keys) - n
+        before = torch.ones(p + n, n, dtype=torch.bool).triu_(1 - p)
+        negatives = (keys @ unit.T)[before & (key_labels[:, None] != labels[None, :])]
+        assert mine.tolist() == pytest.approx(_kthvalue_thresholds(negatives, DEFAULT_FPRS), abs=1e-6)
 
 
 def test_soft_rank_counts_anchors_exceeded():

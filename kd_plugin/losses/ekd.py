@@ -6,9 +6,12 @@ buffers that start at 0. The critical pairs are all positive pairs and the top-k
 similarity. A pair's soft rank is r(v) = sum_k sigmoid((v - A_k) / tau), tau = 0.01, in fp32; the loss is
 0.02 * mean over positives of (r_s - r_t)^2 + 0.01 * the same over the selected negatives.
 
-Memory: selection runs without gradient and holds one N x N similarity matrix at a time (the student's, then the
-teacher's); the gradient flows only through the selected pairs, recomputed as row dot products, so the autograd graph
-is O(#selected pairs x d), not O(N^2).
+Cost: one top-k per model gives all six thresholds and the selected negatives (the thresholds are the same values
+torch.kthvalue gave, one call per FPR); nothing is read on the host (no .item(), no nonzero): the step keeps the
+device busy. Memory: selection runs without gradient and holds one N x N similarity matrix at a time (the student's,
+then the teacher's) and a top-k of at most max(top_k, pairs / 10) entries; the loss keeps the student's N x N
+similarity matrix for the backward and ranks the positive pairs in blocks of rows that are recomputed in the
+backward, so nothing of size pairs x FPRs is kept.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from kd_plugin.errors import KDPluginError
 from kd_plugin.fprs import DEFAULT_FPRS
@@ -26,10 +30,28 @@ UNRESOLVABLE = ("reference", "hold")
 ANCHOR_INITS = ("zero", "first")
 
 
-def soft_rank(values: torch.Tensor, anchors: torch.Tensor, tau: float) -> torch.Tensor:
-    """Soft count of the anchors each value exceeds: sum_k sigmoid(clamp((v - A_k) / tau, -50, 50))."""
-    z = ((at_least_fp32(values)[:, None] - at_least_fp32(anchors)[None, :]) / tau).clamp(-50.0, 50.0)
-    return torch.sigmoid(z).sum(dim=1)
+def soft_rank(values: torch.Tensor, anchors: torch.Tensor, tau: float,
+              weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Soft count of the anchors each value exceeds: sum_k w_k sigmoid(clamp((v - A_k) / tau, -50, 50)), for values
+    of any shape; `weights` (1 or 0 per anchor, default all 1) leaves anchors out without reading them on the host."""
+    z = ((at_least_fp32(values)[..., None] - at_least_fp32(anchors)) / tau).clamp(-50.0, 50.0)
+    ranks = torch.sigmoid(z)
+    return (ranks if weights is None else ranks * weights).sum(dim=-1)
+
+
+def _positive_gap(student_sim, teacher_keys, teacher_unit, mask, a_s, a_t, weights, tau):
+    """sum over the masked pairs of (student rank - teacher rank)^2, for a block of rows (recomputed in backward)."""
+    teacher_sim = teacher_keys @ teacher_unit.T
+    gap = soft_rank(student_sim, a_s, tau, weights) - soft_rank(teacher_sim, a_t, tau, weights)
+    return (gap.square() * mask).sum()
+
+
+def _sides_differ(s, t, a_s, a_t, weights) -> torch.Tensor:
+    """Whether the two models place a pair on different sides of at least one of their (active) thresholds."""
+    return (((s[..., None] > a_s) != (t[..., None] > a_t)) & (weights > 0)).any(dim=-1)
+
+
+ROW_BLOCK_ELEMENTS = 1 << 24  # positive pairs are ranked in blocks of rows of at most this many (pair, anchor) values
 
 
 class CriticalPairMiner(nn.Module):
@@ -57,6 +79,7 @@ class CriticalPairMiner(nn.Module):
         if not all(0 < f < 1 for f in fprs):
             raise ValueError(f"EKD FPRs must lie strictly between 0 and 1, got {list(fprs)}")
         self.inverse_fprs = [int(round(1.0 / f)) for f in fprs]  # integer division keeps floor(L / A) exact
+        self.register_buffer("_inverse", torch.tensor(self.inverse_fprs, dtype=torch.int64), persistent=False)
         self.momentum, self.top_k = float(momentum), int(top_k)
         self.unresolvable, self.bias_correction = unresolvable, bool(bias_correction)
         self.register_buffer("student_anchors", torch.zeros(len(fprs)))
@@ -64,24 +87,15 @@ class CriticalPairMiner(nn.Module):
         self.register_buffer("anchor_updates", torch.zeros(len(fprs), dtype=torch.int64))
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
 
-    def _batch_thresholds(self, neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per FPR: the floor(L / A)-th largest negative (0-based) and whether the batch resolves it (L >= A)."""
-        count = neg.numel()
-        values, resolved = [], []
-        for a in self.inverse_fprs:
-            index = count // a
-            values.append(torch.kthvalue(neg, count - index).values)  # (count - index)-th smallest, 1-based
-            resolved.append(index >= 1)
-        return torch.stack(values), torch.tensor(resolved, device=neg.device)
-
-    def _update(self, name: str, batch: torch.Tensor, resolved: torch.Tensor, first: torch.Tensor) -> None:
+    def _update(self, name: str, batch: torch.Tensor, resolved: torch.Tensor, first: torch.Tensor,
+                measured: torch.Tensor) -> None:
         anchors = getattr(self, name)
         new = (1 - self.momentum) * anchors + self.momentum * batch
         if self.anchor_init == "first":  # an anchor's first update takes the batch's threshold, not 1% of it
             new = torch.where(first, batch, new)
         if self.unresolvable == "hold":
             new = torch.where(resolved, new, anchors)
-        anchors.copy_(new)
+        anchors.copy_(torch.where(measured, new, anchors))  # a batch without negatives changes nothing
 
     def active(self) -> torch.Tensor:
         """Which anchors take part in the soft ranks (all of them, except never-resolved ones in "hold" mode)."""
@@ -97,45 +111,62 @@ class CriticalPairMiner(nn.Module):
         scale = 1.0 / (1.0 - (1.0 - self.momentum) ** n)
         return self.student_anchors * scale, self.teacher_anchors * scale
 
+    def _thresholds(self, descending: torch.Tensor, negatives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per FPR, from one model's negatives sorted in descending order (at least the first L // min(A) + 1 of
+        them): the floor(L / A)-th largest (0-based) and whether the batch resolves it (L >= A). `negatives` (L) is a
+        device tensor: nothing is read on the host."""
+        index = negatives // self._inverse
+        picked = descending.gather(0, index.clamp(max=len(descending) - 1))
+        return picked, index >= 1
+
     @torch.no_grad()
     def forward(self, student_unit: torch.Tensor, teacher_unit: torch.Tensor, labels: torch.Tensor,
-                earlier: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> dict | None:
-        """Update the anchors from this batch and select its critical pairs; None when there is no negative pair.
+                earlier: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> dict:
+        """Update the anchors from this batch and select its critical pairs.
 
         The pairs are each row of the batch with every row before it, in the order [earlier rows; batch]: `earlier`
         (student rows, teacher rows, labels; EKD's cross-batch memory) precede the batch, so without them the pairs
-        are the batch's i < j. Returns the pair indices (pos_i, pos_j, neg_i, neg_j: the first into [earlier; batch],
-        the second into the batch), the teacher similarities of those pairs, and the batch thresholds for the
-        diagnostics."""
+        are the batch's i < j. Returns `positive` (the (P + N) x N mask of positive pairs), `negative_index` (the top_k
+        negatives by student similarity, as flat indices into that matrix; `negative_valid` marks the real ones when
+        there are fewer than top_k), `measured` (whether the batch has a negative pair at all: else the step is
+        skipped), the counts, and the batch thresholds for the diagnostics.
+
+        Without a host synchronisation: every count stays on the device and the shapes depend only on the batch size
+        and the memory. Memory: one (P + N) x N fp32 similarity matrix at a time (the student's, then the teacher's),
+        the pair masks, and one top-k of min(pairs, max(top_k, pairs // 10 + 1)) values and int64 indices per model —
+        at a global batch of 4096 without memory, 8.4M pairs: 67 MB per matrix and 10 MB per top-k."""
         n = len(labels)
-        keys_s, keys_t, keys_l = (student_unit, teacher_unit, labels) if earlier is None else (
-            torch.cat([earlier[0], student_unit]), torch.cat([earlier[1], teacher_unit]), torch.cat([earlier[2], labels]))
+        keys_l = labels if earlier is None else torch.cat([earlier[2], labels])
         p = len(keys_l) - n
         before = torch.ones(p + n, n, dtype=torch.bool, device=labels.device).triu_(1 - p)  # a < p + b
         same = keys_l[:, None] == labels[None, :]
         negative = before & ~same
-        if not negative.any():
-            return None
-        pos_i, pos_j = torch.nonzero(before & same, as_tuple=True)
-        sim = keys_s @ student_unit.T  # the student's matrix first, then the teacher's: never both
-        student_batch, resolved = self._batch_thresholds(sim[negative])
-        negatives = int(negative.sum())
-        k = min(self.top_k, negatives)
-        flat = torch.topk(sim.masked_fill_(~negative, -float("inf")).view(-1), k).indices
-        neg_i, neg_j = flat // n, flat % n
+        count = negative.sum()  # L, on the device
+        measured = count > 0
+        pairs = (p + n) * n - n * (n + 1) // 2  # every pair a < p + b: known on the host from the shapes
+        needed = min(pairs, pairs // min(self.inverse_fprs) + 1)  # the deepest threshold position, +1
+        take = min(pairs, max(self.top_k, needed))
+        keys_s = student_unit if earlier is None else torch.cat([earlier[0], student_unit])
+        sim = (keys_s @ student_unit.T).masked_fill_(~negative, -float("inf")).view(-1)
+        values, flat = torch.topk(sim, take)  # one top-k gives every threshold and the selected negatives
+        student_batch, resolved = self._thresholds(values, count)
+        k = min(self.top_k, pairs)
+        negative_index, negative_valid = flat[:k], values[:k] > -float("inf")
         del sim
-        sim = keys_t @ teacher_unit.T
-        teacher_batch, _ = self._batch_thresholds(sim[negative])
-        teacher_pos, teacher_neg = sim[pos_i, pos_j], sim[neg_i, neg_j]
+        keys_t = teacher_unit if earlier is None else torch.cat([earlier[1], teacher_unit])
+        sim = (keys_t @ teacher_unit.T).masked_fill_(~negative, -float("inf")).view(-1)
+        teacher_batch, _ = self._thresholds(torch.topk(sim, needed).values, count)
+        teacher_neg = sim[negative_index]  # the selected negatives' teacher similarities (-inf where not valid)
         del sim
         first = self.anchor_updates == 0  # before this update: anchors no batch has set yet
-        self._update("student_anchors", student_batch, resolved, first)
-        self._update("teacher_anchors", teacher_batch, resolved, first)
-        self.anchor_updates += resolved.long() if self.unresolvable == "hold" else 1
-        self.steps += 1
-        return {"pos_i": pos_i, "pos_j": pos_j, "neg_i": neg_i, "neg_j": neg_j, "teacher_pos": teacher_pos,
+        self._update("student_anchors", student_batch, resolved, first, measured)
+        self._update("teacher_anchors", teacher_batch, resolved, first, measured)
+        gained = (resolved & measured) if self.unresolvable == "hold" else measured.expand_as(resolved)
+        self.anchor_updates += gained.long()
+        self.steps += measured.long()
+        return {"positive": before & same, "negative_index": negative_index, "negative_valid": negative_valid,
                 "teacher_neg": teacher_neg, "student_batch": student_batch, "teacher_batch": teacher_batch,
-                "resolved": resolved, "negatives": negatives}
+                "resolved": resolved, "negatives": count, "measured": measured}
 
 
 def _check_config(kd: dict) -> None:
@@ -185,48 +216,71 @@ class EKDLoss(nn.Module):
         self.register_buffer("memory_labels", torch.zeros(0, dtype=torch.int64))
         self.register_buffer("memory_rows", torch.zeros((), dtype=torch.int64))  # filled so far (at most `memory`)
         self.register_buffer("memory_next", torch.zeros((), dtype=torch.int64))  # where the next row goes
+        self._filled, self._next = 0, 0  # the same two numbers on the host
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor):
+        """No host synchronisation: counts stay on the device, a batch without a negative pair gives a zero loss
+        (`ekd_skipped` 1) by arithmetic, not by a branch on the host. The positive pairs are ranked over the whole
+        pair matrix in blocks of rows (at most ROW_BLOCK_ELEMENTS values each), recomputed in the backward, so the
+        autograd graph holds the similarity matrix and one block, not pairs x anchors."""
         with torch.autocast(student.device.type, enabled=False):  # tau = 0.01 makes the ranks steep: fp32 throughout
             s_unit = F.normalize(at_least_fp32(student), dim=1)
             t_unit = F.normalize(at_least_fp32(teacher.detach()), dim=1)
             labels = labels.view(-1)
             earlier = self._remembered()
-            picked = self.miner(s_unit.detach(), t_unit, labels, earlier)
-            if picked is None:  # a single identity: no negative pair, EKD skips the step
+            if earlier is None and len(labels) < 2:  # no pair at all (known from the shape)
                 self._remember(s_unit.detach(), t_unit, labels)
                 zero = student.sum() * 0.0
-                return zero, {"ekd_skipped": torch.ones(())}
+                return zero, self._stats(zero, zero, zero, zero, zero, zero, torch.ones((), device=zero.device))
+            picked = self.miner(s_unit.detach(), t_unit, labels, earlier)
             a_s, a_t = self.miner.anchors()
-            active = self.miner.active()
-            a_s, a_t = a_s[active], a_t[active]
-            keys = s_unit if earlier is None else torch.cat([earlier[0], s_unit])  # earlier rows carry no gradient
+            weights = self.miner.active().float()
+            # earlier rows carry no gradient; cat copies them, so the memory may be overwritten before the backward
+            keys = s_unit if earlier is None else torch.cat([earlier[0], s_unit])
+            keys_t = t_unit if earlier is None else torch.cat([earlier[1], t_unit])
             # the pairs read from one similarity matrix: each entry is read at most once, so the backward writes each
             # gradient once. Gathering the rows instead (keys[pos_i] * s_unit[pos_j]) sums repeated rows' gradients
             # in an order that varies with thread timing on CPU: runs then differ from the 5th step on.
             sim = keys @ s_unit.T
-            s_pos, s_neg = sim[picked["pos_i"], picked["pos_j"]], sim[picked["neg_i"], picked["neg_j"]]
-            self._remember(s_unit.detach(), t_unit, labels)  # after the pairs are read: `earlier` views the memory
-            rank_pos_s, rank_pos_t = soft_rank(s_pos, a_s, self.tau), soft_rank(picked["teacher_pos"], a_t, self.tau)
-            rank_neg_s, rank_neg_t = soft_rank(s_neg, a_s, self.tau), soft_rank(picked["teacher_neg"], a_t, self.tau)
-            pos_loss = ((rank_pos_s - rank_pos_t) ** 2).mean() if len(s_pos) else s_unit.sum() * 0.0
-            neg_loss = ((rank_neg_s - rank_neg_t) ** 2).mean()
+            self._remember(s_unit.detach(), t_unit, labels)
+            positive = picked["positive"]
+            block = max(1, ROW_BLOCK_ELEMENTS // max(1, positive.shape[1] * len(weights)))
+            pos_sum, critical_pos = sim.new_zeros(()), sim.new_zeros(())
+            for a in range(0, len(sim), block):
+                rows = slice(a, a + block)
+                pos_sum = pos_sum + checkpoint(_positive_gap, sim[rows], keys_t[rows], t_unit, positive[rows], a_s,
+                                               a_t, weights, self.tau, use_reentrant=False)
+                with torch.no_grad():
+                    differ = _sides_differ(sim[rows], keys_t[rows] @ t_unit.T, a_s, a_t, weights) & positive[rows]
+                    critical_pos = critical_pos + differ.sum()
+            positives = positive.sum()
+            pos_loss = pos_sum / positives.clamp_min(1)
+            valid = picked["negative_valid"]
+            s_neg, t_neg = sim.view(-1)[picked["negative_index"]], picked["teacher_neg"]
+            gap = soft_rank(s_neg, a_s, self.tau, weights) - soft_rank(t_neg, a_t, self.tau, weights)
+            neg_loss = (gap.square() * valid).sum() / valid.sum().clamp_min(1)
+            measured = picked["measured"].float()  # 0: a single identity, no negative pair: the step is skipped
+            pos_loss, neg_loss = pos_loss * measured, neg_loss * measured
             loss = self.positive_weight * pos_loss + self.negative_weight * neg_loss
+            with torch.no_grad():
+                critical_neg = (_sides_differ(s_neg, t_neg, a_s, a_t, weights) & valid).sum()
+        return loss, self._stats(pos_loss, neg_loss, critical_pos * measured, critical_neg * measured,
+                                 positives * measured, picked["negatives"], 1.0 - measured)
+
+    def _stats(self, pos_loss, neg_loss, critical_pos, critical_neg, positives, negatives, skipped) -> dict:
         stats = {"ekd_positive": pos_loss.detach(), "ekd_negative": neg_loss.detach(),
-                 "ekd_critical_positive": self._critical(s_pos, picked["teacher_pos"], a_s, a_t),
-                 "ekd_critical_negative": self._critical(s_neg, picked["teacher_neg"], a_s, a_t),
-                 "ekd_positive_pairs": torch.tensor(float(len(s_pos)), device=s_unit.device),
-                 "ekd_skipped": torch.zeros((), device=s_unit.device)}
+                 "ekd_critical_positive": critical_pos.float(), "ekd_critical_negative": critical_neg.float(),
+                 "ekd_positive_pairs": positives.float(), "ekd_skipped": skipped}
         if self.memory:
-            stats["ekd_negative_pairs"] = torch.tensor(float(picked["negatives"]), device=s_unit.device)
+            stats["ekd_negative_pairs"] = negatives.float()
         all_s, all_t = self.miner.anchors()
         for k, fpr in enumerate(self.fprs):
             stats[f"ekd_threshold_student@{fpr:.0e}"] = all_s[k].detach()
             stats[f"ekd_threshold_teacher@{fpr:.0e}"] = all_t[k].detach()
-        return loss, stats
+        return stats
 
     def _remembered(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        rows = int(self.memory_rows)
+        rows = self._filled
         if not self.memory or rows == 0:
             return None
         return self.memory_student[:rows], self.memory_teacher[:rows], self.memory_labels[:rows]
@@ -243,11 +297,16 @@ class EKDLoss(nn.Module):
             self.memory_labels = labels.new_zeros(self.memory)
             self.memory_rows.zero_()
             self.memory_next.zero_()
+            self._filled = self._next = 0
         s_unit, t_unit, labels = s_unit[-self.memory:], t_unit[-self.memory:], labels[-self.memory:]
-        at = (int(self.memory_next) + torch.arange(len(labels), device=labels.device)) % self.memory
+        at = (self._next + torch.arange(len(labels), device=labels.device)) % self.memory
         self.memory_student[at], self.memory_teacher[at], self.memory_labels[at] = s_unit, t_unit, labels
-        self.memory_next.fill_((int(self.memory_next) + len(labels)) % self.memory)
-        self.memory_rows.fill_(min(int(self.memory_rows) + len(labels), self.memory))
+        # the ring's position is kept on the host (it follows from the batch sizes alone) and mirrored in the
+        # buffers for the checkpoint: reading the buffers each step would stall the device
+        self._next = (self._next + len(labels)) % self.memory
+        self._filled = min(self._filled + len(labels), self.memory)
+        self.memory_next.fill_(self._next)
+        self.memory_rows.fill_(self._filled)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in ("memory_student", "memory_teacher", "memory_labels"):  # sized at the first step: take the saved
@@ -258,12 +317,4 @@ class EKDLoss(nn.Module):
             for name in ("memory_student", "memory_teacher", "memory_labels", "memory_rows", "memory_next"):
                 state_dict.setdefault(prefix + name, getattr(self, name))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    @staticmethod
-    @torch.no_grad()
-    def _critical(s: torch.Tensor, t: torch.Tensor, a_s: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
-        """Pairs the two models place on different sides of at least one of their thresholds."""
-        if len(s) == 0:
-            return torch.zeros((), device=s.device)
-        disagree = (s.detach()[:, None] > a_s[None, :]) != (t[:, None] > a_t[None, :])
-        return disagree.any(dim=1).sum().float()
+        self._filled, self._next = int(self.memory_rows), int(self.memory_next)  # read once, at load
