@@ -86,14 +86,16 @@ class CombinedMarginLoss(nn.Module):
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """`logits`: cosines (N, K); `labels`: (N,) column of each row's class, -1 where its class is not in K."""
         labels = labels.view(-1)
-        rows = torch.nonzero(labels >= 0).squeeze(1)
-        cols = labels[rows]
+        if logits.shape[1] == 0:  # this rank holds none of the (sampled) classes
+            return logits * self.s
+        # rows whose class is elsewhere (-1) read and write their column 0 unchanged: no row selection on the host
+        valid, cols = (labels >= 0)[:, None], labels.clamp_min(0)[:, None]
         if self.interclass_filtering_threshold > 0:
             dirty = logits > self.interclass_filtering_threshold
-            dirty[rows, cols] = False
+            dirty = dirty.scatter(1, cols, dirty.gather(1, cols) & ~valid)  # a row's own class is never filtered
             logits = logits.masked_fill(dirty, 0.0)
-        target = self.target_logit(logits[rows, cols])
-        return logits.index_put((rows, cols), target) * self.s
+        cos = logits.gather(1, cols)
+        return logits.scatter(1, cols, torch.where(valid, self.target_logit(cos), cos)) * self.s
 
 
 class _DistributedCrossEntropy(torch.autograd.Function):
@@ -101,20 +103,23 @@ class _DistributedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        rows = torch.nonzero(labels >= 0).squeeze(1)
         top, prob, total = sharded_exp_sum(logits)
         prob /= total
-        target = logits.new_zeros(len(logits))
-        target[rows] = logits[rows, labels[rows]]
+        # each row's target logit from the rank that holds its class (label -1 elsewhere): a masked gather, so no
+        # row selection is read on the host
+        valid, cols = labels >= 0, labels.clamp_min(0)[:, None]
+        target = (torch.where(valid, logits.gather(1, cols).squeeze(1), 0.0) if logits.shape[1]
+                  else logits.new_zeros(len(logits)))
         all_reduce_(target, "sum")
-        ctx.save_for_backward(prob, labels, rows)
+        ctx.save_for_backward(prob, labels)
         # log-sum-exp form: exact even where the target probability underflows (upstream clamps it at 1e-30)
         return (torch.log(total.squeeze(1)) + top.squeeze(1) - target).mean()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        prob, labels, rows = ctx.saved_tensors
-        prob[rows, labels[rows]] -= 1.0  # the saved buffer is ours alone: reuse it as the gradient
+        prob, labels = ctx.saved_tensors
+        if prob.shape[1]:  # the saved buffer is ours alone: reuse it as the gradient
+            prob.scatter_add_(1, labels.clamp_min(0)[:, None], -(labels >= 0).to(prob.dtype)[:, None])
         return prob * (grad / len(prob)), None
 
 
@@ -362,15 +367,26 @@ class AdaDistillHead(PartialFCHead):
         t_unit = F.normalize(teacher.float(), dim=1)
         agreement = (F.normalize(student.float(), dim=1) * t_unit).sum(1)
         local = labels - self.class_start
-        rows = torch.nonzero((local >= 0) & (local < self.num_local)).squeeze(1)
-        order = rows[torch.argsort(local[rows], stable=True)]  # grouped by class, batch order inside a class
+        n = len(labels)
+        owned = (local >= 0) & (local < self.num_local)
+        # rows grouped by class (batch order inside a class), the other ranks' rows last; a row's occurrence is its
+        # place among its class's rows: wave w updates each class with its w-th row, so waves run one after another
+        order = torch.argsort(torch.where(owned, local, self.num_local), stable=True)
+        grouped = local[order]
         group_start = torch.ones_like(order, dtype=torch.bool)
-        group_start[1:] = local[order][1:] != local[order][:-1]
-        first = torch.cummax(torch.where(group_start, torch.arange(len(order), device=order.device),
-                                         torch.zeros_like(order)), 0).values
-        occurrence = torch.arange(len(order), device=order.device) - first
-        for wave in range(int(occurrence.max()) + 1 if len(order) else 0):
-            r = order[occurrence == wave]
+        group_start[1:] = grouped[1:] != grouped[:-1]
+        positions = torch.arange(n, device=order.device)
+        first = torch.cummax(torch.where(group_start, positions, torch.zeros_like(order)), 0).values
+        occurrence = torch.where(owned[order], positions - first, n)  # the other ranks' rows: wave n, never run
+        by_wave = order[torch.argsort(occurrence, stable=True)]  # each wave one contiguous block
+        wave_sizes = torch.zeros(n + 1, dtype=torch.int64, device=order.device).scatter_add_(
+            0, occurrence, torch.ones_like(occurrence))
+        start = 0
+        for size in wave_sizes[:n].tolist():  # the one host read of the update (the waves' sizes)
+            if size == 0:  # waves are consecutive: after an empty one there is none
+                break
+            r = by_wave[start:start + size]
+            start += size
             cls = local[r]
             centre = self.weight[cls].float()
             lam = F.cosine_similarity(centre, t_unit[r], dim=1).clamp(1e-6, 1.0)

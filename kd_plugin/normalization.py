@@ -62,10 +62,24 @@ class InputNormalization:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 images of shape (N, 3, H, W), got {tuple(images.shape)}")
         x = images.float()
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        mean, std = self._constants(x.device)
         x = (x - mean) / std
         return x.flip(1) if self.bgr else x
+
+    def __getstate__(self) -> dict:  # the device copies stay in this process (DataLoader workers get the numbers)
+        return {k: v for k, v in self.__dict__.items() if k != "_on_device"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std as (1, 3, 1, 1) tensors on `device`, copied there once (a copy per batch would wait for the
+        device each step)."""
+        cache = self.__dict__.setdefault("_on_device", {})
+        if device not in cache:
+            cache[device] = (torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1).to(device),
+                             torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1).to(device))
+        return cache[device]
 
 
 def given_normalization(mean=None, std=None, bgr: bool = False) -> InputNormalization | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kd_plugin.data.sampler import random_part_mask
+from kd_plugin.data.sampler import random_part_rows
 from kd_plugin.distributed import gather_no_grad, gather_sizes, replicated_loss
 from kd_plugin.errors import KDPluginError
 from kd_plugin.heads import AdaDistillHead, PartialFCHead
@@ -40,7 +40,11 @@ class KDObjective(nn.Module):
         self.unlabelled_rows, self.label_free = bool(unlabelled_rows), tuple(label_free)
 
     def forward(self, local_student: torch.Tensor, local_labels: torch.Tensor,
-                local_teacher: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                local_teacher: torch.Tensor | None = None,
+                sizes: list[int] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of the global batch and its scalars (device tensors). `sizes`: every rank's batch size in rank
+        order, when the caller knows them (kd-plugin train's sampler and train_v2's drop_last loader give every rank
+        the same size): otherwise they are exchanged, which reads them on the host."""
         if self.needs_teacher and local_teacher is None:
             raise ValueError(f"the KD terms {sorted(self.terms) or ['adadistill']} need teacher embeddings")
         if self.equal_dims and local_teacher is not None and local_teacher.shape[1] != local_student.shape[1]:
@@ -48,7 +52,7 @@ class KDObjective(nn.Module):
                                 f"{local_student.shape[1]} dims, the teacher's {local_teacher.shape[1]}; these compare "
                                 f"embeddings directly and need equal dims: set embedding_size = "
                                 f"{local_teacher.shape[1]} or use a relational term (ekd, cckd, sp, rkd)")
-        sizes = gather_sizes(len(local_labels), local_student.device)
+        sizes = sizes or gather_sizes(len(local_labels), local_student.device)
         student, labels = self.head.gather(local_student, local_labels, sizes)
         teacher = None if local_teacher is None else gather_no_grad(local_teacher.float(), sizes)
         everything = (student, teacher, labels)
@@ -64,7 +68,7 @@ class KDObjective(nn.Module):
         if no_labels:
             head_loss = student.sum() * 0.0
         elif self.margin_random_rows is not None:
-            rows = random_part_mask(sizes, self.margin_random_rows).to(student.device)
+            rows = random_part_rows(sizes, self.margin_random_rows, student.device)
             head_loss = self.head.global_loss(student[rows], labels[rows])  # the random part is always labelled
         else:
             head_loss = self.head.global_loss(labelled[0], labelled[2])

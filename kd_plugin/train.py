@@ -8,7 +8,7 @@ terms, exact one-process gradients); the student's embedding gradient times W fo
 backward of the GradScaler-scaled loss (fp16), and every `gradient_acc` steps unscale, clip 5, SGD/AdamW step; arcface_torch's linear
 warm-up then linear decay, stepped every step. Rank 0 logs as arcface_torch does (`<output>/training.log` and the
 console: its speed line every `frequent` steps, with every loss term and EKD diagnostic) and writes `train_log.jsonl`
-(every step's losses, each epoch's wall time), tensorboard scalars and `model.pt` (the student's state_dict); every rank writes
+(the means of every scalar since the last logging step, each epoch's wall time), tensorboard scalars and `model.pt` (the student's state_dict); every rank writes
 `checkpoint_gpu_{rank}.pt` (arcface_torch's keys plus `state_kd`), atomically, every `checkpoint_every` steps and at
 each epoch end. `resume=True` continues from it exactly; SIGTERM writes one and exits; a non-finite loss stops with the
 last good checkpoint left in place."""
@@ -26,12 +26,12 @@ from torch.nn.parallel import DistributedDataParallel
 from kd_plugin.atomic import save_torch
 from kd_plugin.build import build_dataset, build_loader, build_objective, build_sampler, build_teacher
 from kd_plugin.config import check_num_image, check_trainer_keys, load_config
-from kd_plugin.distributed import all_reduce_, get_rank, get_world_size, init_from_env, is_distributed, scale_grad
+from kd_plugin.distributed import get_rank, get_world_size, init_from_env, is_distributed, scale_grad
 from kd_plugin.errors import KDPluginError
 from kd_plugin.normalization import InputNormalization
 from kd_plugin.teachers import build_network
 from kd_plugin.teachers.torch_embedder import TorchEmbedder
-from kd_plugin.training_log import LOG, SpeedLine, training_log
+from kd_plugin.training_log import LOG, SpeedLine, StepLog, training_log
 
 
 def verification_targets(cfg) -> list[str]:
@@ -98,7 +98,13 @@ class Trainer:
         return os.path.join(self.cfg.output, f"checkpoint_gpu_{self.rank}.pt")
 
     def save(self) -> None:
-        """checkpoint_gpu_{rank}.pt with arcface_torch's keys plus the KD state; model.pt on rank 0; both atomic."""
+        """checkpoint_gpu_{rank}.pt with arcface_torch's keys plus the KD state; model.pt on rank 0; both atomic. Not
+        after a non-finite loss: the checkpoint on disk stays the last good one."""
+        log = getattr(self, "_log", None)
+        if log is not None and bool(log.nonfinite > 0):  # one read per save, not per step
+            raise KDPluginError(f"non-finite loss before step {self.global_step} (epoch {self.epoch}); the last good "
+                                f"checkpoint is {self._checkpoint_path()}; lower the learning rate or check the data "
+                                f"and teacher")
         state = {"epoch": self.epoch, "global_step": self.global_step,
                  "state_dict_backbone": self.student.state_dict(),
                  "state_dict_softmax_fc": self.objective.head.state_dict(),
@@ -141,21 +147,21 @@ class Trainer:
         return [None if p.grad is None else p.grad.detach().clone() for p in self._trained_parameters()]
 
     # --- the loop -------------------------------------------------------------------------------------------------
-    def step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, flips: list[bool]) -> dict:
+    def step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+             flips: list[bool]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One training step as arcface_torch takes it: forward under autocast (fp16), backward of the scaled loss;
-        every `gradient_acc` steps the summed gradients are unscaled, clipped to norm 5 and applied. Returns the
-        logged scalars."""
+        every `gradient_acc` steps the summed gradients are unscaled, clipped to norm 5 and applied. Returns the step's
+        scalars and its loss, on the device: nothing here waits for the device (see kd_plugin.host_syncs; with fp16,
+        GradScaler.step reads its overflow flag, as in arcface_torch)."""
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         teacher = (self.teacher.embeddings(indices, flips, images, self.device, epoch=self.epoch)
                    if self.objective.needs_teacher else None)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=bool(self.cfg.fp16)):
             embeddings = self.model(self.student_norm.torch(images))
-        # each rank's gradient is the one-process gradient of its rows; DDP averages over ranks: multiply by W once
-        loss, stats = self.objective(scale_grad(embeddings.float(), self.world), labels, teacher)
-        if not torch.isfinite(loss):
-            raise KDPluginError(f"non-finite loss {loss.item()} at step {self.global_step} (epoch {self.epoch}); "
-                                f"terms: { {k: float(v) for k, v in stats.items()} }. The last good checkpoint is "
-                                f"{self._checkpoint_path()}; lower the learning rate or check the data and teacher")
+        # each rank's gradient is the one-process gradient of its rows; DDP averages over ranks: multiply by W once.
+        # Every rank's batch holds batch_size rows (the sampler's contract), so the sizes need no exchange
+        loss, stats = self.objective(scale_grad(embeddings.float(), self.world), labels, teacher,
+                                     sizes=[len(labels)] * self.world)
         self.scaler.scale(loss).backward()
         self.global_step += 1
         self.position += 1
@@ -166,10 +172,30 @@ class Trainer:
             self.scaler.update()
             self.opt.zero_grad(set_to_none=True)
         self.scheduler.step()
-        out = {k: float(v) for k, v in stats.items()}
-        if self.scaler.is_enabled():
-            out["grad_scale"] = self.scaler.get_scale()
-        return out
+        return stats, loss
+
+    def _logging_step(self, log: StepLog, log_path: str, writer, speed: SpeedLine) -> bool:
+        """Every `frequent` steps (and at the last): read the scalars, the stop request and the finite-loss check in
+        one synchronisation; rank 0 writes them. A non-finite loss since the last read stops the run (the checkpoints
+        on disk predate it: `save` checks first). Returns whether any rank asked to stop."""
+        current = {"grad_scale": self.scaler._get_scale_async()} if self.scaler.is_enabled() else None
+        means, stop, nonfinite = log.read(self._stop_requested, current)
+        if nonfinite:
+            raise KDPluginError(f"non-finite loss in {nonfinite} step(s) up to step {self.global_step} (epoch "
+                                f"{self.epoch}); means since the last logging step: {means}. The last good checkpoint "
+                                f"is {self._checkpoint_path()}; lower the learning rate or check the data and teacher")
+        if self.rank == 0:
+            lr = self.scheduler.get_last_lr()[0]
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": self.global_step, "epoch": self.epoch, "lr": lr, **means}) + "\n")
+            if writer is not None:
+                for key, value in means.items():
+                    writer.add_scalar(f"train/{key}", value, self.global_step)
+                writer.add_scalar("train/lr", lr, self.global_step)
+            speed(self.global_step, self.epoch, {k: v for k, v in means.items() if k != "grad_scale"}, lr,
+                  means.get("grad_scale"))
+        self._last_means = means
+        return stop
 
     def _teacher_for_epoch(self, log_path: str) -> None:
         """Multi-step KD: load the teacher checkpoint of this epoch (logged on rank 0)."""
@@ -181,10 +207,6 @@ class Trainer:
 
     def _request_stop(self, signum, frame) -> None:
         self._stop_requested = True
-
-    def _agreed_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.device)
-        return bool(all_reduce_(flag, "max").item() > 0)
 
     def run(self) -> dict:
         """Train to the end (or `max_steps`, or SIGTERM); returns a short summary. Logs as arcface_torch does: rank 0
@@ -200,37 +222,32 @@ class Trainer:
         previous = signal.signal(signal.SIGTERM, self._request_stop)
         log_path = os.path.join(self.cfg.output, "train_log.jsonl")
         writer = self._tensorboard()
-        speed = SpeedLine(self.cfg.frequent, self.total_steps, self.cfg.batch_size * self.world, self.global_step)
+        speed = SpeedLine(self.total_steps, self.cfg.batch_size * self.world, self.global_step)
+        log = self._log = StepLog(self.device)
+        self._last_means = {}
         try:
             while self.epoch < self.cfg.num_epoch and self.global_step < self.total_steps:
                 self.sampler.set_epoch(self.epoch)
                 self._teacher_for_epoch(log_path)
                 self.sampler.load_state_dict({"epoch": self.epoch, "position": self.position, "seed": self.cfg.seed})
-                epoch_start, steps_at_epoch_start, stats = time.perf_counter(), self.global_step, {}
+                epoch_start, steps_at_epoch_start = time.perf_counter(), self.global_step
                 for images, labels, indices in self.loader:
                     flips = [f for _, f in self.sampler.batch(self.epoch, self.position)]
-                    stats = self.step(images, labels, indices, flips)
-                    lr = self.scheduler.get_last_lr()[0]
-                    if self.rank == 0:
-                        with open(log_path, "a", encoding="utf-8") as f:
-                            f.write(json.dumps({"step": self.global_step, "epoch": self.epoch, "lr": lr, **stats}) + "\n")
-                        if writer is not None:
-                            for key, value in stats.items():
-                                writer.add_scalar(f"train/{key}", value, self.global_step)
-                            writer.add_scalar("train/lr", lr, self.global_step)
-                        speed(self.global_step, self.epoch, stats, lr, stats.get("grad_scale"))
+                    log.add(*self.step(images, labels, indices, flips))
+                    last = self.global_step >= self.total_steps or self.position >= self.steps_per_epoch
+                    if (self.global_step % self.cfg.frequent == 0 or last) and \
+                            self._logging_step(log, log_path, writer, speed):
+                        self.save()
+                        LOG.warning(f"[rank {self.rank}] SIGTERM: checkpoint written at step {self.global_step}")
+                        return {"stopped": "sigterm", "global_step": self.global_step}
                     if self.cfg.val_targets and self.global_step % self.cfg.verbose == 0 and self.rank == 0:
                         self.verify(writer, log_path)
                     if self.global_step % self.cfg.checkpoint_every == 0:
                         self.save()
                     if self.global_step >= self.total_steps:
                         break
-                    if self._agreed_stop():
-                        self.save()
-                        LOG.warning(f"[rank {self.rank}] SIGTERM: checkpoint written at step {self.global_step}")
-                        return {"stopped": "sigterm", "global_step": self.global_step}
                 self._epoch_done(log_path, time.perf_counter() - epoch_start, self.global_step - steps_at_epoch_start,
-                                 stats)
+                                 self._last_means)
                 if self.global_step >= self.total_steps:
                     break
                 self.epoch, self.position = self.epoch + 1, 0

@@ -63,39 +63,72 @@ class ScalarMeans:
             self.counts[key] = self.counts.get(key, 0) + 1
 
     def pop(self) -> dict[str, float]:
+        """Every mean, read in one host synchronisation (one `.tolist()` of the stacked device sums)."""
         tensors = [k for k, v in self.sums.items() if isinstance(v, torch.Tensor)]
         means = {k: v / self.counts[k] for k, v in self.sums.items() if k not in tensors}
         if tensors:
-            counts = torch.tensor([float(self.counts[k]) for k in tensors], device=self.sums[tensors[0]].device)
-            means.update(zip(tensors, (torch.stack([self.sums[k] for k in tensors]) / counts).tolist()))
+            means.update(zip(tensors, torch.stack([self.sums[k] / self.counts[k] for k in tensors]).tolist()))
         order = list(self.sums)
         self.sums, self.counts = {}, {}
         return {k: means[k] for k in order}
 
 
-class SpeedLine:
-    """arcface_torch's CallBackLogging line, every `frequent` steps on rank 0, with the KD scalars after it."""
+class StepLog:
+    """The trainer's step scalars between two logging steps: summed on the device (no host synchronisation), then read
+    every `frequent` steps in ONE synchronisation together with the stop request (SIGTERM on any rank) and the count of
+    non-finite losses since the last read, after one all-reduce over the ranks so that every rank takes the same
+    decision. The logged figures are the means over those steps and over the ranks (every rank computes the loss of
+    the global batch, so this is rank 0's figure up to rounding)."""
 
-    def __init__(self, frequent: int, total_steps: int, global_batch: int, start_step: int) -> None:
-        self.frequent, self.total_steps, self.global_batch = frequent, total_steps, global_batch
-        self.start_step, self.start = start_step, time.time()
-        self.tic = self.start
-        self.means = ScalarMeans()
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
         self.steps = 0
+        self.nonfinite = torch.zeros((), device=device)
 
-    def __call__(self, step: int, epoch: int, stats: dict[str, float], lr: float,
-                 grad_scale: float | None = None) -> None:
-        self.means.add(stats)
+    def add(self, stats: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
+        for key, value in stats.items():
+            value = value.detach().float()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+        self.nonfinite = self.nonfinite + (~torch.isfinite(loss.detach())).float()
         self.steps += 1
-        if step % self.frequent and step != self.total_steps:
-            return
+
+    def read(self, stop_requested: bool, current: dict[str, torch.Tensor] | None = None
+             ) -> tuple[dict[str, float], bool, int]:
+        """(means since the last read, whether any rank asked to stop, non-finite losses on any rank since then);
+        `current`: device scalars read as they are now (the GradScaler's scale), averaged over ranks only."""
+        from kd_plugin.distributed import all_reduce_, collective_device, get_world_size
+
+        keys, now = list(self.sums), dict(current or {})
+        flags = torch.stack([torch.full((), float(stop_requested), device=self.device), self.nonfinite])
+        vector = torch.cat([flags] + [self.sums[k].reshape(1) for k in keys]
+                           + [now[k].float().reshape(1).to(self.device) for k in now]).to(collective_device())
+        values = all_reduce_(vector, "sum").tolist()  # the one synchronisation
+        world = get_world_size()
+        scale = 1.0 / (max(1, self.steps) * world)
+        means = {k: v * scale for k, v in zip(keys, values[2:2 + len(keys)])}
+        means.update({k: v / world for k, v in zip(now, values[2 + len(keys):])})
+        self.sums, self.steps = {}, 0
+        self.nonfinite = torch.zeros((), device=self.device)
+        return means, values[0] > 0, int(values[1])
+
+
+class SpeedLine:
+    """arcface_torch's CallBackLogging line, written by rank 0 at each logging step, with the KD scalars after it."""
+
+    def __init__(self, total_steps: int, global_batch: int, start_step: int) -> None:
+        self.total_steps, self.global_batch = total_steps, global_batch
+        self.start_step, self.start = start_step, time.time()
+        self.tic, self.last_step = self.start, start_step
+
+    def __call__(self, step: int, epoch: int, means: dict[str, float], lr: float,
+                 grad_scale: float | None = None) -> None:
         now = time.time()
-        speed = self.steps * self.global_batch / max(now - self.tic, 1e-9)
+        speed = (step - self.last_step) * self.global_batch / max(now - self.tic, 1e-9)
         per_step = (now - self.start) / max(step - self.start_step, 1)
         hours = per_step * (self.total_steps - step) / 3600
-        means = {k: v for k, v in self.means.pop().items() if k != "grad_scale"}
         scale = f"Fp16 Grad Scale: {grad_scale:2.0f}   " if grad_scale is not None else ""
         LOG.info(f"Speed {speed:.2f} samples/sec   Loss {means.get('loss', float('nan')):.4f}   LearningRate "
                  f"{lr:.6f}   Epoch: {epoch}   Global Step: {step}   {scale}Required: {hours:.1f} hours   "
                  + " ".join(f"{k}={v:.4g}" for k, v in means.items() if k != "loss"))
-        self.steps, self.tic = 0, now
+        self.last_step, self.tic = step, now

@@ -91,12 +91,14 @@ def test_rank_and_world_come_from_the_process_group():
 
 
 def test_random_part_rows_of_the_gathered_batch():
-    from kd_plugin.data.sampler import random_part_mask
+    from kd_plugin.data.sampler import random_part_rows
     batches = [list(_sampler(r))[0] for r in range(2)]  # the first batch of each rank
     gathered_labels = [LABELS[i] for batch in batches for i, _ in batch]
-    mask = random_part_mask([20, 20], random_size=8)
-    assert mask.tolist() == ([True] * 8 + [False] * 12) * 2
-    balanced = [lab for lab, m in zip(gathered_labels, mask.tolist()) if not m]
+    rows = random_part_rows([20, 20], random_size=8).tolist()
+    assert rows == list(range(8)) + list(range(20, 28))
+    assert random_part_rows([5, 20, 3], random_size=4).tolist() == [0, 1, 2, 3, 5, 6, 7, 8, 25, 26, 27]
+    mask = [i in rows for i in range(40)]
+    balanced = [lab for lab, m in zip(gathered_labels, mask) if not m]
     assert all(len(set(balanced[g * 4:(g + 1) * 4])) == 1 for g in range(6))  # the rest are the P x K groups
 
 

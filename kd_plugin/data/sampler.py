@@ -139,12 +139,9 @@ class IdentityBalancedBatchSampler(torch.utils.data.Sampler):
         return list(zip(indices, flipped))
 
 
-def random_part_mask(sizes: list[int], random_size: int) -> torch.Tensor:
-    """Rows of a gathered global batch that came from the samplers' random parts (each rank's first `random_size`
-    rows), for the reference EKD recipe where the margin loss sees only those and EKD the whole batch."""
-    mask = torch.zeros(sum(sizes), dtype=torch.bool)
-    offset = 0
-    for size in sizes:
-        mask[offset:offset + min(random_size, size)] = True
-        offset += size
-    return mask
+def random_part_rows(sizes: list[int], random_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Row numbers, in order, of a gathered global batch that came from the samplers' random parts (each rank's first
+    `random_size` rows), for the reference EKD recipe where the margin loss sees only those and EKD the whole batch.
+    Built on `device` from the sizes alone: selecting them reads nothing on the host."""
+    offsets = [sum(sizes[:r]) for r in range(len(sizes))]
+    return torch.cat([torch.arange(o, o + min(random_size, n), device=device) for o, n in zip(offsets, sizes)])
