@@ -139,17 +139,23 @@ class HookHead(nn.Module):
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         from kd_plugin.distributed import get_world_size, scale_grad
 
-        if self._step is None:
-            self._step = int(self.kd_step)
+        if self._step is None:  # a fresh run (a resumed one reads kd_step once, when its state is loaded)
+            self._step = 0
         teacher = self._teacher_embeddings(local_embeddings.device)
-        # train_v2 wraps the backbone in DDP, which averages: the exact per-rank gradient times W, once
-        loss, stats = self.objective(scale_grad(local_embeddings.float(), get_world_size()), local_labels.view(-1),
-                                     teacher)
+        # train_v2 wraps the backbone in DDP, which averages: the exact per-rank gradient times W, once. Its loader
+        # drops the last incomplete batch, so every rank's batch has this rank's size: no exchange of sizes
+        world = get_world_size()
+        loss, stats = self.objective(scale_grad(local_embeddings.float(), world), local_labels.view(-1), teacher,
+                                     sizes=[len(local_labels)] * world)
         self._step += 1
         self.kd_step.fill_(self._step)
         if self.rank == 0:
             self._accumulate(stats)
         return loss
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._step = int(self.kd_step)  # the step count's host copy, read once at resume
 
     def _accumulate(self, stats: dict[str, torch.Tensor]) -> None:
         """Sum the scalars on the head's device; every `frequent` steps read their means at once and log them."""

@@ -49,6 +49,15 @@ def PartialFC_V2(margin_loss, embedding_size, num_classes, sample_rate, fp16):
     raise RuntimeError("stand-in: the config's distill() should have replaced PartialFC_V2")
 
 
+def counting():
+    """kd_plugin's host-sync spy when the test asks for it (not part of what upstream does)."""
+    import contextlib
+    if os.environ.get("KD_TEST_COUNT_SYNCS") != "1":
+        return contextlib.nullcontext()
+    from kd_plugin.host_syncs import count_host_syncs
+    return count_host_syncs()
+
+
 def get_config(path):
     spec = importlib.util.spec_from_file_location("job_config", path)
     module = importlib.util.module_from_spec(spec)
@@ -92,8 +101,9 @@ def main(args):
         for _, (img, local_labels) in enumerate(train_loader):
             global_step += 1
             local_embeddings = backbone(img)
-            loss = module_partial_fc(local_embeddings, local_labels)
-            loss.backward()
+            with counting() as syncs:  # KD_TEST_COUNT_SYNCS=1: the host syncs of the KD head's forward and backward
+                loss = module_partial_fc(local_embeddings, local_labels)
+                loss.backward()
             if global_step % cfg.gradient_acc == 0:
                 nn.utils.clip_grad_norm_(backbone.parameters(), 5)
                 opt.step()
@@ -102,7 +112,8 @@ def main(args):
                                      "image_sum": float(img.sum()), "image_dtype": str(img.dtype),
                                      "label_dtype": str(local_labels.dtype),
                                      "is_dataloader": isinstance(train_loader, DataLoader),
-                                     "num_image": cfg.num_image, "steps_per_epoch": len(train_loader)}) + "\n")
+                                     "num_image": cfg.num_image, "steps_per_epoch": len(train_loader),
+                                     "host_syncs": None if syncs is None else dict(syncs.by_call)}) + "\n")
         torch.save({"epoch": epoch + 1, "global_step": global_step,
                     "state_dict_backbone": backbone.module.state_dict(),
                     "state_dict_softmax_fc": module_partial_fc.state_dict(), "state_optimizer": opt.state_dict()},

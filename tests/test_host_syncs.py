@@ -1,0 +1,116 @@
+"""The host-synchronisation budget of a training step (kd_plugin.host_syncs), counted by a spy at 1, 2 and 4 gloo
+ranks, in `kd-plugin train` and under the train_v2 hook: 0 at a step that does not log, 1 at a logging step, and 1
+more per step for AdaDistill's update waves — whatever the number of ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CPU_HARNESS
+from distributed_helpers import run_ranks
+from test_train import _config, _teacher, ensure_registered, make_faces
+
+KD_EKD_LOGIT = {"method": "proxyless+ekd+logit", "centres": "estimate", "ekd": {"memory": 32},
+                "sampler": {"identities_per_batch": 1, "images_per_identity": 2}}
+KD_ADADISTILL = {"method": "adadistill", "sampler": {"identities_per_batch": 1, "images_per_identity": 2}}
+
+
+def _count_trainer_steps(rank, world, config):
+    from kd_plugin.config import resolve
+    from kd_plugin.host_syncs import count_host_syncs
+    from kd_plugin.train import Trainer
+
+    ensure_registered()
+    trainer = Trainer(resolve(config))
+    counts, logging = [], []
+    step, log = Trainer.step, Trainer._logging_step
+
+    def counted_step(self, *args):
+        with count_host_syncs() as seen:
+            out = step(self, *args)
+        counts.append(dict(seen.by_call))
+        return out
+
+    def counted_log(self, *args):
+        with count_host_syncs() as seen:
+            out = log(self, *args)
+        logging.append((self.global_step, dict(seen.by_call)))
+        return out
+
+    Trainer.step, Trainer._logging_step = counted_step, counted_log
+    try:
+        trainer.run()
+    finally:
+        Trainer.step, Trainer._logging_step = step, log
+    return counts, logging
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_the_trainer_keeps_the_host_sync_budget_at_every_world_size(tmp_path, world):
+    data = make_faces(tmp_path / "faces", identities=8, per_identity=12)  # 96 images
+    teacher = _teacher(tmp_path)
+    per_rank = 16 // world
+    for kd, budget in ((KD_EKD_LOGIT, {}), (KD_ADADISTILL, {"tolist": 1})):
+        kd = dict(kd, teacher=teacher)
+        out = tmp_path / f"{kd['method']}_{world}"
+        results = run_ranks(_count_trainer_steps, world,
+                            _config(data, out, batch_size=per_rank, max_steps=6, frequent=3, num_epoch=1, kd=kd))
+        for counts, logging in results:
+            assert len(counts) == 6 and all(c == budget for c in counts), (kd["method"], counts)
+            # the logging steps: one read (tolist) after one all-reduce, and nothing else
+            assert [s for s, _ in logging] == [3, 6] and all(c == {"tolist": 1} for _, c in logging), logging
+
+
+def _job(path, data, output, kd_call, **overrides):
+    settings = dict(network="stand_in", embedding_size=16, batch_size=8, lr=0.1, rec=str(data), num_classes=8,
+                    num_image=0, num_epoch=1, num_workers=0, frequent=3, output=str(output), resume=False)
+    settings.update(overrides)
+    here = os.path.dirname(os.path.abspath(__file__))
+    path.write_text(
+        "import sys\nsys.path.insert(0, " + repr(here) + ")\n"
+        "from easydict import EasyDict\n"
+        "import test_train\ntest_train.ensure_registered()\n"
+        f"config = EasyDict({settings!r})\n"
+        "from kd_plugin import distill\n"
+        f"distill(config, {kd_call})\n")
+    return path
+
+
+def _run_stand_in(config, world):
+    from test_hook_contract import STAND_IN, _free_port
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_port",
+           str(_free_port()), STAND_IN, str(config)]
+    env = dict(os.environ, PYTHONPATH=str(CPU_HARNESS), OMP_NUM_THREADS="1", KD_TEST_COUNT_SYNCS="1")
+    env.pop("KD_CPU_SHIM_LAX", None)
+    return subprocess.run(cmd, cwd=os.path.dirname(STAND_IN), env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+
+
+@pytest.mark.usefixtures("needs_cpu_harness")
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_the_hook_keeps_the_host_sync_budget_at_every_world_size(tmp_path, world):
+    """Counted around train_v2's `module_partial_fc(embeddings, labels)` and `loss.backward()` (train_v2's own
+    `loss.item()` is upstream's). Rank 0 reads its scalars at logging steps; other ranks never."""
+    data = make_faces(tmp_path / "faces", identities=8, per_identity=12)
+    teacher = _teacher(tmp_path)
+    sampler = "sampler=dict(identities_per_batch=1, images_per_identity=2)"
+    for method, extra, waves in (("proxyless+ekd+logit", "centres='estimate', ekd=dict(memory=32), ", 0),
+                                 ("adadistill", "", 1)):
+        out = tmp_path / f"{method}_{world}"
+        job = _job(tmp_path / f"job_{world}.py", data, out,
+                   f"teacher={teacher!r}, method={method!r}, {extra}{sampler}", batch_size=16 // world)
+        proc = _run_stand_in(job, world)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        for rank in range(world):
+            with open(out / f"emulated_rank{rank}.jsonl") as f:
+                steps = [json.loads(line) for line in f]
+            assert steps and all(s["host_syncs"] is not None for s in steps)
+            for s in steps:
+                logs = rank == 0 and s["step"] % 3 == 0
+                expected = waves + int(logs)
+                assert sum(s["host_syncs"].values()) == expected, (method, rank, s["step"], s["host_syncs"])
