@@ -123,29 +123,43 @@ class _DistributedCrossEntropy(torch.autograd.Function):
         return prob * (grad / len(prob)), None
 
 
+CENTRE_CHUNK = 1 << 16  # classes upcast at a time from fp16/bf16 centres
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def centre_products(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """x @ centres^T in fp32 for centres of any dtype: low-precision centres are upcast CENTRE_CHUNK classes at a time
+    (no full fp32 copy, and no fp16 product), the same path on every device."""
+    if centres.dtype not in LOW_PRECISION:
+        return x @ centres.T
+    return torch.cat([x @ centres[a:a + CENTRE_CHUNK].to(x.dtype).T for a in range(0, len(centres), CENTRE_CHUNK)],
+                     dim=1)
+
+
+def centre_products_grad(grad: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """grad @ centres in fp32 (the embedding gradient of `centre_products`), upcasting chunk by chunk as it does: a
+    gradient cast down to fp16 would lose its small entries (the negative classes' are 1e-8 and below)."""
+    if centres.dtype not in LOW_PRECISION:
+        return grad @ centres
+    out = grad.new_zeros((grad.shape[0], centres.shape[1]))
+    for a in range(0, len(centres), CENTRE_CHUNK):
+        out += grad[:, a:a + CENTRE_CHUNK] @ centres[a:a + CENTRE_CHUNK].to(grad.dtype)
+    return out
+
+
 class _FrozenCosine(torch.autograd.Function):
     """normalized embeddings @ frozen centres^T: backward gives the embedding gradient only (no weight-gradient
-    product). Low-precision centres are upcast in class chunks on the CPU, so no full fp32 copy is ever made."""
-
-    CHUNK = 1 << 16
+    product); low-precision centres through `centre_products`."""
 
     @staticmethod
     def forward(ctx, emb: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(centres)
-        if centres.dtype == torch.float32 or emb.is_cuda:
-            return (emb.to(centres.dtype) @ centres.T).float()
-        return torch.cat([emb @ centres[a:a + _FrozenCosine.CHUNK].float().T
-                          for a in range(0, len(centres), _FrozenCosine.CHUNK)], dim=1)
+        return centre_products(emb if emb.dtype == torch.float64 else emb.float(), centres)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (centres,) = ctx.saved_tensors
-        if centres.dtype == torch.float32 or grad.is_cuda:
-            return (grad.to(centres.dtype) @ centres).float(), None
-        out = grad.new_zeros((grad.shape[0], centres.shape[1]))
-        for a in range(0, len(centres), _FrozenCosine.CHUNK):
-            out += grad[:, a:a + _FrozenCosine.CHUNK] @ centres[a:a + _FrozenCosine.CHUNK].float()
-        return out, None
+        return centre_products_grad(grad if grad.dtype == torch.float64 else grad.float(), centres), None
 
 
 def _normal_rows(generator: torch.Generator, total: int, dim: int, lo: int, hi: int, out: torch.Tensor,

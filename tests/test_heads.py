@@ -202,3 +202,33 @@ def test_bench_counts_classifier_memory_of_each_mode():
     assert runs["inherited", "fp32"]["classifier_bytes"] == 4 * elements  # the buffer only
     assert runs["inherited", "fp16"]["classifier_bytes"] == 2 * elements
     assert all(r["step_seconds"] > 0 and r["peak_bytes"] >= 0 for r in runs.values())
+
+
+def test_float16_centres_give_the_float32_embedding_gradient_at_scale():
+    """N = 1024 rows, 50k classes: the embedding gradient through fp16 inherited centres (upcast chunk by chunk, the
+    one path on every device) is the fp32 centres' gradient up to the centres' own fp16 rounding — including the
+    negative classes' tiny contributions, which a gradient cast down to fp16 would flush to zero."""
+    torch.manual_seed(11)
+    classes, n, dim = 50_000, 1024, 128
+    centres = torch.nn.functional.normalize(torch.randn(classes, dim), dim=1)
+    labels = torch.randint(0, classes, (n,))
+    grads = []
+    for dtype in (torch.float32, torch.float16):
+        head = PartialFCHead(CombinedMarginLoss(64, 1.0, 0.5, 0.0), dim, classes, centres=centres, centre_dtype=dtype)
+        assert head.weight.dtype == dtype
+        embeddings = torch.randn(n, dim, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
+        (grad,) = torch.autograd.grad(head(embeddings, labels), embeddings)
+        grads.append(grad)
+    error = ((grads[1] - grads[0]).norm(dim=1) / grads[0].norm(dim=1)).max().item()
+    assert error < 2e-3, error
+    # late in training a negative class's probability is 1e-8 and below: its gradient through the fp16 centres keeps
+    # fp32 precision (cast down to fp16 it would be a subnormal, rounded to a multiple of 6e-8, or zero)
+    from kd_plugin.heads import _FrozenCosine
+    tiny = torch.rand(n, classes, generator=torch.Generator().manual_seed(5)) * 2e-8
+    through = []
+    for dtype in (torch.float32, torch.float16):
+        embeddings = torch.zeros(n, dim, requires_grad=True)
+        _FrozenCosine.apply(embeddings, centres.to(dtype)).backward(tiny)
+        through.append(embeddings.grad)
+    rounding = ((through[1] - through[0]).norm(dim=1) / through[0].norm(dim=1)).max().item()
+    assert rounding < 2e-3, rounding

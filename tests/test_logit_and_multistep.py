@@ -10,7 +10,8 @@ from distributed_helpers import run_ranks
 from kd_plugin.distributed import gather_no_grad
 from kd_plugin.errors import KDPluginError
 from kd_plugin.heads import CombinedMarginLoss, PartialFCHead
-from kd_plugin.losses.logit import LogitKDLoss, _DistributedKL
+from kd_plugin.losses import logit as logit_module
+from kd_plugin.losses.logit import LogitKDLoss, _BlockedLogitKL
 from kd_plugin.teachers.multistep import MultiStepTeacherSchedule
 
 
@@ -32,10 +33,33 @@ def test_logit_kd_equals_kl_of_tempered_softmax():
     assert torch.allclose(g, g_ref, atol=1e-5)
 
 
-def test_distributed_kl_gradcheck_float64():
-    z_s = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
-    z_t = torch.randn(5, 7, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda z: _DistributedKL.apply(z, z_t), (z_s,))
+def test_blocked_logit_kl_gradcheck_float64():
+    unit = F.normalize(torch.randn(5, 4, dtype=torch.float64), dim=1).requires_grad_(True)
+    teacher = F.normalize(torch.randn(5, 4, dtype=torch.float64), dim=1)
+    centres = F.normalize(torch.randn(7, 4, dtype=torch.float64), dim=1)
+    for rows in (5, 2):  # one block, and three blocks of at most 2 rows
+        assert torch.autograd.gradcheck(lambda u: _BlockedLogitKL.apply(u, teacher, centres, None, 3.0, rows), (unit,))
+
+
+def test_logit_kd_memory_is_bounded_by_its_blocks_and_its_values_do_not_change(monkeypatch):
+    """N = 64 rows, 5000 classes, blocks of 1000 logits (3 rows): what the autograd graph keeps is the embeddings,
+    not N x C matrices; loss and gradient equal the plain computation."""
+    torch.manual_seed(4)
+    classes, n = 5000, 64
+    head = PartialFCHead(CombinedMarginLoss(), 16, classes, centres=torch.randn(classes, 16))
+    student, teacher = torch.randn(n, 16, requires_grad=True), torch.randn(n, 16)
+    plain = 16 * F.normalize(student, dim=1) @ F.normalize(head.weight, dim=1).T, \
+        16 * F.normalize(teacher, dim=1) @ F.normalize(head.weight, dim=1).T
+    ref = F.kl_div(F.log_softmax(plain[0], 1), F.softmax(plain[1], 1), reduction="batchmean") * 16
+    (g_ref,) = torch.autograd.grad(ref, student)
+    monkeypatch.setattr(logit_module, "LOGIT_BLOCK_ELEMENTS", 1000)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+        loss, _ = LogitKDLoss()(student, teacher, torch.zeros(n, dtype=torch.long), head)
+    assert max(kept) <= classes * 16  # the centres themselves; no n x classes (320,000) logits
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    (grad,) = torch.autograd.grad(loss, student)
+    assert torch.allclose(grad, g_ref, atol=1e-6)
 
 
 SIZES = (6, 5)
