@@ -52,11 +52,12 @@ def _run_eval(args: argparse.Namespace) -> int:
     if not fprs or not all(0.0 < f < 1.0 for f in fprs):
         raise KDPluginError(f"--fprs: expected comma-separated false-positive rates between 0 and 1 (exclusive) like "
                             f"1e-2,1e-3, got {args.fprs!r}")
-    model = load_embedder(args.model, given_normalization(args.mean, args.std, args.bgr), batch_size=args.batch_size)
+    model = load_embedder(args.model, given_normalization(args.mean, args.std, args.bgr), batch_size=args.batch_size,
+                          onnx_on_cpu="onnxruntime")
     gallery = None
     if args.gallery_model:
         norm = given_normalization(args.gallery_mean or args.mean, args.gallery_std or args.std, args.gallery_bgr)
-        gallery = load_embedder(args.gallery_model, norm, batch_size=args.batch_size)
+        gallery = load_embedder(args.gallery_model, norm, batch_size=args.batch_size, onnx_on_cpu="onnxruntime")
     if args.target and not args.ijb:
         raise KDPluginError(f"--target {args.target}: applies to --ijb only; drop it or evaluate with --ijb ROOT")
     if args.ijb:
@@ -139,7 +140,7 @@ def _teacher_and_data(args: argparse.Namespace):
         import torch
         device = f"cuda:{torch.cuda.current_device()}"
     teacher = load_embedder(args.teacher, given_normalization(args.mean, args.std, args.bgr), device=device,
-                            batch_size=args.batch_size)
+                            batch_size=args.batch_size, onnx_on_cpu="onnxruntime")
     return teacher, _training_data(args), get_rank()
 
 
@@ -329,19 +330,20 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks that print figures: `kd-plugin bench head --json`", add_help=False)
-    p.add_argument("name", choices=["head", "cache", "ekd", "celeba", "scale"],
+    p.add_argument("name", choices=["head", "cache", "ekd", "celeba", "scale", "step"],
                    help="head: inherited vs trainable classifier, time and memory; cache: teacher vs cache-build rate; "
                         "ekd: EKD's overhead on a student step and its memory; celeba: every method side by side on "
-                        "the shared real faces; scale: per-rank memory and .rec opening at MS1MV3..WebFace42M scale")
+                        "the shared real faces; scale: per-rank memory and .rec opening at MS1MV3..WebFace42M scale; "
+                        "step: one KD step part by part, with its host synchronisations")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see kd-plugin bench NAME --help)")
     p.set_defaults(func=_run_bench)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from kd_plugin.benchmarks import cache, celeba, ekd, head, scale
+    from kd_plugin.benchmarks import cache, celeba, ekd, head, scale, step
 
     return {"head": head.main, "cache": cache.main, "ekd": ekd.main, "celeba": celeba.main,
-            "scale": scale.main}[args.name](args.rest)
+            "scale": scale.main, "step": step.main}[args.name](args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:

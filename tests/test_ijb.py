@@ -99,7 +99,7 @@ def test_ijb_evaluation_equals_the_protocol_computed_independently(tmp_path, cap
         assert (got is None) == (expected is None) and (got is None or abs(got - expected) <= 1e-6), key
     assert result["tpr_at_fpr"]["1e-05"] is None and result["tpr_at_fpr"]["1e-04"] is not None
     protocol = read_protocol(str(root), "IJBC")
-    model = load_embedder(str(onnx_path), InputNormalization(MEAN.tolist(), STD.tolist()))
+    model = load_embedder(str(onnx_path), InputNormalization(MEAN.tolist(), STD.tolist()), onnx_on_cpu="onnxruntime")
     ids, feats = template_features(image_features(model, str(root), protocol, progress=False), protocol)
     ours = np.concatenate([s for _, s in pair_scores(ids, feats, protocol.pairs)])
     assert np.abs(ours - scores).max() < 1e-6

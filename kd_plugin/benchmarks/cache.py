@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    teacher = load_embedder(args.teacher, given_normalization(args.mean, args.std, False), batch_size=args.batch_size)
+    teacher = load_embedder(args.teacher, given_normalization(args.mean, args.std, False), batch_size=args.batch_size,
+                            onnx_on_cpu="onnxruntime")
     dataset = open_dataset(args.data)
     height, width = dataset.image_size
     require(len(dataset) * 3 * height * width, f"bench cache: the {len(dataset)} decoded images of {args.data} held "

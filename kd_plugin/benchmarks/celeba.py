@@ -446,7 +446,8 @@ def run(args) -> dict:
         raise KDPluginError(f"--num-classes {args.num_classes}, but the training data has {num_classes} identities")
     os.makedirs(args.out, exist_ok=True)
     started = time.perf_counter()
-    teacher = load_embedder(paths["teacher"], InputNormalization(IMAGENET_MEAN, IMAGENET_STD), batch_size=64)
+    teacher = load_embedder(paths["teacher"], InputNormalization(IMAGENET_MEAN, IMAGENET_STD), batch_size=64,
+                            onnx_on_cpu="onnxruntime")
     caches = _caches(args, paths, teacher, rows)
     print("[bench celeba] embedding the evaluation images with the teacher", flush=True)
     data = _load_eval_data(paths)
