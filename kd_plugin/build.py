@@ -23,7 +23,7 @@ from kd_plugin.teachers.cache import dataset_fingerprint
 from kd_plugin.teachers.centres import DERIVED_CENTRES, centres_from_cache, embedding_width, estimate_class_slice
 from kd_plugin.centre_fit import fit_class_slice
 from kd_plugin.teachers.classifier import save_class_slices, saved_class_slice
-from kd_plugin.teachers.feed import TeacherFeed
+from kd_plugin.teachers.feed import LoaderRows, TeacherFeed
 from kd_plugin.teachers.onnx_embedder import CHECK_IMAGES
 from kd_plugin.teachers.view_cache import open_view_cache
 from kd_plugin.training_log import LOG
@@ -43,13 +43,18 @@ def build_sampler(cfg, labels) -> IdentityBalancedBatchSampler:
                                         flip=not cfg.kd.views.enabled)
 
 
-def build_loader(cfg, dataset, sampler, pin_memory: bool) -> torch.utils.data.DataLoader:
+def build_loader(cfg, dataset, sampler, pin_memory: bool, feed: TeacherFeed | None = None) -> torch.utils.data.DataLoader:
     """The training batches: the sampler's (index, flip) items from the dataset, or with `kd.views` each sample's
-    consistent view of the sampler's epoch."""
+    consistent view of the sampler's epoch. With a teacher cache (or a view cache) in `feed`, the workers also read
+    each batch's cached teacher rows (`LoaderRows`): batches are (images, labels, indices[, rows[, known]])."""
     if cfg.kd.views.enabled:
         dataset, sampler = ViewDataset(dataset, ViewSettings.from_config(cfg.kd.views)), EpochItems(sampler)
+    collate = None
+    if feed is not None and (feed.cache is not None or feed.views is not None):
+        collate = LoaderRows(cache=feed.cache, views=feed.views)
+        dataset = collate.dataset(dataset)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
-                                       pin_memory=pin_memory)
+                                       pin_memory=pin_memory, collate_fn=collate)
 
 
 def build_teacher(cfg, dataset, device: torch.device) -> TeacherFeed | None:

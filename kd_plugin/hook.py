@@ -49,6 +49,8 @@ class _Shared:
         self.images: torch.Tensor | None = None  # the backbone's last input (arcface_torch-normalised)
         self.indices: torch.Tensor | None = None
         self.flips: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None  # the batch's cached teacher rows, read by the loader's workers
+        self.batches: _Batches | None = None  # the loader's dataset (HookLoader)
         self.epoch = 0  # the loader's epoch (multi-step KD switches teachers on it)
         self._dataset = None
         self._sampler = None
@@ -76,10 +78,11 @@ class _Shared:
 
 class _Batches(torch.utils.data.Dataset):
     """A dataset whose item is one whole batch: a list of (index, flip) -> (images normalised to [-1, 1], labels,
-    indices, flips). Run in the loader's workers, as arcface_torch's dataset normalises in its workers."""
+    indices, flips, the teacher cache's rows or None). Run in the loader's workers, as arcface_torch's dataset
+    normalises in its workers; `cache` (a TeacherCache, set by the KD head before the first epoch) is read there too."""
 
     def __init__(self, dataset) -> None:
-        self.dataset = dataset
+        self.dataset, self.cache = dataset, None
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -88,7 +91,9 @@ class _Batches(torch.utils.data.Dataset):
         images, labels, indices = zip(*(self.dataset[item] for item in items))
         flips = torch.tensor([bool(flip) for _, flip in items])
         images = InputNormalization().torch(torch.stack(images))  # arcface_torch's (x - 127.5) / 127.5
-        return images, torch.stack(labels), torch.stack(indices), flips
+        indices = torch.stack(indices)
+        rows = None if self.cache is None else self.cache.get(indices, flips).half()
+        return images, torch.stack(labels), indices, flips, rows
 
 
 class HookLoader(torch.utils.data.DataLoader):
@@ -96,14 +101,16 @@ class HookLoader(torch.utils.data.DataLoader):
     `(images, labels)` to the training device, as arcface_torch's DataLoaderX does."""
 
     def __init__(self, shared: _Shared, device: torch.device, num_workers: int) -> None:
-        super().__init__(_Batches(shared.dataset()), sampler=shared.sampler(), batch_size=None,
+        shared.batches = _Batches(shared.dataset())
+        super().__init__(shared.batches, sampler=shared.sampler(), batch_size=None,
                          num_workers=num_workers, pin_memory=device.type == "cuda")
         self.shared, self.device = shared, device
 
     def __iter__(self):
         self.shared.epoch = self.sampler.epoch
-        for images, labels, indices, flips in super().__iter__():
+        for images, labels, indices, flips, rows in super().__iter__():
             self.shared.indices, self.shared.flips = indices, flips
+            self.shared.rows = None if rows is None else rows.to(self.device, non_blocking=True)
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
 
@@ -119,6 +126,8 @@ class HookHead(nn.Module):
         self.shared, self.cfg, self.rank = shared, cfg, get_rank()
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self._teacher = build_teacher(cfg, shared.dataset(), device)  # a plain attribute: not in the state_dict
+        if self._teacher is not None and self._teacher.cache is not None and shared.batches is not None:
+            shared.batches.cache = self._teacher.cache  # the loader's workers read the rows with the images
         self.objective = build_objective(cfg, shared.dataset(), self._teacher, shared.sampler())
         self.register_buffer("kd_step", torch.zeros((), dtype=torch.int64))  # forward calls so far, resumed
         self._step: int | None = None  # its host copy, read once after a resume
@@ -134,7 +143,8 @@ class HookHead(nn.Module):
                            f"multi-step KD: epoch {self.shared.epoch} learns from {spec}")
         # the backbone's input back to uint8 (arcface_torch normalised it to (x - 127.5) / 127.5), when it is needed
         images = lambda: (self.shared.images.detach().float() * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8)  # noqa: E731
-        return self._teacher.embeddings(self.shared.indices, self.shared.flips, images, device)
+        loaded = (self.shared.rows,) if self.shared.rows is not None else ()
+        return self._teacher.embeddings(self.shared.indices, self.shared.flips, images, device, loaded=loaded)
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         from kd_plugin.distributed import get_world_size, scale_grad

@@ -68,10 +68,11 @@ class Trainer:
             "save_all_states = False, but kd-plugin train still writes checkpoint_gpu_{rank}.pt (its resume and crash "
             "safety need it)"]
         self.sampler = build_sampler(cfg, self.dataset.labels)
-        self.loader = build_loader(cfg, self.dataset, self.sampler, pin_memory=self.device.type == "cuda")
         self.student_norm = InputNormalization(kd.student_mean, kd.student_std)
         self.student = build_network(cfg.network, cfg.embedding_size, fp16=cfg.fp16).to(self.device)
         self.teacher = build_teacher(cfg, self.dataset, self.device)
+        self.loader = build_loader(cfg, self.dataset, self.sampler, pin_memory=self.device.type == "cuda",
+                                   feed=self.teacher)
         self.objective = build_objective(cfg, self.dataset, self.teacher, self.sampler).to(self.device)
         self.model = (DistributedDataParallel(self.student, device_ids=[self.device.index] if self.device.type == "cuda"
                                               else None) if is_distributed() else self.student)
@@ -148,13 +149,13 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------------------------------------
     def step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
-             flips: list[bool]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+             flips: list[bool], loaded: tuple = ()) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One training step as arcface_torch takes it: forward under autocast (fp16), backward of the scaled loss;
         every `gradient_acc` steps the summed gradients are unscaled, clipped to norm 5 and applied. Returns the step's
         scalars and its loss, on the device: nothing here waits for the device (see kd_plugin.host_syncs; with fp16,
         GradScaler.step reads its overflow flag, as in arcface_torch)."""
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-        teacher = (self.teacher.embeddings(indices, flips, images, self.device, epoch=self.epoch)
+        teacher = (self.teacher.embeddings(indices, flips, images, self.device, epoch=self.epoch, loaded=loaded)
                    if self.objective.needs_teacher else None)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=bool(self.cfg.fp16)):
             embeddings = self.model(self.student_norm.torch(images))
@@ -231,9 +232,9 @@ class Trainer:
                 self._teacher_for_epoch(log_path)
                 self.sampler.load_state_dict({"epoch": self.epoch, "position": self.position, "seed": self.cfg.seed})
                 epoch_start, steps_at_epoch_start = time.perf_counter(), self.global_step
-                for images, labels, indices in self.loader:
+                for images, labels, indices, *loaded in self.loader:  # loaded: cached teacher rows (LoaderRows)
                     flips = [f for _, f in self.sampler.batch(self.epoch, self.position)]
-                    log.add(*self.step(images, labels, indices, flips))
+                    log.add(*self.step(images, labels, indices, flips, tuple(loaded)))
                     last = self.global_step >= self.total_steps or self.position >= self.steps_per_epoch
                     if (self.global_step % self.cfg.frequent == 0 or last) and \
                             self._logging_step(log, log_path, writer, speed):

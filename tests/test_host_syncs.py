@@ -114,3 +114,74 @@ def test_the_hook_keeps_the_host_sync_budget_at_every_world_size(tmp_path, world
                 logs = rank == 0 and s["step"] % 3 == 0
                 expected = waves + int(logs)
                 assert sum(s["host_syncs"].values()) == expected, (method, rank, s["step"], s["host_syncs"])
+
+
+def _cached(tmp_path, data, teacher):
+    from kd_plugin.data.datasets import open_dataset
+    from kd_plugin.teachers import build_cache, load_embedder
+
+    ensure_registered()
+    folder = str(tmp_path / "cache")
+    build_cache(load_embedder(teacher), open_dataset(str(data)), folder, teacher, progress=False)
+    return folder
+
+
+def test_cached_teacher_rows_come_from_the_loader_workers_with_the_same_losses(tmp_path, monkeypatch):
+    """kd.cache: the rows are read by the DataLoader's worker (never by the training process during a step), the step
+    makes no host sync, and the losses are those of reading the cache in the step."""
+    from kd_plugin.build import build_loader
+    from kd_plugin.config import resolve
+    from kd_plugin.host_syncs import count_host_syncs
+    from kd_plugin.teachers.cache import TeacherCache
+    from kd_plugin.train import Trainer
+
+    ensure_registered()
+    data = make_faces(tmp_path / "faces", identities=8, per_identity=6)
+    teacher = _teacher(tmp_path)
+    kd = {"method": "cosine", "teacher": teacher, "cache": _cached(tmp_path, data, teacher)}
+    losses = {}
+    for name in ("loader", "in_step"):
+        trainer = Trainer(resolve(_config(data, tmp_path / name, batch_size=8, max_steps=5, frequent=1,
+                                          num_workers=1, kd=kd)))
+        if name == "in_step":  # the rows read in the step, as before they came with the batch
+            trainer.loader = build_loader(trainer.cfg, trainer.dataset, trainer.sampler, pin_memory=False)
+        reads, syncs, real_get, real_step = [], [], TeacherCache.get, Trainer.step
+
+        def get(self, *args, _reads=reads, _get=real_get):
+            _reads.append(1)
+            return _get(self, *args)
+
+        def step(self, *args, _syncs=syncs, _step=real_step):
+            with count_host_syncs() as seen:
+                out = _step(self, *args)
+            _syncs.append(seen.total)
+            return out
+        monkeypatch.setattr(TeacherCache, "get", get)
+        monkeypatch.setattr(Trainer, "step", step)
+        trainer.run()
+        monkeypatch.undo()
+        with open(tmp_path / name / "train_log.jsonl") as f:
+            losses[name] = [json.loads(line)["loss"] for line in f if '"loss"' in line]
+        if name == "loader":
+            assert reads == [] and syncs == [0] * 5  # the worker read them; the step only copies
+        else:
+            assert len(reads) == 5 and min(syncs) > 0
+    assert losses["loader"] == losses["in_step"] and len(losses["loader"]) == 5
+
+
+@pytest.mark.usefixtures("needs_cpu_harness")
+def test_under_the_hook_cached_rows_come_with_the_batch_and_the_step_makes_no_host_sync(tmp_path):
+    data = make_faces(tmp_path / "faces", identities=8, per_identity=12)
+    teacher = _teacher(tmp_path)
+    cache = _cached(tmp_path, data, teacher)
+    out = tmp_path / "run"
+    job = _job(tmp_path / "job.py", data, out, f"teacher={teacher!r}, method='cosine', cache={cache!r}",
+               batch_size=8, num_workers=1)
+    proc = _run_stand_in(job, 2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    for rank in range(2):
+        with open(out / f"emulated_rank{rank}.jsonl") as f:
+            steps = [json.loads(line) for line in f]
+        assert steps and all(sum(s["host_syncs"].values()) == int(rank == 0 and s["step"] % 3 == 0) for s in steps)
+    with open(out / "train_log.jsonl") as f:
+        assert any("loss_cosine" in json.loads(line) for line in f)

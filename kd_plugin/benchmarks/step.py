@@ -135,13 +135,13 @@ def run(args) -> dict:
         for name, run_ in runs.items():
             trainer, clock = run_["trainer"], run_["clock"]
             start = time.perf_counter()
-            images, labels, indices = next(run_["batches"])
+            images, labels, indices, *loaded = next(run_["batches"])
             waited = time.perf_counter() - start
             flips = [f for _, f in trainer.sampler.batch(trainer.epoch, trainer.position)]
             torch.Tensor.backward = clock.wrap("backward", real_backward)
             try:
                 with count_host_syncs() as seen:
-                    run_["log"].add(*trainer.step(images, labels, indices, flips))
+                    run_["log"].add(*trainer.step(images, labels, indices, flips, tuple(loaded)))
                     if step == total - 1:
                         run_["log"].read(False)  # the logging step's read, once over the measured steps
             finally:

@@ -87,6 +87,8 @@ def _batch_norm(node, attrs, x, scale, bias, mean, var):
 
 def _prelu(node, attrs, x, slope):
     slope = slope.to(x.dtype)
+    if x.dim() >= 2 and slope.numel() == x.shape[1] and (slope.dim() == 1 or slope.shape[0] == x.shape[1]):
+        return F.prelu(x, slope.reshape(-1))  # one slope per channel: torch's own kernel
     return torch.where(x >= 0, x, x * slope)
 
 

@@ -58,7 +58,8 @@ class ViewCache:
         self._own: tuple[int, np.ndarray, np.ndarray] | None = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_epoch_parts": None, "_own": None}  # never pickle mapped files
+        # never pickle mapped files; a copy (a DataLoader worker's) only reads, every writer's part this process's too
+        return {**self.__dict__, "_epoch_parts": None, "_own": None, "_reader": True}
 
     def _path(self, epoch: int, writer: str, flags: bool = False) -> str:
         return os.path.join(self.directory, f"epoch_{epoch:04d}.{writer}{'.filled' if flags else ''}.npy")
@@ -69,14 +70,18 @@ class ViewCache:
             parts = []
             for flags in sorted(glob.glob(self._path(epoch, "*", flags=True))):
                 rows = flags[:-len(".filled.npy")] + ".npy"
-                if os.path.basename(rows) != os.path.basename(self._path(epoch, self.writer)) and \
-                        os.path.isfile(rows):
+                mine = os.path.basename(rows) == os.path.basename(self._path(epoch, self.writer))
+                if (getattr(self, "_reader", False) or not mine) and os.path.isfile(rows):
                     parts.append((np.load(rows, mmap_mode="r"), np.load(flags, mmap_mode="r")))
             self._epoch_parts = (epoch, parts)
         return self._epoch_parts[1]
 
     def _mine(self, epoch: int, create: bool) -> tuple[np.ndarray, np.ndarray] | None:
-        """This process's part of `epoch`, created (zero-filled, sparse) on the first store."""
+        """This process's part of `epoch`, created (zero-filled, sparse) on the first store (never by a reader)."""
+        if getattr(self, "_reader", False):
+            if create:
+                raise RuntimeError("a view cache copied into a DataLoader worker only reads")
+            return None
         if self._own is not None and self._own[0] == epoch:
             return self._own[1:]
         if not create:
