@@ -185,3 +185,18 @@ def test_under_the_hook_cached_rows_come_with_the_batch_and_the_step_makes_no_ho
         assert steps and all(sum(s["host_syncs"].values()) == int(rank == 0 and s["step"] % 3 == 0) for s in steps)
     with open(out / "train_log.jsonl") as f:
         assert any("loss_cosine" in json.loads(line) for line in f)
+
+
+def test_the_step_benchmark_reports_parts_syncs_and_ratios(capsys):
+    """Structure at a small size (the figures come from `kd-plugin bench step --json`)."""
+    from kd_plugin.cli import main
+
+    assert main(["bench", "step", "--json", "--network", "cpu_r8", "--steps", "2", "--warmup", "1", "--batch-size",
+                 "8", "--identities", "4", "--per-identity", "8"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["device"] == "cpu" and set(result["steps"]) == {"student", "cached", "torch_teacher", "onnx_teacher"}
+    for name, figures in result["steps"].items():
+        assert figures["seconds"] > 0 and figures["host_syncs"] <= 2, (name, figures)
+        assert {"loader_wait", "student_forward", "backward", "head", "optimizer"} <= set(figures)
+    assert "teacher" in result["steps"]["onnx_teacher"] and "term_cosine" in result["steps"]["cached"]
+    assert set(result["ratios"]) >= {"cached/student", "onnx_teacher/torch_teacher"}
