@@ -10,7 +10,8 @@ warm-up then linear decay, stepped every step. Rank 0 logs as arcface_torch does
 console: its speed line every `frequent` steps, with every loss term and EKD diagnostic) and writes `train_log.jsonl`
 (the means of every scalar since the last logging step, each epoch's wall time), tensorboard scalars and `model.pt` (the student's state_dict); every rank writes
 `checkpoint_gpu_{rank}.pt` (arcface_torch's keys plus `state_kd`), atomically, every `checkpoint_every` steps and at
-each epoch end. `resume=True` continues from it exactly; SIGTERM writes one and exits; a non-finite loss stops with the
+each epoch end. `resume=True` continues from it exactly; SIGTERM writes one and exits at the next logging step; a
+non-finite loss (checked at logging steps and before each checkpoint: no step waits for the device) stops with the
 last good checkpoint left in place."""
 
 from __future__ import annotations

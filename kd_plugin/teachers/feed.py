@@ -77,7 +77,7 @@ class LoaderRows:
         self.cache, self.views = cache, views
 
     @staticmethod
-    def dataset(base) -> "_Keyed":
+    def dataset(base) -> _Keyed:
         return _Keyed(base)
 
     def __call__(self, items):
