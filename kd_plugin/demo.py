@@ -24,10 +24,10 @@ from PIL import Image
 
 
 def demo_methods() -> tuple[str, ...]:
-    """No KD, then each method this plugin is about (the registry's non-baselines) and their combination."""
-    from kd_plugin.methods import methods
+    """No KD, then each method this plugin is named for and their combination."""
+    from kd_plugin.methods import this_plugins_methods
 
-    ours = [name for name, m in methods().items() if not m.baseline]
+    ours = this_plugins_methods()
     return ("none", *ours, "+".join(ours))
 
 

@@ -348,14 +348,17 @@ class AdaDistillHead(PartialFCHead):
 
     def __init__(self, margin_loss: nn.Module, embedding_size: int, num_classes: int, sample_rate: float = 1.0,
                  fp16: bool = False, *, weighted_alpha: bool = True, seed: int = 0, rank: int | None = None,
-                 world_size: int | None = None) -> None:
+                 world_size: int | None = None, centres: torch.Tensor | ClassSlice | str | None = None) -> None:
         rank = get_rank() if rank is None else int(rank)
         world_size = get_world_size() if world_size is None else int(world_size)
-        first, count = class_range(int(num_classes), rank, world_size)
-        # the trainable head's starting centres: the same values whatever the number of ranks
-        start = ClassSlice(first, _sharding_free_normal(int(num_classes), embedding_size, first, count, seed))
-        super().__init__(margin_loss, embedding_size, num_classes, sample_rate, fp16, start, trainable=False,
-                         seed=seed, rank=rank, world_size=world_size, normalize_centres=False)  # raw, not normalised
+        if centres is None:  # the trainable head's starting centres: the same values whatever the number of ranks
+            first, count = class_range(int(num_classes), rank, world_size)
+            centres = ClassSlice(first, _sharding_free_normal(int(num_classes), embedding_size, first, count, seed))
+            normalize = False  # raw, as AdaDistill starts
+        else:  # the teacher's centres (ProxylessKD's, then adapted): unit rows, on the scale of the teacher's f̂_t
+            normalize = True
+        super().__init__(margin_loss, embedding_size, num_classes, sample_rate, fp16, centres, trainable=False,
+                         seed=seed, rank=rank, world_size=world_size, normalize_centres=normalize)
         self.weighted_alpha = bool(weighted_alpha)
 
     def centres_for_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -429,9 +432,25 @@ def _adadistill_head(cfg, centres) -> AdaDistillHead:
     return AdaDistillHead(*head_arguments(cfg), weighted_alpha=cfg.kd.adadistill.weighted_alpha, seed=cfg.seed)
 
 
+def _adaptive_proxyless_head(cfg, centres) -> AdaDistillHead:
+    return AdaDistillHead(*head_arguments(cfg), weighted_alpha=cfg.kd.proxyless_adaptive.weighted_alpha, seed=cfg.seed,
+                          centres=centres)
+
+
+def _check_adaptive(kd: dict) -> None:
+    if kd["centre_dtype"] != "float32":
+        raise KDPluginError(f"config.kd.centre_dtype = {kd['centre_dtype']!r}: proxyless_adaptive updates its centres "
+                            f"every step, so they stay float32; remove kd.centre_dtype or use 'proxyless'")
+
+
 register_head("proxyless", _proxyless_head, title="ProxylessKD", needs=("centres", "labels"), baseline=False,
               summary="the student trains with the margin softmax against the teacher's frozen class centres",
               _builtin=True)
 register_head("adadistill", _adadistill_head, title="AdaDistill", defaults={"weighted_alpha": True},
               needs=("teacher", "labels", "equal_dims"),
               summary="class centres moved towards the teacher's embeddings every step (ECCV 2024)", _builtin=True)
+register_head("proxyless_adaptive", _adaptive_proxyless_head, title="ProxylessKD, adaptive centres",
+              defaults={"weighted_alpha": True}, needs=("centres", "teacher", "labels", "equal_dims"), baseline=False,
+              check=_check_adaptive,
+              summary="kd_plugin's extension: ProxylessKD's inherited centres (kd.centres) then follow the teacher's "
+                      "embeddings of each batch as AdaDistill's do", _builtin=True)

@@ -44,6 +44,15 @@ def runs_from_a_teacher(method: Method) -> bool:
     return "logits" not in method.needs and method.teacher is None
 
 
+def this_plugins_methods(among: dict[str, Method] | None = None) -> list[str]:
+    """The methods this plugin is named for, in registry order: the non-baselines, with one head (the first one,
+    ProxylessKD; its variants, such as its adaptive centres, are left out) so that they combine into one method."""
+    among = methods() if among is None else among
+    ours = [name for name, m in among.items() if not m.baseline]
+    heads = [name for name in ours if among[name].kind == "head"]
+    return [name for name in ours if name not in heads[1:]]
+
+
 def kd_block(method: str, **settings) -> dict:
     """A config.kd block running `method` ('none', 'ekd', 'proxyless+ekd', ...) with `settings` (teacher, cache,
     sampler, ...): the inherited centres are estimated from the teacher when the method needs centres."""

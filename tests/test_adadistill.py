@@ -57,13 +57,14 @@ def test_repeated_classes_update_in_batch_order_and_loss_uses_updated_centres():
 SIZES = (7, 4, 5)
 
 
-def _steps(world, rank):
+def _steps(world, rank, inherited=False):
     torch.manual_seed(1)
     n = sum(SIZES[:world])
     student_all, teacher_all = torch.randn(16, 8), torch.randn(16, 8)
     labels_all = torch.tensor([1, 3, 1, 1, 0, 3, 4, 1, 2, 0, 3, 3, 5, 6, 1, 6])
     start, stop = (0, n) if rank is None else (sum(SIZES[:rank]), sum(SIZES[:rank + 1]))
-    head = AdaDistillHead(CombinedMarginLoss(64, 1.0, 0.45, 0.0), 8, 7, seed=4)
+    centres = 3 * torch.randn(7, 8, generator=torch.Generator().manual_seed(9)) if inherited else None
+    head = AdaDistillHead(CombinedMarginLoss(64, 1.0, 0.45, 0.0), 8, 7, seed=4, centres=centres)
     out = []
     for step in range(2):
         local = (student_all[start:stop] + step).clone().requires_grad_(True)
@@ -73,14 +74,17 @@ def _steps(world, rank):
     return out
 
 
-def _ranked(rank, world):
-    return _steps(world, rank)
+def _ranked(rank, world, inherited):
+    return _steps(world, rank, inherited)
 
 
+@pytest.mark.parametrize("inherited", [False, True], ids=["adadistill", "proxyless_adaptive"])
 @pytest.mark.parametrize("world", [2, 3])
-def test_sharded_centres_equal_one_process(world):
-    ranks = run_ranks(_ranked, world)
-    single = _steps(world, None)
+def test_sharded_centres_equal_one_process(world, inherited):
+    """AdaDistill's centres, and ProxylessKD's adaptive inherited centres (the same update from the teacher's
+    classifier), on 2 and 3 gloo ranks equal one process."""
+    ranks = run_ranks(_ranked, world, inherited)
+    single = _steps(world, None, inherited)
     for step in range(2):
         full = torch.cat([ranks[r][step][3] for r in range(world)])  # each rank's slice, in rank order
         assert torch.allclose(full, single[step][3], atol=1e-6)
@@ -89,3 +93,31 @@ def test_sharded_centres_equal_one_process(world):
             start = sum(SIZES[:rank])
             assert loss == pytest.approx(single[step][0], abs=1e-5)
             assert torch.allclose(grad, single[step][1][start:start + SIZES[rank]], atol=1e-5)
+
+
+def test_adaptive_inherited_centres_start_as_the_teachers_and_follow_the_plain_rule():
+    """proxyless_adaptive: the head starts from the given (teacher) centres, normalised, then updates by AdaDistill's
+    rule, written out sample by sample here."""
+    torch.manual_seed(2)
+    teacher_centres = 5 * torch.randn(5, 8)
+    head = AdaDistillHead(CombinedMarginLoss(64, 1.0, 0.45, 0.0), 8, 5, centres=teacher_centres)
+    assert torch.allclose(head.weight, F.normalize(teacher_centres, dim=1), atol=1e-6)
+    student, teacher = torch.randn(12, 8), torch.randn(12, 8)
+    labels = torch.tensor([1, 3, 1, 1, 0, 3, 4, 1, 2, 0, 3, 3])
+    head(student, labels, teacher)
+    expected = _manual_updates(F.normalize(teacher_centres, dim=1), student, teacher, labels)
+    assert torch.allclose(head.weight, expected, atol=1e-6)
+
+
+def test_proxyless_adaptive_is_a_head_with_the_teachers_centres_and_refuses_low_precision():
+    from kd_plugin.config import resolve
+    from kd_plugin.errors import KDPluginError
+
+    cfg = resolve({"rec": "x", "num_classes": 4, "kd": {"method": "proxyless_adaptive+ekd", "teacher": "t.onnx",
+                                                        "centres": "estimate", "ekd": {"memory": 64}}})
+    assert cfg.kd.head == "proxyless_adaptive" and cfg.kd.terms == {"ekd": 1.0}
+    with pytest.raises(KDPluginError, match="kd.centres"):
+        resolve({"rec": "x", "num_classes": 4, "kd": {"method": "proxyless_adaptive", "teacher": "t.onnx"}})
+    with pytest.raises(KDPluginError, match="centre_dtype = 'float16': proxyless_adaptive updates"):
+        resolve({"rec": "x", "num_classes": 4, "kd": {"method": "proxyless_adaptive", "teacher": "t.onnx",
+                                                      "centres": "estimate", "centre_dtype": "float16"}})

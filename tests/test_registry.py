@@ -178,7 +178,7 @@ def test_config_cli_benchmark_and_demo_read_the_registry(capsys):
     from kd_plugin.methods import kd_block, methods
 
     catalogue = methods()
-    assert {n for n, m in catalogue.items() if m.kind == "head"} == {"proxyless", "adadistill"}
+    assert {n for n, m in catalogue.items() if m.kind == "head"} == {"proxyless", "adadistill", "proxyless_adaptive"}
     assert kd_defaults()["ekd"]["top_k"] == 2000 and kd_defaults()["cckd"] == {"gamma": 0.4, "order": 2}
     assert demo_methods() == ("none", "proxyless", "ekd", "proxyless+ekd")
     assert set(celeba.registry_rows()) == {"student", "proxyless+ekd"} | {

@@ -68,11 +68,12 @@ CURVE_FPRS = tuple(float(f"{m}e{k}") for k in range(-4, 0) for m in range(1, 10)
 def registry_rows() -> tuple[str, ...]:
     """Every row the registry offers on its own: the student alone, each method that runs from a teacher and the
     training data alone, and the combination of the methods this plugin is about."""
-    from kd_plugin.methods import methods, runs_from_a_teacher
+    from kd_plugin.methods import methods, runs_from_a_teacher, this_plugins_methods
 
     runnable = {name: m for name, m in methods().items() if runs_from_a_teacher(m)}
-    ours = [name for name, m in runnable.items() if not m.baseline]
-    return ("student", *(n for n, m in runnable.items() if m.baseline), *ours, "+".join(ours))
+    ours = this_plugins_methods(runnable)
+    variants = [n for n, m in runnable.items() if not m.baseline and n not in ours]
+    return ("student", *(n for n, m in runnable.items() if m.baseline), *ours, *variants, "+".join(ours))
 
 
 def parse_row(row: str) -> tuple[str, tuple[str, ...]]:
