@@ -121,3 +121,29 @@ def test_proxyless_adaptive_is_a_head_with_the_teachers_centres_and_refuses_low_
     with pytest.raises(KDPluginError, match="centre_dtype = 'float16': proxyless_adaptive updates"):
         resolve({"rec": "x", "num_classes": 4, "kd": {"method": "proxyless_adaptive", "teacher": "t.onnx",
                                                       "centres": "estimate", "centre_dtype": "float16"}})
+
+
+def test_proxyless_adaptive_with_ekd_resumes_mid_epoch_exactly(tmp_path):
+    """The adaptive inherited centres and EKD's memory are in the checkpoint: 3 steps, then resumed to 6, give the
+    losses of 6 straight steps (mid-epoch: 8 steps an epoch)."""
+    from kd_plugin.config import resolve
+    from kd_plugin.train import train
+    from test_train import _config, _losses, _teacher, ensure_registered, make_faces
+
+    ensure_registered()
+    try:
+        data = make_faces(tmp_path / "faces", identities=8, per_identity=8)
+        kd = {"method": "proxyless_adaptive+ekd", "teacher": _teacher(tmp_path), "centres": "estimate",
+              "ekd": {"memory": 32, "anchor_init": "first"},
+              "sampler": {"identities_per_batch": 1, "images_per_identity": 2}}
+        train(resolve(_config(data, tmp_path / "straight", max_steps=6, kd=kd)))
+        train(resolve(_config(data, tmp_path / "resumed", max_steps=3, kd=kd)))
+        train(resolve(_config(data, tmp_path / "resumed", max_steps=6, resume=True, kd=kd)))
+        straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+        assert [e["step"] for e in resumed] == [1, 2, 3, 4, 5, 6]
+        for a, b in zip(straight, resumed):
+            for key in ("loss", "loss_head", "loss_ekd"):
+                assert b[key] == pytest.approx(a[key], rel=1e-6), (a["step"], key)
+    finally:
+        from kd_plugin.networks import unregister_network
+        unregister_network("test_tiny")
