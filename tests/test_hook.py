@@ -149,13 +149,13 @@ def _kd_log(output):
 def test_unchanged_upstream_train_v2_distils_with_one_line(tmp_path, world):
     """proxyless+ekd from the shared ONNX teacher, 2 epochs, under strict device mode."""
     teacher = shared("teachers", "mobilefacenet_ms1m", "mobilefacenet_dynamic.onnx")
-    subset, n = _celeba_subset(tmp_path, 8)
+    subset, n = _celeba_subset(tmp_path, 6)
     name = f"_kd_plugin_hook_test_{os.getpid()}_{world}"
     kd_call = (f"distill(config, teacher={str(teacher)!r}, method='proxyless+ekd', "
                "teacher_mean='123.675,116.28,103.53', teacher_std='58.395,57.12,57.375', centres='estimate', "
                "margin_on_random_part=True, sampler=dict(identities_per_batch=4, images_per_identity=4))")
     output = tmp_path / "run"
-    _finish(_upstream(name, _job(output, subset, 8, 2, False, kd_call), world), name)
+    _finish(_upstream(name, _job(output, subset, 6, 2, False, kd_call), world), name)
     steps = -(-n // (world * 16))  # the balanced sampler's epoch: R = 32 - 4 x 4 random images per rank
     _check(output, world, steps, 2)
     figures = [e for e in _kd_log(output) if "loss" in e]
