@@ -64,15 +64,15 @@ def kd_block(method: str, **settings) -> dict:
 
 def describe() -> str:
     """The catalogue as text: `kd-plugin methods`."""
-    lines = []
+    lines, width = [], max(11, *(len(name) for name in methods()))
     for name, m in methods().items():
         weight = f", weight {m.weight:g}" if m.kind == "term" else ""
-        lines.append(f"{name:<11} {m.title} ({m.kind}{weight}): {m.summary}")
-        lines.append(f"{'':<11} needs: {', '.join(sorted(m.needs)) or 'nothing more'}")
+        lines.append(f"{name:<{width}} {m.title} ({m.kind}{weight}): {m.summary}")
+        lines.append(f"{'':<{width}} needs: {', '.join(sorted(m.needs)) or 'nothing more'}")
         if m.defaults:
-            lines.append(f"{'':<11} config.kd.{name} = {dict(m.defaults)}")
+            lines.append(f"{'':<{width}} config.kd.{name} = {dict(m.defaults)}")
         if not m.builtin:
-            lines.append(f"{'':<11} registered by {m.origin}")
+            lines.append(f"{'':<{width}} registered by {m.origin}")
     lines.append("")
     lines.append("what the needs mean:")
     lines += [f"  {need}: {meaning}" for need, meaning in NEEDS.items()]
