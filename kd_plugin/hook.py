@@ -34,7 +34,7 @@ from torch import nn
 
 from kd_plugin.errors import KDPluginError
 from kd_plugin.normalization import InputNormalization
-from kd_plugin.training_log import LOG  # under train_v2 it reaches upstream's root handlers: training.log and stdout
+from kd_plugin.training_log import LOG, console_figures  # under train_v2 it reaches upstream's root handlers: training.log and stdout
 
 PATCHED_NAMES = ("get_dataloader", "get_model", "PartialFC_V2")
 SUPPORTED = ("insightface's recognition/arcface_torch train_v2.py with PartialFC_V2 (checked against insightface "
@@ -174,8 +174,7 @@ class HookHead(nn.Module):
             return
         figures = self._means.pop()  # the one sync
         self._log_line({"step": self._step, "epoch": self.shared.epoch, **figures},
-                       f"KD step {self._step} epoch {self.shared.epoch}: "
-                       + " ".join(f"{k}={v:.4f}" for k, v in figures.items()))
+                       f"KD step {self._step} epoch {self.shared.epoch}: " + console_figures(figures))
         writer = self._tensorboard()
         if writer is not None:
             for key, value in figures.items():

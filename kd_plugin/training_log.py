@@ -113,6 +113,13 @@ class StepLog:
         return means, values[0] > 0, int(values[1])
 
 
+def console_figures(figures: dict[str, float], skip: tuple[str, ...] = ()) -> str:
+    """The scalars for a console and training.log line: the loss terms and EKD's pair counts, not its twelve per-FPR
+    thresholds (those go to train_log.jsonl and tensorboard only; the line stays readable)."""
+    return " ".join(f"{k}={v:.4g}" for k, v in figures.items()
+                    if k not in skip and not k.startswith("ekd_threshold_"))
+
+
 class SpeedLine:
     """arcface_torch's CallBackLogging line, written by rank 0 at each logging step, with the KD scalars after it."""
 
@@ -130,5 +137,5 @@ class SpeedLine:
         scale = f"Fp16 Grad Scale: {grad_scale:2.0f}   " if grad_scale is not None else ""
         LOG.info(f"Speed {speed:.2f} samples/sec   Loss {means.get('loss', float('nan')):.4f}   LearningRate "
                  f"{lr:.6f}   Epoch: {epoch}   Global Step: {step}   {scale}Required: {hours:.1f} hours   "
-                 + " ".join(f"{k}={v:.4g}" for k, v in means.items() if k != "loss"))
+                 + console_figures(means, skip=("loss",)))
         self.last_step, self.tic = step, now

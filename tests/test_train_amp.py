@@ -171,6 +171,9 @@ def test_a_run_leaves_arcface_torchs_training_log_with_the_kd_terms(tmp_path):
     assert "samples/sec   Loss " in speed[0] and "Global Step: 2   Fp16 Grad Scale: " in speed[0]
     assert "Required: " in speed[0] and "loss_head=" in speed[0] and "loss_ekd=" in speed[0]
     assert "ekd_" in speed[0].split("loss_ekd=")[1]  # the EKD diagnostics follow the loss terms
+    assert "ekd_threshold" not in speed[0]  # the twelve per-FPR thresholds: JSONL and tensorboard only
+    with open(tmp_path / "first" / "train_log.jsonl") as f:
+        assert any("ekd_threshold_student@1e-03" in line for line in f)
     assert any("epoch 1/2 done" in line for line in log)
     assert len((tmp_path / "second" / "training.log").read_text().splitlines()) == len(log)  # no cross-talk
     assert not logging.getLogger("kd_plugin").handlers  # the handlers are taken off after each run
