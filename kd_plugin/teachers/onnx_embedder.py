@@ -79,12 +79,7 @@ class CheckedOnnxModule(TorchEmbedder):
     differ by more than CHECK_TOLERANCE; no later call touches onnxruntime."""
 
     def __init__(self, path: str, module, normalization: InputNormalization, device, amp_dtype, batch_size: int) -> None:
-        import onnx
-
-        first = onnx.load(path, load_external_data=False).graph
-        known = {i.name for i in first.initializer}
-        feed = next(i for i in first.input if i.name not in known)
-        self.takes_uint8 = feed.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+        self.takes_uint8 = module.takes_uint8  # read from the graph when it was converted
         super().__init__(module, normalization, device=device, amp_dtype=amp_dtype, batch_size=batch_size, spec=path,
                          raw_uint8=self.takes_uint8)
         self.path, self.fixed_batch = path, module.fixed_batch  # the module itself takes any batch size

@@ -224,6 +224,9 @@ class OnnxGraphModule(nn.Module):
         self.input_name, self.output_name = inputs[0].name, graph.output[0].name
         batch = inputs[0].type.tensor_type.shape.dim[0] if inputs[0].type.tensor_type.shape.dim else None
         self.fixed_batch = batch.dim_value if batch is not None and batch.HasField("dim_value") else None
+        from onnx import TensorProto
+        # a uint8 input (kd-plugin export's "uint8" format) normalises inside the graph: fed the images as they are
+        self.takes_uint8 = inputs[0].type.tensor_type.elem_type == TensorProto.UINT8
         constants = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in graph.initializer}
         self.steps = []  # (node, attributes, input names, output names) of what depends on the input
         for node in graph.node:
