@@ -48,7 +48,8 @@ def build_loader(cfg, dataset, sampler, pin_memory: bool, feed: TeacherFeed | No
     consistent view of the sampler's epoch. With a teacher cache (or a view cache) in `feed`, the workers also read
     each batch's cached teacher rows (`LoaderRows`): batches are (images, labels, indices[, rows[, known]])."""
     if cfg.kd.views.enabled:
-        dataset, sampler = ViewDataset(dataset, ViewSettings.from_config(cfg.kd.views)), EpochItems(sampler)
+        dataset, sampler = (ViewDataset(dataset, ViewSettings.from_config(cfg.kd.views), mixed_labels(cfg)),
+                            EpochItems(sampler))
     collate = None
     if feed is not None and (feed.cache is not None or feed.views is not None):
         collate = LoaderRows(cache=feed.cache, views=feed.views)
@@ -162,4 +163,11 @@ def build_objective(cfg, dataset, feed: TeacherFeed | None, sampler: IdentityBal
                        equal_dims=tuple(name for name, m in methods.items() if "equal_dims" in m.needs),
                        unlabelled_rows=cfg.kd.unlabeled.per_batch > 0 or (cfg.kd.views.enabled and
                                                                           cfg.kd.views.mixup > 0),
-                       label_free=tuple(name for name, m in methods.items() if m.label_free))
+                       label_free=tuple(name for name, m in methods.items() if m.label_free),
+                       mixed_labels=mixed_labels(cfg))
+
+
+def mixed_labels(cfg) -> bool:
+    """Whether mixed views keep their labels for the head (kd.views.mixed_labels = "mix", with mixup on)."""
+    views = cfg.kd.views
+    return bool(views.enabled and views.mixup > 0 and views.mixed_labels == "mix")

@@ -45,7 +45,10 @@ KD_SETTINGS = {
     "views": {
         "enabled": False,  # flip, crop and mixup drawn per (seed, epoch, sample); the teacher runs on that view
         "crop": 0.8,  # random-resized crop: the kept area is a uniform share of the image in [crop, 1] (1: no crop)
-        "mixup": 0.5,  # share of samples mixed with another training image (lambda ~ U(0, 1)): label-free terms only
+        "mixup": 0.5,  # share of samples mixed with another training image (lambda ~ U(0, 1))
+        # a mixed image: "drop" its label (label-free terms only) or "mix" (the head: lam x own + (1 - lam) x partner)
+        "mixed_labels": "drop",
+        "shift": 0,  # a translation of up to this many pixels each way after the crop (0: none; with crop 1: aligned)
         "seed": 0,  # the views' own seed, not config.seed: every run and training seed sees the same views
         "cache": None,  # teacher-view cache folder: the teacher's embedding of each (sample, epoch) view, made once
     },
@@ -165,7 +168,14 @@ def _check_views(kd: dict, chosen: dict) -> None:
                                                       "[0, 1] (0: no mixup)")
     if not isinstance(views["seed"], int):
         raise _fail("kd.views.seed", views["seed"], "expected an integer")
-    if views["mixup"] > 0:
+    if isinstance(views["shift"], bool) or not isinstance(views["shift"], int) or not 0 <= views["shift"] <= 16:
+        raise _fail("kd.views.shift", views["shift"], "expected the largest translation in pixels, an integer in "
+                                                      "[0, 16] (0: none)")
+    if views["mixed_labels"] not in ("drop", "mix"):
+        raise _fail("kd.views.mixed_labels", views["mixed_labels"], "expected 'drop' (a mixed image trains the "
+                                                                    "label-free terms only) or 'mix' (and the head, "
+                                                                    "lam-weighted over both identities)")
+    if views["mixup"] > 0 and views["mixed_labels"] == "drop":
         _need_label_free(kd, chosen, "kd.views.mixup", views["mixup"], "a mixed image has no single identity and feeds",
                          "set kd.views.mixup = 0")
     if views["mixup"] > 0 and kd["margin_on_random_part"]:

@@ -99,10 +99,11 @@ class CombinedMarginLoss(nn.Module):
 
 
 class _DistributedCrossEntropy(torch.autograd.Function):
-    """Softmax cross-entropy over classes sharded across ranks; mean over the (global) rows."""
+    """Softmax cross-entropy over classes sharded across ranks; mean over the (global) rows, or with `weights` (one per
+    row, the same on every rank) the weighted mean sum(w * loss) / sum(w)."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         top, prob, total = sharded_exp_sum(logits)
         prob /= total
         # each row's target logit from the rank that holds its class (label -1 elsewhere): a masked gather, so no
@@ -111,16 +112,22 @@ class _DistributedCrossEntropy(torch.autograd.Function):
         target = (torch.where(valid, logits.gather(1, cols).squeeze(1), 0.0) if logits.shape[1]
                   else logits.new_zeros(len(logits)))
         all_reduce_(target, "sum")
-        ctx.save_for_backward(prob, labels)
         # log-sum-exp form: exact even where the target probability underflows (upstream clamps it at 1e-30)
-        return (torch.log(total.squeeze(1)) + top.squeeze(1) - target).mean()
+        losses = torch.log(total.squeeze(1)) + top.squeeze(1) - target
+        if weights is None:
+            ctx.save_for_backward(prob, labels)
+            return losses.mean()
+        share = weights.float() / weights.float().sum()  # each row's share of the mean
+        ctx.save_for_backward(prob, labels, share)
+        return (losses * share).sum()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        prob, labels = ctx.saved_tensors
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        prob, labels, *share = ctx.saved_tensors
         if prob.shape[1]:  # the saved buffer is ours alone: reuse it as the gradient
             prob.scatter_add_(1, labels.clamp_min(0)[:, None], -(labels >= 0).to(prob.dtype)[:, None])
-        return prob * (grad / len(prob)), None
+        scale = grad / len(prob) if not share else grad * share[0][:, None]
+        return prob * scale, None, None
 
 
 CENTRE_CHUNK = 1 << 16  # classes upcast at a time from fp16/bf16 centres
@@ -314,8 +321,10 @@ class PartialFCHead(nn.Module):
             return F.linear(norm_emb, F.normalize(self.weight, dim=1))
         return self._frozen_cosines(norm_emb, *self.centres_for_logits())
 
-    def global_loss(self, embeddings: torch.Tensor, global_labels: torch.Tensor) -> torch.Tensor:
-        """The loss of an already gathered global batch (global class ids); the same value on every rank."""
+    def global_loss(self, embeddings: torch.Tensor, global_labels: torch.Tensor,
+                    weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of an already gathered global batch (global class ids); the same value on every rank. `weights`:
+        one per row, for the weighted mean (mixup's lam and 1 - lam, kd_plugin.objective)."""
         labels = global_labels - self.class_start
         owned = (labels >= 0) & (labels < self.num_local)
         labels[~owned] = -1
@@ -332,7 +341,7 @@ class PartialFCHead(nn.Module):
             logits = self._frozen_cosines(norm_emb.half() if self.fp16 and norm_emb.is_cuda else norm_emb, weight,
                                           inverse_norms)
         logits = self.margin_softmax(logits.clamp(-1.0, 1.0), labels)
-        return _DistributedCrossEntropy.apply(logits, labels)
+        return _DistributedCrossEntropy.apply(logits, labels, weights)
 
 
 class AdaDistillHead(PartialFCHead):

@@ -8,8 +8,8 @@ and under the train_v2 hook alike, whatever the number of ranks:
 - **1 at a logging step** (every `frequent` steps): the step's scalars, the stop request (SIGTERM) and the finite-loss
   check, read together after one all-reduce; **0 at any other step**,
 - **+1 per step with AdaDistill** (how many times a class repeats in the batch sets its update waves),
-- **+1 per step with `sample_rate < 1`** (the number of sampled classes), or with unlabelled rows in the batch (their
-  count), where those settings are used.
+- **+1 per step with `sample_rate < 1`** (the number of sampled classes), or with rows some terms skip in the batch
+  (unlabelled images, mixed views: their count), where those settings are used.
 
 So `proxyless+ekd` (with EKD's memory), logit KD and the other embedding terms make at most 1 per step and AdaDistill
 at most 2. Not counted here, because they are torch's own and upstream makes them too: with fp16, `GradScaler.step`

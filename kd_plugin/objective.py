@@ -26,7 +26,7 @@ class KDObjective(nn.Module):
     def __init__(self, head: PartialFCHead, terms: dict[str, tuple[nn.Module, float]] | None = None,
                  reference_scaling: bool = False, margin_random_rows: int | None = None,
                  needs_teacher: bool | None = None, equal_dims: tuple[str, ...] = (),
-                 unlabelled_rows: bool = False, label_free: tuple[str, ...] = ()) -> None:
+                 unlabelled_rows: bool = False, label_free: tuple[str, ...] = (), mixed_labels: bool = False) -> None:
         super().__init__()
         self.head = head
         self.terms = nn.ModuleDict({name: module for name, (module, _) in (terms or {}).items()})
@@ -38,13 +38,19 @@ class KDObjective(nn.Module):
         # batches may hold images without identity (label < 0): the head and the terms that need labels skip them,
         # the `label_free` terms see every row
         self.unlabelled_rows, self.label_free = bool(unlabelled_rows), tuple(label_free)
+        # kd.views.mixed_labels = "mix": forward takes `mix` (each row's partner label and lam) and the head's loss of
+        # a mixed row is lam x its own identity's plus (1 - lam) x its partner's
+        self.mixed_labels = bool(mixed_labels)
 
     def forward(self, local_student: torch.Tensor, local_labels: torch.Tensor,
-                local_teacher: torch.Tensor | None = None,
-                sizes: list[int] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                local_teacher: torch.Tensor | None = None, sizes: list[int] | None = None,
+                mix: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of the global batch and its scalars (device tensors). `sizes`: every rank's batch size in rank
         order, when the caller knows them (kd-plugin train's sampler and train_v2's drop_last loader give every rank
-        the same size): otherwise they are exchanged, which reads them on the host."""
+        the same size): otherwise they are exchanged, which reads them on the host. `mix` (with `mixed_labels`): each
+        local row's mixup partner label (-1: none known) and lam (1: not mixed), kd_plugin.data.views.mix_partners."""
+        if self.mixed_labels != (mix is not None):
+            raise ValueError(f"the objective was built with mixed_labels = {self.mixed_labels}: pass `mix` exactly then")
         if self.needs_teacher and local_teacher is None:
             raise ValueError(f"the KD terms {sorted(self.terms) or ['adadistill']} need teacher embeddings")
         if self.equal_dims and local_teacher is not None and local_teacher.shape[1] != local_student.shape[1]:
@@ -56,16 +62,23 @@ class KDObjective(nn.Module):
         student, labels = self.head.gather(local_student, local_labels, sizes)
         teacher = None if local_teacher is None else gather_no_grad(local_teacher.float(), sizes)
         everything = (student, teacher, labels)
-        labelled = everything
-        if self.unlabelled_rows:
+        labelled, head_rows = everything, None
+        if mix is not None:
+            pure, head_rows = _mixed_rows(labels, *(gather_no_grad(part, sizes) for part in mix))
+            labelled = (student[pure], None if teacher is None else teacher[pure], labels[pure])
+        elif self.unlabelled_rows:
             keep = labels >= 0
             labelled = (student[keep], None if teacher is None else teacher[keep], labels[keep])
         # a batch may hold no labelled row at all (mixed views, unlabelled images): what needs labels then adds 0
         # (the gathered labels are the same on every rank, so every rank skips alike)
         no_labels = len(labelled[2]) == 0
-        if isinstance(self.head, AdaDistillHead) and not no_labels:
+        if isinstance(self.head, AdaDistillHead) and not no_labels:  # from unmixed rows only: a class's own images
             self.head.update_centres(labelled[0].detach(), labelled[1], labelled[2])
-        if no_labels:
+        if head_rows is not None:
+            rows, head_labels, weights = head_rows
+            head_loss = (self.head.global_loss(student[rows], head_labels, weights) if len(rows)
+                         else student.sum() * 0.0)
+        elif no_labels:
             head_loss = student.sum() * 0.0
         elif self.margin_random_rows is not None:
             rows = random_part_rows(sizes, self.margin_random_rows, student.device)
@@ -88,3 +101,23 @@ class KDObjective(nn.Module):
             stats.update({k: v for k, v in term_stats.items()})
         stats["loss"] = total.detach()
         return total, stats
+
+
+def _mixed_rows(labels: torch.Tensor, partners: torch.Tensor,
+                lam: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Mixup with labels, over the global batch: the rows of unmixed labelled images (for EKD and AdaDistill's update)
+    and the head's rows — each labelled row at weight lam, and again with its partner's label at weight 1 - lam when
+    the partner has one — as (row index, label, weight). One host read: the three counts."""
+    n = len(labels)
+    mixed = lam < 1.0
+    candidate_labels = torch.cat([labels, labels, partners])
+    rows = torch.arange(n, device=labels.device).repeat(3)
+    weights = torch.cat([torch.ones_like(lam), lam, 1.0 - lam])
+    # segment 0: unmixed labelled rows; 1: every labelled row (own label); 2: a mixed row's partner label; 3: none
+    none = torch.full_like(labels, 3)
+    segment = torch.cat([torch.where((labels >= 0) & ~mixed, 0, none), torch.where(labels >= 0, 1, none),
+                         torch.where(mixed & (partners >= 0), 2, none)])
+    pure, own, other = torch.bincount(segment, minlength=4)[:3].tolist()  # the host read
+    order = torch.argsort(segment, stable=True)
+    head = order[pure:pure + own + other]
+    return rows[order[:pure]], (rows[head], candidate_labels[head], weights[head])

@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from kd_plugin.atomic import save_torch
 from kd_plugin.build import build_dataset, build_loader, build_objective, build_sampler, build_teacher
 from kd_plugin.config import check_num_image, check_trainer_keys, load_config
+from kd_plugin.data.views import ViewSettings, mix_partners
 from kd_plugin.distributed import get_rank, get_world_size, init_from_env, is_distributed, scale_grad
 from kd_plugin.errors import KDPluginError
 from kd_plugin.normalization import InputNormalization
@@ -75,6 +76,7 @@ class Trainer:
         self.loader = build_loader(cfg, self.dataset, self.sampler, pin_memory=self.device.type == "cuda",
                                    feed=self.teacher)
         self.objective = build_objective(cfg, self.dataset, self.teacher, self.sampler).to(self.device)
+        self._views = ViewSettings.from_config(kd.views) if kd.views.enabled else None
         self.model = (DistributedDataParallel(self.student, device_ids=[self.device.index] if self.device.type == "cuda"
                                               else None) if is_distributed() else self.student)
         params = [{"params": self.student.parameters()}, {"params": self.objective.parameters()}]
@@ -150,11 +152,13 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------------------------------------
     def step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
-             flips: list[bool], loaded: tuple = ()) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+             flips: list[bool], loaded: tuple = (),
+             mix: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One training step as arcface_torch takes it: forward under autocast (fp16), backward of the scaled loss;
         every `gradient_acc` steps the summed gradients are unscaled, clipped to norm 5 and applied. Returns the step's
         scalars and its loss, on the device: nothing here waits for the device (see kd_plugin.host_syncs; with fp16,
-        GradScaler.step reads its overflow flag, as in arcface_torch)."""
+        GradScaler.step reads its overflow flag, as in arcface_torch). `mix`: with kd.views.mixed_labels = "mix", each
+        row's mixup partner label and lam (host tensors, kd_plugin.data.views.mix_partners)."""
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         teacher = (self.teacher.embeddings(indices, flips, images, self.device, epoch=self.epoch, loaded=loaded)
                    if self.objective.needs_teacher else None)
@@ -162,8 +166,10 @@ class Trainer:
             embeddings = self.model(self.student_norm.torch(images))
         # each rank's gradient is the one-process gradient of its rows; DDP averages over ranks: multiply by W once.
         # Every rank's batch holds batch_size rows (the sampler's contract), so the sizes need no exchange
+        if mix is not None:
+            mix = tuple(t.to(self.device, non_blocking=True) for t in mix)
         loss, stats = self.objective(scale_grad(embeddings.float(), self.world), labels, teacher,
-                                     sizes=[len(labels)] * self.world)
+                                     sizes=[len(labels)] * self.world, mix=mix)
         self.scaler.scale(loss).backward()
         self.global_step += 1
         self.position += 1
@@ -235,7 +241,10 @@ class Trainer:
                 epoch_start, steps_at_epoch_start = time.perf_counter(), self.global_step
                 for images, labels, indices, *loaded in self.loader:  # loaded: cached teacher rows (LoaderRows)
                     flips = [f for _, f in self.sampler.batch(self.epoch, self.position)]
-                    log.add(*self.step(images, labels, indices, flips, tuple(loaded)))
+                    # mixup with labels: each row's partner label and lam, from the views' pure function on the host
+                    mix = (mix_partners(self._views, self.dataset, indices, self.epoch)
+                           if self.objective.mixed_labels else None)
+                    log.add(*self.step(images, labels, indices, flips, tuple(loaded), mix))
                     last = self.global_step >= self.total_steps or self.position >= self.steps_per_epoch
                     if (self.global_step % self.cfg.frequent == 0 or last) and \
                             self._logging_step(log, log_path, writer, speed):

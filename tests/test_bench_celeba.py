@@ -97,8 +97,17 @@ def test_views_rows_share_one_teacher_view_cache(stand_ins, tmp_path, capsys):
     assert first["settings"]["views"] == {"crop": 0.8, "mixup": 0.5, "seed": 0}
     parts = list((out / "teacher_views_crop0.8_mixup0.5").glob("epoch_0000.*.filled.npy"))
     assert len(parts) == 1 and np.load(parts[0]).sum() == first["teacher_rows"]  # one writer: the first row's run
-    with pytest.raises(Exception, match=r"row 'proxyless@views': '@views' needs a method with label-free"):
+    with pytest.raises(Exception, match=r"row 'proxyless@views': '@views' with --views-mixed-labels drop feeds the "
+                                        r"mixed images to the label-free terms only.*--views-mixed-labels mix"):
         main(argv[:-4] + ["--methods", "proxyless@views"])
+    # with mixed labels the head takes the mixed images: a row without a label-free term runs; aligned shifted views
+    # have their own teacher-view cache
+    assert main(argv[:-4] + ["--methods", "adadistill@views", "--views-mixed-labels", "mix", "--views-crop", "1",
+                             "--views-shift", "2"]) == 0
+    mixed = json.loads((out / "adadistill_at_views" / "seed0" / "result.json").read_text())
+    assert mixed["settings"]["views"] == {"crop": 1.0, "mixup": 0.5, "shift": 2, "mixed_labels": "mix", "seed": 0}
+    assert mixed["teacher_rows"] > 0 and list((out / "teacher_views_crop1_mixup0.5_shift2").glob("epoch_0000.*"))
+    assert "no crop, shift 2 px, 50% of the samples mixed and seen in the head" in (out / "results.md").read_text()
 
 
 def test_curve_points_are_distinct_figures():

@@ -124,11 +124,15 @@ def test_a_view_cache_made_with_other_settings_is_refused(faces, tmp_path):
         _run(_views_config(faces, teacher, tmp_path / "second", {"cache": cache, "crop": 0.9}, max_steps=1))
 
 
-def test_a_resume_mid_epoch_on_views_is_exact(faces, tmp_path):
+MIXED = {"mixed_labels": "mix", "crop": 1.0, "shift": 3}  # mixup with labels on aligned, translated views
+
+
+@pytest.mark.parametrize("views", [{}, MIXED], ids=["drop", "mix"])
+def test_a_resume_mid_epoch_on_views_is_exact(faces, tmp_path, views):
     teacher = _teacher(tmp_path)
-    _run(_views_config(faces, teacher, tmp_path / "straight", max_steps=8))
-    _run(_views_config(faces, teacher, tmp_path / "resumed", max_steps=3))  # 8 steps an epoch: mid-epoch 0
-    _run(_views_config(faces, teacher, tmp_path / "resumed", max_steps=8, resume=True))
+    _run(_views_config(faces, teacher, tmp_path / "straight", views, max_steps=8))
+    _run(_views_config(faces, teacher, tmp_path / "resumed", views, max_steps=3))  # 8 steps an epoch: mid-epoch 0
+    _run(_views_config(faces, teacher, tmp_path / "resumed", views, max_steps=8, resume=True))
     straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
     assert [e["step"] for e in resumed] == list(range(1, 9))
     assert [e["loss"] for e in straight] == [e["loss"] for e in resumed]
@@ -139,13 +143,14 @@ def _in_group(rank, world, config):
     _run(config)
 
 
-def test_two_gloo_ranks_on_views_with_one_shared_cache_train_like_one_process(faces, tmp_path):
+@pytest.mark.parametrize("views", [{}, MIXED], ids=["drop", "mix"])
+def test_two_gloo_ranks_on_views_with_one_shared_cache_train_like_one_process(faces, tmp_path, views):
     teacher = _teacher(tmp_path)
     kd = {"sampler": {"identities_per_batch": 2, "images_per_identity": 2, "balanced": True}}
-    one = _views_config(faces, teacher, tmp_path / "one", {"cache": str(tmp_path / "cache_one")}, batch_size=16,
-                        max_steps=4, kd=kd)
-    two = _views_config(faces, teacher, tmp_path / "two", {"cache": str(tmp_path / "cache_two")}, batch_size=8,
-                        max_steps=4)
+    one = _views_config(faces, teacher, tmp_path / "one", {"cache": str(tmp_path / "cache_one"), **views},
+                        batch_size=16, max_steps=4, kd=kd)
+    two = _views_config(faces, teacher, tmp_path / "two", {"cache": str(tmp_path / "cache_two"), **views},
+                        batch_size=8, max_steps=4)
     run_ranks(_in_group, 1, one)
     run_ranks(_in_group, 2, two)
     for a, b in zip(_losses(tmp_path / "one"), _losses(tmp_path / "two"), strict=True):
@@ -177,6 +182,10 @@ def _view_part(flags_path):
                                   r"and its flip.*remove kd.cache")),
     ({}, {"margin_on_random_part": True}, r"kd.views.mixup = 0.5: kd.margin_on_random_part"),
     ({"cache": "v", "mixup": 0.0}, {"method": "none"}, r"kd.views.cache = 'v': method 'none' does not use the teacher"),
+    ({"shift": 2.5}, {}, r"kd.views.shift = 2.5: expected the largest translation in pixels, an integer in \[0, 16\]"),
+    ({"shift": 40}, {}, r"kd.views.shift = 40: expected"),
+    ({"mixed_labels": "keep"}, {}, r"kd.views.mixed_labels = 'keep': expected 'drop' .* or 'mix'"),
+    ({"enabled": False, "crop": 0.8, "mixed_labels": "mix"}, {}, r"kd.views.mixed_labels = 'mix': applies only with"),
 ])
 def test_views_settings_that_would_not_be_honoured_are_refused(faces, views, kd, message):
     config = _views_config(faces, "t.onnx", "out", views, kd=kd)
@@ -188,3 +197,77 @@ def test_the_train_v2_hook_refuses_views(faces):
     cfg = resolve(_views_config(faces, "t.onnx", "out"))
     with pytest.raises(KDPluginError, match=r"kd.views.enabled = True: under train_v2 upstream's data loader"):
         check_hook_keys(cfg)
+
+
+def test_with_mixed_labels_a_mixed_image_feeds_the_head_and_the_views_need_no_label_free_term(faces):
+    cfg = resolve(_views_config(faces, "t.onnx", "out", {"mixed_labels": "mix"}, kd={"method": "proxyless+ekd"}))
+    assert cfg.kd.views.mixed_labels == "mix"
+
+
+def test_a_shift_translates_the_view_and_blackens_the_uncovered_border():
+    image = torch.arange(3 * 8 * 8, dtype=torch.uint8).reshape(3, 8, 8)
+    from kd_plugin.data.views import Box, View
+
+    moved = render_view(image, View(Box(0, 0, 8, 8, False, down=2, right=-1)))
+    assert torch.equal(moved[:, 2:, :7], image[:, :6, 1:])
+    assert moved[:, :2].eq(0).all() and moved[:, :, 7].eq(0).all()
+    settings = ViewSettings(crop=1.0, mixup=0.0, seed=1, shift=3)
+    boxes = [draw_view(settings, 0, i, 50).box for i in range(50)]
+    assert {b.down for b in boxes} == set(range(-3, 4)) and {b.right for b in boxes} == set(range(-3, 4))
+    assert all((b.top, b.left, b.height, b.width) == (0, 0, 112, 112) for b in boxes)  # aligned: no crop
+    assert ViewSettings(0.8, 0.5, 0).as_dict() == {"crop": 0.8, "mixup": 0.5, "seed": 0}  # older caches stay valid
+
+
+class _Rows(torch.nn.Module):
+    """A term that needs labels and records the rows it was given."""
+
+    def forward(self, student, teacher, labels):
+        self.seen = labels.clone()
+        return student.sum() * 0.0, {}
+
+
+def test_the_lambda_weighted_head_loss_equals_the_hand_computed_mix():
+    import torch.nn.functional as F
+
+    from kd_plugin.heads import CombinedMarginLoss, PartialFCHead
+    from kd_plugin.host_syncs import count_host_syncs
+    from kd_plugin.objective import KDObjective
+
+    torch.manual_seed(0)
+    classes, dim, s, m = 6, 8, 64.0, 0.5
+    centres = torch.randn(classes, dim)
+    head = PartialFCHead(CombinedMarginLoss(s, 1.0, m, 0.0), dim, classes, centres=centres, rank=0, world_size=1)
+    spy = _Rows()
+    objective = KDObjective(head, {"pairs": (spy, 1.0)}, needs_teacher=False, unlabelled_rows=True,
+                            mixed_labels=True)
+    labels = torch.tensor([0, 1, 2, -1, 4, 5, 3])
+    partners = torch.tensor([-1, 3, -1, 2, 5, 0, -1])  # row 2: mixed with an image without identity
+    lam = torch.tensor([1.0, 0.7, 0.4, 0.25, 1.0, 0.1, 1.0])
+    student = torch.randn(len(labels), dim, requires_grad=True)
+    with count_host_syncs() as seen:
+        loss, stats = objective(student, labels, mix=(partners, lam))
+    assert dict(seen.by_call) == {"tolist": 1}  # the budget's one read for rows some terms skip
+    loss.backward()
+
+    reference = student.detach().clone().requires_grad_(True)
+    cos = F.normalize(reference, dim=1) @ F.normalize(centres, dim=1).T
+
+    def ce(row, label):
+        logits = s * cos[row].clone()
+        logits[label] = s * torch.cos(torch.acos(cos[row, label].clamp(-1, 1)) + m)
+        return torch.logsumexp(logits, 0) - logits[label]
+
+    terms, total = [], 0.0
+    for row in range(len(labels)):
+        mixed = bool(lam[row] < 1)
+        if labels[row] >= 0:
+            terms.append(lam[row] * ce(row, labels[row]))
+            total += float(lam[row])
+        if mixed and partners[row] >= 0:
+            terms.append((1 - lam[row]) * ce(row, partners[row]))
+            total += float(1 - lam[row])
+    expected = torch.stack(terms).sum() / total
+    expected.backward()
+    assert float(stats["loss_head"]) == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert torch.allclose(student.grad, reference.grad, rtol=1e-4, atol=1e-5 * float(reference.grad.abs().max()))
+    assert spy.seen.tolist() == [0, 4, 3]  # the terms that need labels: unmixed labelled rows only

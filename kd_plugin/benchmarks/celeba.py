@@ -54,7 +54,7 @@ VARIANTS = {
     # kd.unlabeled: the unlabelled faces (set per run: the data path and the batch share)
     "utk": ({}, "label-free", _has_label_free),
     # kd.views: consistent views (--views-crop, --views-mixup), their teacher embeddings in a shared cache (set per run)
-    "views": ({}, "label-free", _has_label_free),
+    "views": ({}, "", lambda ms: True),  # with mixed labels dropped, a label-free term is needed (checked in main)
 }
 FULL = ("student", "l2", "cosine", "cosine@views", "adadistill", "proxyless", "proxyless@fit", "ekd", "ekd@memory",
         "proxyless+ekd", "proxyless+ekd@fit@memory", "rkd@utk")
@@ -177,8 +177,7 @@ def _config(args, paths: dict, row: str, seed: int, output: str, caches: dict, n
             kd[key] = dict(kd.get(key) or {}, **value) if isinstance(value, dict) else value
     if "views" in variants:  # the teacher on each view (not the cache of plain images), its embeddings shared
         kd["cache"] = None
-        kd["views"] = {"enabled": True, "crop": args.views_crop, "mixup": args.views_mixup,
-                       "cache": os.path.join(args.out, _views_folder(args, utk))}
+        kd["views"] = {"enabled": True, **_views(args), "cache": os.path.join(args.out, _views_folder(args, utk))}
     epochs, warmup = args.epochs, 1
     if utk:  # half as many epochs of twice the steps: the same steps, the same warm-up steps
         kd["unlabeled"] = {"data": paths["unlabeled"], "per_batch": _random_rows(args) // 2}
@@ -192,9 +191,23 @@ def _config(args, paths: dict, row: str, seed: int, output: str, caches: dict, n
             "checkpoint_every": 10 ** 9, "val_targets": [], "kd": kd}
 
 
+def _views(args) -> dict:
+    """The '@views' rows' kd.views settings; shift and mixed labels only when not at their defaults (so the runs made
+    before they existed stay reusable)."""
+    defaults = KD_SETTINGS["views"]
+    out = {"crop": args.views_crop, "mixup": args.views_mixup}
+    if args.views_shift != defaults["shift"]:
+        out["shift"] = args.views_shift
+    if args.views_mixed_labels != defaults["mixed_labels"]:
+        out["mixed_labels"] = args.views_mixed_labels
+    return out
+
+
 def _views_folder(args, utk: bool) -> str:
-    """The teacher-view cache of the '@views' rows: one per training set and view settings."""
-    return f"teacher_views{'_utk' if utk else ''}_crop{args.views_crop:g}_mixup{args.views_mixup:g}"
+    """The teacher-view cache of the '@views' rows: one per training set and view settings (what makes the views:
+    crop, mixup and shift; mixed labels change only the loss)."""
+    shift = f"_shift{args.views_shift}" if args.views_shift else ""
+    return f"teacher_views{'_utk' if utk else ''}_crop{args.views_crop:g}_mixup{args.views_mixup:g}{shift}"
 
 
 def _random_rows(args) -> int:
@@ -209,7 +222,7 @@ def _settings(args, paths: dict, row: str = "") -> dict:
     if row and "utk" in parse_row(row)[1]:
         settings["unlabeled"] = os.path.abspath(paths["unlabeled"])
     if row and "views" in parse_row(row)[1]:
-        settings["views"] = {"crop": args.views_crop, "mixup": args.views_mixup, "seed": KD_SETTINGS["views"]["seed"]}
+        settings["views"] = {**_views(args), "seed": KD_SETTINGS["views"]["seed"]}
     if args.weight:  # recorded only when set, so results made with the published weights stay reusable
         settings["weights"] = dict(args.weight)
     return settings
@@ -370,14 +383,23 @@ def markdown_table(summary: dict, settings: dict) -> str:
     lines.append("")
     lines.append(f"Mean ± std over seeds. Budget for every method: {settings['network']}, {settings['epochs']} epochs "
                  f"of the labelled images ('@utk' rows: half as many, with as many steps: half of each batch's random "
-                 f"part unlabelled; '@views' rows: consistent views, half of the samples mixed and seen only by "
-                 f"the label-free term), "
+                 f"part unlabelled{_views_note(settings.get('views'))}), "
                  f"batch {settings['batch_size']} ({settings['identities']} identities x "
                  f"{settings['images_per_identity']} images + random), {settings['optimizer']} lr {settings['lr']}, "
                  f"margin {tuple(settings['margin'])}; "
                  + (f"term weights {settings['weights']}, the others published." if settings.get("weights")
                     else "every term at its published weight."))
     return "\n".join(lines) + "\n"
+
+
+def _views_note(views: dict | None) -> str:
+    if not views:
+        return ""
+    crop = "no crop" if views["crop"] >= 1 else f"crop {views['crop']:g}"
+    shift = f", shift {views['shift']} px" if views.get("shift") else ""
+    seen = ("in the head, lam-weighted over both identities" if views.get("mixed_labels") == "mix"
+            else "by the label-free terms only")
+    return f"; '@views' rows: consistent views, {crop}{shift}, {views['mixup']:.0%} of the samples mixed and seen {seen}"
 
 
 def plot(records: list[dict], teacher: dict, path: str) -> None:
@@ -468,7 +490,10 @@ def run(args) -> dict:
             records += [train(row, seed) for row in rows if row in again]
     intervals = bootstrap_intervals(args.out, records, data["val_labels"], args.resamples)
     summary = summarise(records, teacher_figures, rows, intervals)
-    summary.update(settings=_settings(args, paths), seconds=time.perf_counter() - started,
+    settings = _settings(args, paths)
+    if any("views" in parse_row(r)[1] for r in rows):
+        settings["views"] = _views(args)
+    summary.update(settings=settings, seconds=time.perf_counter() - started,
                    data={k: os.path.abspath(v) for k, v in paths.items() if v})
     write_json(summary, os.path.join(args.out, "results.json"), indent=1)
     with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
@@ -526,6 +551,11 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{views['crop']}; 1: no crop)")
     p.add_argument("--views-mixup", type=float, default=views["mixup"],
                    help=f"'@views' rows: kd.views.mixup, the share of samples mixed (default {views['mixup']}; 0: none)")
+    p.add_argument("--views-shift", type=int, default=views["shift"],
+                   help=f"'@views' rows: kd.views.shift, the largest translation in pixels (default {views['shift']})")
+    p.add_argument("--views-mixed-labels", choices=("drop", "mix"), default=views["mixed_labels"],
+                   help=f"'@views' rows: kd.views.mixed_labels (default {views['mixed_labels']}; 'mix': the head "
+                        f"takes mixed images lam-weighted over both identities)")
     p.add_argument("--workers", type=int, default=1, help="data loader processes")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--fresh", action="store_true", help="retrain every run instead of reusing finished ones")
@@ -541,7 +571,14 @@ def main(argv: list[str] | None = None) -> int:
     args.seeds = args.seeds or (1 if args.quick else 3)
     args.epochs = args.epochs or (2 if args.quick else 6)
     for row in args.methods:
-        parse_row(row)  # unknown methods or settings stop before anything runs
+        method, variants = parse_row(row)  # unknown methods or settings stop before anything runs
+        if "views" in variants and args.views_mixed_labels == "drop" and args.views_mixup > 0:
+            from kd_plugin.methods import methods, names
+
+            if method == "student" or not _has_label_free([methods()[n] for n in names(method)]):
+                raise KDPluginError(f"--methods: row {row!r}: '@views' with --views-mixed-labels drop feeds the mixed "
+                                    f"images to the label-free terms only, and this row has none: add one (e.g. "
+                                    f"'cosine') or pass --views-mixed-labels mix")
     summary = run(args)
     print(markdown_table(summary, summary["settings"]))
     print(f"[bench celeba] done in {summary['seconds'] / 60:.1f} min; results in {args.out}", flush=True)

@@ -11,8 +11,12 @@ the whole training set (labelled and unlabelled images alike) by the same genera
 batch; with random batches both are a uniform draw of another training image. A sample presented twice in one epoch
 (its random-part and balanced-part draws) gets the same view both times.
 
-A mixed image has no single identity: it is served with label -1 (as the unlabelled images are), so the head and
-the terms that need labels skip it and only the label-free terms see it. Flip and crop keep the identity."""
+A mixed image has no single identity. With `kd.views.mixed_labels = "drop"` it is served with label -1 (as the
+unlabelled images are), so the head and the terms that need labels skip it and only the label-free terms see it. With
+"mix" it keeps its own label and the head takes it as standard mixup does: lam x the loss at its own identity plus
+(1 - lam) x the loss at its partner's (`mix_partners` gives the partner's label and lam, from the same pure function);
+the pair terms (EKD) still skip it, as a pair of a mixed image has no known identity. Flip, crop and the small
+translation of `kd.views.shift` keep the identity."""
 
 from __future__ import annotations
 
@@ -30,12 +34,15 @@ ASPECT = (3 / 4, 4 / 3)  # the crop's aspect ratio is log-uniform in this range,
 
 @dataclass(frozen=True)
 class Box:
-    """A crop (top, left, height, width) in pixels and whether to flip afterwards."""
+    """A crop (top, left, height, width) in pixels, whether to flip afterwards, then a translation by (down, right)
+    pixels (the uncovered border black)."""
     top: int
     left: int
     height: int
     width: int
     flip: bool
+    down: int = 0
+    right: int = 0
 
 
 @dataclass(frozen=True)
@@ -52,16 +59,20 @@ class ViewSettings:
     crop: float
     mixup: float
     seed: int
+    shift: int = 0  # the largest translation in pixels, each axis uniform in [-shift, shift] (0: none)
 
     @classmethod
     def from_config(cls, block) -> ViewSettings:
-        return cls(crop=float(block["crop"]), mixup=float(block["mixup"]), seed=int(block["seed"]))
+        return cls(crop=float(block["crop"]), mixup=float(block["mixup"]), seed=int(block["seed"]),
+                   shift=int(block.get("shift", 0)))
 
     def as_dict(self) -> dict:
-        return {"crop": self.crop, "mixup": self.mixup, "seed": self.seed}
+        """What makes the views (a view cache's settings); `shift` only when set, so caches made before it stay valid."""
+        out = {"crop": self.crop, "mixup": self.mixup, "seed": self.seed}
+        return out | ({"shift": self.shift} if self.shift else {})
 
 
-def _box(rng: np.random.Generator, crop: float, size: tuple[int, int]) -> Box:
+def _box(rng: np.random.Generator, crop: float, size: tuple[int, int], shift: int = 0) -> Box:
     height, width = size
     area = rng.uniform(crop, 1.0) * height * width
     ratio = math.exp(rng.uniform(math.log(ASPECT[0]), math.log(ASPECT[1])))
@@ -69,19 +80,20 @@ def _box(rng: np.random.Generator, crop: float, size: tuple[int, int]) -> Box:
     w = min(width, max(1, round(math.sqrt(area * ratio))))
     top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
     flip = bool(rng.random() < 0.5)
-    return Box(top, left, h, w, flip) if crop < 1 else Box(0, 0, height, width, flip)
+    down, right = (int(v) for v in rng.integers(-shift, shift + 1, size=2)) if shift else (0, 0)
+    return Box(top, left, h, w, flip, down, right) if crop < 1 else Box(0, 0, height, width, flip, down, right)
 
 
 def draw_view(settings: ViewSettings, epoch: int, index: int, num_images: int,
               size: tuple[int, int] = (112, 112)) -> View:
     """The view of sample `index` at `epoch`: the same arguments always give the same view."""
     rng = np.random.default_rng([settings.seed, int(epoch), int(index)])
-    box = _box(rng, settings.crop, size)
+    box = _box(rng, settings.crop, size, settings.shift)
     if rng.random() >= settings.mixup or num_images < 2:
         return View(box)
     partner = int(rng.integers(0, num_images - 1))
     partner += partner >= index  # another image than the sample itself
-    return View(box, partner, _box(rng, settings.crop, size), float(rng.uniform(0.0, 1.0)))
+    return View(box, partner, _box(rng, settings.crop, size, settings.shift), float(rng.uniform(0.0, 1.0)))
 
 
 def _render(image: torch.Tensor, box: Box) -> torch.Tensor:
@@ -90,7 +102,14 @@ def _render(image: torch.Tensor, box: Box) -> torch.Tensor:
     part = image[:, box.top:box.top + box.height, box.left:box.left + box.width].float()
     if part.shape[1:] != size:
         part = F.interpolate(part[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
-    return part.flip(2) if box.flip else part
+    part = part.flip(2) if box.flip else part
+    if not (box.down or box.right):
+        return part
+    moved = torch.zeros_like(part)
+    height, width = size
+    rows, cols = slice(max(box.down, 0), height + min(box.down, 0)), slice(max(box.right, 0), width + min(box.right, 0))
+    moved[:, rows, cols] = part[:, max(-box.down, 0):height - max(box.down, 0), max(-box.right, 0):width - max(box.right, 0)]
+    return moved
 
 
 def render_view(image: torch.Tensor, view: View, partner: torch.Tensor | None = None) -> torch.Tensor:
@@ -102,11 +121,11 @@ def render_view(image: torch.Tensor, view: View, partner: torch.Tensor | None = 
 
 
 class ViewDataset(torch.utils.data.Dataset):
-    """`dataset` seen through the views: item `(index, epoch)` -> (the view's uint8 image, the label or -1 when
-    mixed, index)."""
+    """`dataset` seen through the views: item `(index, epoch)` -> (the view's uint8 image, the label — or -1 when
+    mixed, unless `keep_labels` (kd.views.mixed_labels = "mix") —, index)."""
 
-    def __init__(self, dataset: FaceDataset, settings: ViewSettings) -> None:
-        self.dataset, self.settings = dataset, settings
+    def __init__(self, dataset: FaceDataset, settings: ViewSettings, keep_labels: bool = False) -> None:
+        self.dataset, self.settings, self.keep_labels = dataset, settings, bool(keep_labels)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -119,8 +138,22 @@ class ViewDataset(torch.utils.data.Dataset):
         image, label, _ = self.dataset[(index, False)]
         view = self.view(index, epoch)
         partner = self.dataset[(view.partner, False)][0] if view.partner >= 0 else None
-        label = torch.tensor(UNLABELLED, dtype=torch.int64) if view.partner >= 0 else label
+        if view.partner >= 0 and not self.keep_labels:
+            label = torch.tensor(UNLABELLED, dtype=torch.int64)
         return render_view(image, view, partner), label, torch.tensor(index, dtype=torch.int64)
+
+
+def mix_partners(settings: ViewSettings, dataset: FaceDataset, indices: torch.Tensor,
+                 epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample of a batch at `epoch`: its mixup partner's label (-1: not mixed, or the partner has no identity)
+    and lam, its own image's share (1.0: not mixed). Host tensors, computed from the views' pure function on the host
+    (no device work: about 20 microseconds a sample), which is what the data workers drew."""
+    partners, lams = [], []
+    for index in indices.tolist():
+        view = draw_view(settings, epoch, index, len(dataset), dataset.image_size)
+        partners.append(int(dataset.labels[view.partner]) if view.partner >= 0 else UNLABELLED)
+        lams.append(view.lam)
+    return torch.tensor(partners, dtype=torch.int64), torch.tensor(lams, dtype=torch.float32)
 
 
 class EpochItems:
