@@ -44,7 +44,8 @@ def _run(stand_ins, out, capsys):
     argv = ["--train", stand_ins["train"], "--val", stand_ins["val"], "--bin", stand_ins["bin"],
             "--teacher", stand_ins["teacher"], "--num-classes", "6", "--out", str(out), "--epochs", "1",
             "--batch-size", "8", "--identities", "2", "--images-per-identity", "2", "--workers", "0",
-            "--methods", "student,l2,proxyless+ekd", "--seeds", "2", "--json"]
+            "--methods", "student,l2,proxyless+ekd", "--seeds", "2", "--budgets", "1,2", "--budget-methods", "l2",
+            "--json"]
     assert main(argv) == 0
     return capsys.readouterr().out
 
@@ -79,9 +80,20 @@ def test_the_benchmark_runs_end_to_end_and_reuses_finished_runs(stand_ins, tmp_p
     assert curve[1e-3] == record["tpr@1e-3"] and curve[1e-2] == record["tpr@1e-2"]
     assert list(curve.values()) == sorted(curve.values())  # TPR never falls as the FPR grows
     assert "| proxyless+ekd | 2 |" in (out / "results.md").read_text()
+    # the budget curve: the table's runs are its first budget (every seed), each other budget trains its rows once
+    budget = json.loads((out / "budget.json").read_text())
+    assert budget == result["budget"] and budget["budgets"] == [1, 2] and set(budget["rows"]) == {"student", "l2"}
+    for row in ("student", "l2"):
+        first, second = budget["rows"][row]["1"], budget["rows"][row]["2"]
+        assert first["tpr@1e-3"] == pytest.approx(np.mean(result["methods"][row]["tpr@1e-3"]))
+        assert (first["seeds"], second["seeds"], second["images"]) == (2, 1, 2 * first["images"])
+        record = json.loads((out / "epochs2" / row / "seed0" / "result.json").read_text())
+        assert record["settings"]["epochs"] == 2 and record["tpr@1e-3"] == second["tpr@1e-3"]
+    assert (out / "budget.png").stat().st_size > 0 and "| l2 |" in (out / "budget.md").read_text()
     # run again: every finished run is reused, the figures are the same
-    again = json.loads(_run(stand_ins, out, capsys).strip().splitlines()[-1])
-    assert again["methods"] == result["methods"]
+    stdout = _run(stand_ins, out, capsys)
+    again = json.loads(stdout.strip().splitlines()[-1])
+    assert again["methods"] == result["methods"] and again["budget"] == budget and "training" not in stdout
 
 
 def test_views_rows_share_one_teacher_view_cache(stand_ins, tmp_path, capsys):
@@ -108,6 +120,28 @@ def test_views_rows_share_one_teacher_view_cache(stand_ins, tmp_path, capsys):
     assert mixed["settings"]["views"] == {"crop": 1.0, "mixup": 0.5, "shift": 2, "mixed_labels": "mix", "seed": 0}
     assert mixed["teacher_rows"] > 0 and list((out / "teacher_views_crop1_mixup0.5_shift2").glob("epoch_0000.*"))
     assert "no crop, shift 2 px, 50% of the samples mixed and seen in the head" in (out / "results.md").read_text()
+
+
+def test_the_budget_curve_measures_each_budget_against_the_student_of_that_budget():
+    from kd_plugin.benchmarks.budget import curve, markdown
+
+    def record(method, tpr, images, seed=0):
+        return {"method": method, "tpr@1e-3": tpr, "images": images, "seed": seed}
+
+    result = curve({6: [record("student", 0.1, 600), record("student", 0.2, 600, 1), record("ada", 0.45, 600)],
+                    12: [record("student", 0.3, 1200), record("ada", 0.5, 1200)]}, teacher_tpr=0.8)
+    assert result["rows"]["student"]["6"] == {"tpr@1e-3": pytest.approx(0.15), "gap_closed@1e-3": 0.0,
+                                              "images": 600, "seeds": 2}
+    assert result["rows"]["ada"]["6"]["gap_closed@1e-3"] == pytest.approx(0.3 / 0.65)
+    assert result["rows"]["ada"]["12"]["gap_closed@1e-3"] == pytest.approx(0.2 / 0.5)  # the 12-epoch student's gap
+    assert "| ada | 0.450 (46%) | 0.500 (40%) |" in markdown(result)
+
+
+@pytest.mark.parametrize("budgets", ["6,6", "0,6", "six"])
+def test_budgets_that_are_not_distinct_positive_epoch_counts_are_refused(budgets, capsys):
+    with pytest.raises(SystemExit):
+        main(["--budgets", budgets])
+    assert "expected distinct positive epoch counts like 6,12,24" in capsys.readouterr().err or budgets == "six"
 
 
 def test_curve_points_are_distinct_figures():

@@ -228,13 +228,17 @@ def _settings(args, paths: dict, row: str = "") -> dict:
     return settings
 
 
-def _train_one(args, paths, row, seed, caches, data, teacher_emb, num_classes) -> dict:
-    """Train (or reuse) one student; returns its result record."""
+def _run_folder(root: str, row: str, seed: int) -> str:
+    return os.path.join(root, row.replace("@", "_at_"), f"seed{seed}")
+
+
+def _train_one(args, paths, row, seed, caches, data, teacher_emb, num_classes, root: str | None = None) -> dict:
+    """Train (or reuse) one student, its run folder under `root` (default --out); returns its result record."""
     from kd_plugin.config import resolve
     from kd_plugin.export import export_onnx
     from kd_plugin.train import Trainer
 
-    folder = os.path.join(args.out, row.replace("@", "_at_"), f"seed{seed}")
+    folder = _run_folder(root or args.out, row, seed)
     record_path = os.path.join(folder, "result.json")
     settings = _settings(args, paths, row)
     if not args.fresh and os.path.isfile(record_path) and os.path.isfile(os.path.join(folder, "val_embeddings.npy")):
@@ -324,7 +328,7 @@ def bootstrap_intervals(out: str, records: list[dict], val_labels: np.ndarray, r
     identities = int(np.max(val_labels)) + 1
     scores: dict[str, list] = {}
     for r in records:
-        folder = os.path.join(out, r["method"].replace("@", "_at_"), f"seed{r['seed']}")
+        folder = _run_folder(out, r["method"], r["seed"])
         scores.setdefault(r["method"], []).append(PairScores(np.load(os.path.join(folder, "val_embeddings.npy")),
                                                              val_labels))
     print(f"[bench celeba] identity bootstrap: {resamples} resamples of {identities} identities", flush=True)
@@ -478,7 +482,9 @@ def run(args) -> dict:
     teacher_figures = teacher_emb.figures(data["issame"], data["val_labels"], None)
     print(f"[bench celeba] teacher: accuracy {_num(teacher_figures['accuracy'])}, TPR@1e-2 "
           f"{_num(teacher_figures['tpr@1e-2'])}, TPR@1e-3 {_num(teacher_figures['tpr@1e-3'])}", flush=True)
-    train = lambda row, seed: _train_one(args, paths, row, seed, caches, data, teacher_emb, num_classes)  # noqa: E731
+    def train(row, seed, at=args, root=None):
+        return _train_one(at, paths, row, seed, caches, data, teacher_emb, num_classes, root)
+
     records = [train(row, 0) for row in rows]
     if args.seeds > 1:
         again = seeded_rows(rows)
@@ -499,7 +505,40 @@ def run(args) -> dict:
     with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
         f.write(markdown_table(summary, summary["settings"]))
     plot(records, teacher_figures, os.path.join(args.out, "tpr_fpr.png"))
+    if args.budgets:
+        summary["budget"] = _budget_curve(args, rows, records, train, teacher_figures["tpr@1e-3"])
     return summary
+
+
+def _budget_curve(args, rows: list[str], records: list[dict], train, teacher_tpr: float) -> dict:
+    """The rows again at each budget of --budgets (seed 0; the table's own budget reuses its records, every seed),
+    each budget's runs under `<out>/epochs<E>/`; writes budget.json, budget.md and budget.png."""
+    import copy
+
+    from kd_plugin.benchmarks import budget
+
+    curve_rows = args.budget_methods or rows
+    by_budget = {}
+    for epochs in args.budgets:
+        if epochs == args.epochs and all(row in rows for row in curve_rows):
+            by_budget[epochs] = [r for r in records if r["method"] in curve_rows]
+            continue
+        at = copy.copy(args)
+        at.epochs = epochs
+        print(f"[bench celeba] budget {epochs} epochs: {', '.join(curve_rows)}", flush=True)
+        by_budget[epochs] = [train(row, 0, at, os.path.join(args.out, f"epochs{epochs}")) for row in curve_rows]
+    result = budget.curve(by_budget, teacher_tpr)
+    write_json(result, os.path.join(args.out, "budget.json"), indent=1)
+    with open(os.path.join(args.out, "budget.md"), "w", encoding="utf-8") as f:
+        f.write(budget.markdown(result))
+    budget.plot(result, os.path.join(args.out, "budget.png"))
+    return result
+
+
+def _budgets(text: str) -> list[int]:
+    from kd_plugin.benchmarks.budget import parse_budgets
+
+    return parse_budgets(text)
 
 
 def _weight(text: str) -> tuple[str, float]:
@@ -556,6 +595,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--views-mixed-labels", choices=("drop", "mix"), default=views["mixed_labels"],
                    help=f"'@views' rows: kd.views.mixed_labels (default {views['mixed_labels']}; 'mix': the head "
                         f"takes mixed images lam-weighted over both identities)")
+    p.add_argument("--budgets", type=_budgets, help="the budget curve: epoch counts such as 6,12,24 (the first is the "
+                                                   "table's --epochs unless given); each row again at each budget "
+                                                   "(one seed), runs under <out>/epochs<E>; writes budget.json, "
+                                                   "budget.md and budget.png")
+    p.add_argument("--budget-methods", type=lambda s: [m for m in s.split(",") if m],
+                   help="the rows of the budget curve (default: every --methods row; 'student' is always added)")
     p.add_argument("--workers", type=int, default=1, help="data loader processes")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--fresh", action="store_true", help="retrain every run instead of reusing finished ones")
@@ -569,7 +614,13 @@ def main(argv: list[str] | None = None) -> int:
     if "all" in args.methods:
         args.methods = [m for m in args.methods if m != "all"] + list(registry_rows())
     args.seeds = args.seeds or (1 if args.quick else 3)
-    args.epochs = args.epochs or (2 if args.quick else 6)
+    args.epochs = args.epochs or (args.budgets[0] if args.budgets else 2 if args.quick else 6)
+    if args.budget_methods and not args.budgets:
+        raise KDPluginError("--budget-methods: the rows of the budget curve; give the budgets too (--budgets 6,12,24)")
+    if args.budget_methods:
+        args.budget_methods = list(dict.fromkeys(["student", *args.budget_methods]))
+        for row in args.budget_methods:
+            parse_row(row)
     for row in args.methods:
         method, variants = parse_row(row)  # unknown methods or settings stop before anything runs
         if "views" in variants and args.views_mixed_labels == "drop" and args.views_mixup > 0:
@@ -581,6 +632,10 @@ def main(argv: list[str] | None = None) -> int:
                                     f"'cosine') or pass --views-mixed-labels mix")
     summary = run(args)
     print(markdown_table(summary, summary["settings"]))
+    if "budget" in summary:
+        from kd_plugin.benchmarks.budget import markdown
+
+        print(markdown(summary["budget"]))
     print(f"[bench celeba] done in {summary['seconds'] / 60:.1f} min; results in {args.out}", flush=True)
     if args.json:
         print(json.dumps(summary))

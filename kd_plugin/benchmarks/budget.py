@@ -1,0 +1,89 @@
+"""The budget curve of `kd-plugin bench celeba --budgets 6,12,24`: the same rows trained for each number of epochs,
+and how much of the teacher-student gap each closes as training grows.
+
+At each budget a row's figure is its TPR@1e-3 on celeba/val (the mean over its seeds: the first budget has the
+table's seeds, the others one), and its share of the gap closed is (row - student) / (teacher - student), with the
+student alone trained for the same budget. `budget.json` holds {"teacher": TPR, "budgets": [...], "rows": {row:
+{epochs: {"tpr@1e-3", "gap_closed@1e-3", "images", "seeds"}}}}; `budget.png` draws the gap closed (and the TPR)
+against the image presentations (steps x batch), one line per row."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def parse_budgets(text: str) -> list[int]:
+    """'6,12,24' -> [6, 12, 24]: distinct positive epoch counts, in the order given."""
+    import argparse
+
+    try:
+        budgets = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected epoch counts like 6,12,24, got {text!r}") from None
+    if not budgets or min(budgets) < 1 or len(set(budgets)) != len(budgets):
+        raise argparse.ArgumentTypeError(f"expected distinct positive epoch counts like 6,12,24, got {text!r}")
+    return budgets
+
+
+def curve(records_by_budget: dict[int, list[dict]], teacher_tpr: float) -> dict:
+    """budget.json's content from each budget's result records (the student's among them)."""
+    rows: dict[str, dict] = {}
+    for budget, records in records_by_budget.items():
+        tprs: dict[str, list[float]] = {}
+        images: dict[str, int] = {}
+        for record in records:
+            tprs.setdefault(record["method"], []).append(record["tpr@1e-3"])
+            images[record["method"]] = record["images"]
+        student = float(np.mean(tprs["student"])) if "student" in tprs else None
+        for row, values in tprs.items():
+            mean = float(np.mean(values))
+            gap = (None if student is None or teacher_tpr <= student
+                   else (mean - student) / (teacher_tpr - student))
+            rows.setdefault(row, {})[str(budget)] = {"tpr@1e-3": mean, "gap_closed@1e-3": gap,
+                                                     "images": images[row], "seeds": len(values)}
+    return {"teacher": teacher_tpr, "budgets": list(records_by_budget), "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    """Rows x budgets: TPR@1e-3 and the share of the gap closed."""
+    budgets = [str(b) for b in result["budgets"]]
+    lines = ["| row | " + " | ".join(f"{b} epochs: TPR@1e-3 (gap closed)" for b in budgets) + " |",
+             "|---|" + "---|" * len(budgets)]
+    for row, points in result["rows"].items():
+        cells = []
+        for b in budgets:
+            point = points.get(b)
+            if point is None:
+                cells.append("-")
+                continue
+            gap = point["gap_closed@1e-3"]
+            cells.append(f"{point['tpr@1e-3']:.3f} ({'reference' if row == 'student' else 'n/a' if gap is None else f'{gap:.0%}'})")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: str) -> None:
+    """Gap closed (left) and TPR@1e-3 (right) against image presentations, one line per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (gap_ax, tpr_ax) = plt.subplots(1, 2, figsize=(12, 5))
+    for row, points in result["rows"].items():
+        ordered = sorted(points.values(), key=lambda p: p["images"])
+        images = [p["images"] for p in ordered]
+        tpr_ax.plot(images, [p["tpr@1e-3"] for p in ordered], "o-", label=row)
+        if row != "student":
+            gap_ax.plot(images, [np.nan if p["gap_closed@1e-3"] is None else 100 * p["gap_closed@1e-3"]
+                                 for p in ordered], "o-", label=row)
+    tpr_ax.axhline(result["teacher"], color="k", linestyle="--", label="teacher")
+    for ax, label in ((gap_ax, "gap to the teacher closed at TPR@1e-3 (%)"), (tpr_ax, "TPR@1e-3 (celeba/val)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("image presentations (steps x batch)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
