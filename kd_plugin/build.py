@@ -1,6 +1,7 @@
 """The one place that turns a resolved config into a run's objects: the batch sampler, the teacher feed, the
 classifier head, the distillation terms and the KD objective. `kd-plugin train`, the train_v2 hook and the benchmarks
-all build through here; what each method needs and how it is built comes from the method registry."""
+all build through here, from the run's plan (`cfg.kd.plan`, kd_plugin.plan: what it runs and needs) and the method
+registry's builders."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from kd_plugin.distributed import get_rank, get_world_size
 from kd_plugin.errors import KDPluginError
 from kd_plugin.job_files import agree, agree_or_raise, require_shared_folder
 from kd_plugin.heads import PartialFCHead, head_arguments, trainable_head
-from kd_plugin.methods import chosen
+from kd_plugin.methods import methods
 from kd_plugin.normalization import given_normalization
 from kd_plugin.objective import KDObjective
 from kd_plugin.teachers import build_cache, load_cache, load_embedder
@@ -61,9 +62,9 @@ def build_loader(cfg, dataset, sampler, pin_memory: bool, feed: TeacherFeed | No
 def build_teacher(cfg, dataset, device: torch.device) -> TeacherFeed | None:
     """The teacher's embeddings for the run: its cache when configured, else the frozen teacher (a method's own,
     such as multi-step KD's schedule, or kd.teacher); None when no method needs the teacher."""
-    kd, methods = cfg.kd, chosen(cfg.kd)
-    estimating = kd.centres in DERIVED_CENTRES and any("centres" in m.needs for m in methods.values())
-    if not estimating and not any("teacher" in m.needs for m in methods.values()):
+    kd, plan = cfg.kd, cfg.kd.plan
+    estimating = kd.centres in DERIVED_CENTRES and plan.centres
+    if not estimating and not plan.teacher:
         return None
     if kd.cache:  # every rank opens it, or every rank stops with the message of one that could not
         return TeacherFeed(cache=agree_or_raise(lambda: load_cache(kd.cache, dataset, teacher=kd.teacher)))
@@ -71,9 +72,8 @@ def build_teacher(cfg, dataset, device: torch.device) -> TeacherFeed | None:
         require_shared_folder(kd.views.cache, "kd.views.cache (the teacher-view cache)")
     norm = given_normalization(kd.teacher_mean, kd.teacher_std, kd.teacher_bgr)
     amp = getattr(torch, kd.teacher_amp) if kd.teacher_amp else None
-    own = next((m.teacher for m in methods.values() if m.teacher is not None), None)
-    if own is not None:
-        return TeacherFeed(own(kd, norm, device, amp))
+    if plan.own_teacher:
+        return TeacherFeed(methods()[plan.own_teacher[0]].teacher(kd, norm, device, amp))
     embedder = load_embedder(kd.teacher, norm, device=str(device), batch_size=kd.teacher_batch_size, amp_dtype=amp)
     if hasattr(embedder, "check"):  # an ONNX teacher converted to torch: compared with onnxruntime now, not in a step
         embedder.check(torch.stack([dataset[i][0] for i in range(min(CHECK_IMAGES, len(dataset)))]))
@@ -136,34 +136,31 @@ def _cache_for_fit(cfg, dataset, feed: TeacherFeed):
 
 def build_head(cfg, dataset, feed: TeacherFeed | None) -> PartialFCHead:
     """The classifier: the configured head method's (inherited centres, adaptive centres, ...) or trainable."""
-    kd = cfg.kd
-    if kd.head == "trainable":
+    kd, plan = cfg.kd, cfg.kd.plan
+    if plan.head == "trainable":
         return trainable_head(cfg)
-    method = chosen(kd)[kd.head]
     centres = None
-    if "centres" in method.needs:
+    if plan.centres:
         centres = derived_centres(cfg, dataset, feed) if kd.centres in DERIVED_CENTRES else kd.centres
-    return method.build(cfg, centres)
+    return methods()[plan.head].build(cfg, centres)
 
 
 def build_terms(cfg) -> dict:
     """{name: (module, weight)} of the configured distillation terms, built from their config blocks."""
-    methods = chosen(cfg.kd)
-    return {name: (methods[name].build(**dict(cfg.kd.get(name) or {})), weight)
-            for name, weight in cfg.kd.terms.items()}
+    return {name: (methods()[name].build(**dict(cfg.kd.get(name) or {})), weight)
+            for name, weight in cfg.kd.plan.terms}
 
 
 def build_objective(cfg, dataset, feed: TeacherFeed | None, sampler: IdentityBalancedBatchSampler) -> KDObjective:
     """The head plus the weighted terms; with `kd.margin_on_random_part`, the head's loss sees only the sampler's
     random part of each rank's batch."""
     random_rows = sampler.random_size if cfg.kd.margin_on_random_part else None
-    methods = chosen(cfg.kd)
+    plan = cfg.kd.plan
     return KDObjective(build_head(cfg, dataset, feed), build_terms(cfg), cfg.kd.reference_gradient_scaling,
-                       random_rows, needs_teacher=any("teacher" in m.needs for m in methods.values()),
-                       equal_dims=tuple(name for name, m in methods.items() if "equal_dims" in m.needs),
+                       random_rows, needs_teacher=plan.teacher, equal_dims=plan.equal_dims,
                        unlabelled_rows=cfg.kd.unlabeled.per_batch > 0 or (cfg.kd.views.enabled and
                                                                           cfg.kd.views.mixup > 0),
-                       label_free=tuple(name for name, m in methods.items() if m.label_free),
+                       label_free=plan.label_free,
                        mixed_labels=mixed_labels(cfg))
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from easydict import EasyDict
 
 from kd_plugin.errors import KDPluginError
+from kd_plugin.plan import Plan, make_plan
 
 # arcface_torch's configs/base.py defaults (the keys this trainer reads), plus the job keys its configs always set
 BASE = {
@@ -60,7 +61,7 @@ KD_SETTINGS = {
     "centre_dtype": "float32",  # ProxylessKD's inherited centres in memory: "float32", "float16" or "bfloat16"
 }
 # what kd_defaults() and resolve() add to config.kd: the fit's settings, {term: weight} and the head method
-RESOLVED_KEYS = ("centre_fit", "terms", "head")
+RESOLVED_KEYS = ("centre_fit", "terms", "head", "plan")
 CENTRE_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -126,7 +127,7 @@ def _merge(defaults: dict, given: dict, prefix: str) -> dict:
     return out
 
 
-def _check_unlabeled(kd: dict, chosen: dict) -> None:
+def _check_unlabeled(kd: dict, plan: Plan) -> None:
     """Unlabelled images feed only the terms that do not need labels: refused where they would feed nothing."""
     block = kd["unlabeled"]
     if not isinstance(block["per_batch"], int) or block["per_batch"] < 0:
@@ -136,12 +137,12 @@ def _check_unlabeled(kd: dict, chosen: dict) -> None:
         raise _fail("kd.unlabeled", dict(block), "give both data (the image sets) and per_batch (how many of each "
                                                  "rank's batch_size), or neither")
     if block["data"]:
-        _need_label_free(kd, chosen, "kd.unlabeled", dict(block), "unlabelled images feed", "remove kd.unlabeled")
+        _need_label_free(kd, plan, "kd.unlabeled", dict(block), "unlabelled images feed", "remove kd.unlabeled")
 
 
-def _need_label_free(kd: dict, chosen: dict, key: str, value: Any, what: str, remedy: str) -> None:
+def _need_label_free(kd: dict, plan: Plan, key: str, value: Any, what: str, remedy: str) -> None:
     """Rows without identity (`what` makes them) are refused when no chosen term reads them."""
-    if not any(m.label_free for m in chosen.values()):
+    if not plan.label_free:
         from kd_plugin.methods import methods
 
         offered = ", ".join(n for n, m in methods().items() if m.label_free)
@@ -149,7 +150,7 @@ def _need_label_free(kd: dict, chosen: dict, key: str, value: Any, what: str, re
                                 f"add one ({offered}) or {remedy}")
 
 
-def _check_views(kd: dict, chosen: dict) -> None:
+def _check_views(kd: dict, plan: Plan) -> None:
     """Consistent views: settings in range, and refused where a part of them would not be honoured."""
     views, defaults = kd["views"], KD_SETTINGS["views"]
     if not isinstance(views["enabled"], bool):
@@ -176,7 +177,7 @@ def _check_views(kd: dict, chosen: dict) -> None:
                                                                     "label-free terms only) or 'mix' (and the head, "
                                                                     "lam-weighted over both identities)")
     if views["mixup"] > 0 and views["mixed_labels"] == "drop":
-        _need_label_free(kd, chosen, "kd.views.mixup", views["mixup"], "a mixed image has no single identity and feeds",
+        _need_label_free(kd, plan, "kd.views.mixup", views["mixup"], "a mixed image has no single identity and feeds",
                          "set kd.views.mixup = 0")
     if views["mixup"] > 0 and kd["margin_on_random_part"]:
         raise _fail("kd.views.mixup", views["mixup"], "kd.margin_on_random_part gives the head the random part of "
@@ -188,31 +189,34 @@ def _check_views(kd: dict, chosen: dict) -> None:
                                              "them too: remove kd.cache (kd.views.cache keeps the teacher's "
                                              "embeddings of the views)")
     if views["cache"]:
-        if not any("teacher" in m.needs for m in chosen.values()):
+        if not plan.teacher:
             raise _fail("kd.views.cache", views["cache"], f"method {kd['method']!r} does not use the teacher: there "
                                                           f"is nothing to cache; remove kd.views.cache")
-        own = [m.title for m in chosen.values() if m.teacher is not None]
+        own = [plan.title(name) for name in plan.own_teacher]
         if own:
             raise _fail("kd.views.cache", views["cache"], f"{own[0]} changes its teacher during the run, and the "
                                                           f"cache keeps one teacher's views: remove kd.views.cache")
 
 
-def _check_needs(kd: dict, chosen: dict) -> None:
-    """What the chosen methods ({name: Method}) need from the config, checked once for all of them."""
-    for method in chosen.values():
-        if method.check is not None:
-            method.check(kd)
-    for name, method in chosen.items():
-        if "logits" in method.needs and not any("centres" in m.needs for m in chosen.values() if m.kind == "head"):
-            raise _fail("kd.method", kd["method"], f"{method.title} compares teacher and student logits over the "
+def _check_plan(kd: dict, plan: Plan) -> None:
+    """What the plan's methods need from the config, checked once for all of them (each method's own check of its
+    block included)."""
+    from kd_plugin.methods import methods
+
+    for name in plan.names:
+        if methods()[name].check is not None:
+            methods()[name].check(kd)
+    for name in plan.logits:
+        if not plan.centres:
+            raise _fail("kd.method", kd["method"], f"{plan.title(name)} compares teacher and student logits over the "
                                                    f"inherited class centres: add proxyless (e.g. 'proxyless+{name}') "
                                                    f"and set kd.centres")
-    if any("teacher" in m.needs for m in chosen.values()) and not kd["teacher"] and not kd["cache"]:
+    if plan.teacher and not kd["teacher"] and not kd["cache"]:
         raise _fail("kd.teacher", kd["teacher"], f"method {kd['method']!r} needs the teacher's embeddings: set "
                                                  f"kd.teacher (a model spec) or kd.cache")
     from kd_plugin.teachers.centres import DERIVED_CENTRES
 
-    inheriting = [m.title for m in chosen.values() if "centres" in m.needs]
+    inheriting = [plan.title(plan.head)] if plan.centres else []
     if inheriting and kd["centres"] in DERIVED_CENTRES and not kd["teacher"] and not kd["cache"]:
         raise _fail("kd.teacher", kd["teacher"], f"centres = {kd['centres']!r} derives {inheriting[0]}'s centres from "
                                                  f"the teacher's embeddings: set kd.teacher (a model spec) or kd.cache")
@@ -229,7 +233,8 @@ def _check_needs(kd: dict, chosen: dict) -> None:
 
 
 def resolve(config: dict) -> EasyDict:
-    """Defaults filled in and everything checked; `cfg.kd.terms` = {term: weight} (head methods excluded)."""
+    """Defaults filled in and everything checked; `cfg.kd.plan` (kd_plugin.plan): what the run does and needs, with
+    `cfg.kd.terms` = {term: weight} and `cfg.kd.head` (the head method or "trainable") spelled out from it."""
     cfg = EasyDict(copy.deepcopy(BASE))
     cfg.update({k: v for k, v in dict(config).items() if k != "kd"})
     kd = _merge(kd_defaults(), dict(config.get("kd") or {}), "kd")
@@ -237,28 +242,28 @@ def resolve(config: dict) -> EasyDict:
 
     weights = parse_method(kd["method"])
     chosen = {name: catalogue()[name] for name in weights}
-    kd["terms"] = {name: float(kd["weights"].get(name, weights[name] if weights[name] is not None else m.weight))
-                   for name, m in chosen.items() if m.kind == "term"}
-    kd["head"] = next((name for name, m in chosen.items() if m.kind == "head"), "trainable")
+    plan = make_plan(kd["method"], chosen, {name: kd["weights"].get(name, weights[name] if weights[name] is not None
+                                                                    else m.weight)
+                                            for name, m in chosen.items() if m.kind == "term"})
+    kd["plan"], kd["terms"], kd["head"] = plan, plan.weights, plan.head
     unused = [name for name in kd["weights"] if name not in kd["terms"]]
     if unused:
         raise _fail(f"kd.weights.{unused[0]}", kd["weights"][unused[0]],
                     f"no term {unused[0]!r} in method {kd['method']!r} (its terms: {', '.join(kd['terms']) or 'none'}; "
                     f"weights exist for {', '.join(n for n, m in catalogue().items() if m.kind == 'term')}): fix the "
                     f"name or add the term to kd.method")
-    _check_needs(kd, chosen)
+    _check_plan(kd, plan)
     if kd["centre_dtype"] not in CENTRE_DTYPES:
         raise _fail("kd.centre_dtype", kd["centre_dtype"], f"allowed: {', '.join(CENTRE_DTYPES)}")
-    if kd["centre_dtype"] != "float32" and not any("centres" in m.needs for m in chosen.values()):
+    if kd["centre_dtype"] != "float32" and not plan.centres:
         raise _fail("kd.centre_dtype", kd["centre_dtype"], "only ProxylessKD's frozen inherited centres can be held in "
                                                            "lower precision: remove it or add proxyless to kd.method")
     if kd["teacher_amp"] not in (None,) + AMP_DTYPES:
         raise _fail("kd.teacher_amp", kd["teacher_amp"], f"allowed: None (float32), {', '.join(AMP_DTYPES)}")
-    _check_unlabeled(kd, chosen)
-    _check_views(kd, chosen)
+    _check_unlabeled(kd, plan)
+    _check_views(kd, plan)
     sampler = kd["sampler"]
-    balanced = sampler["balanced"] if sampler["balanced"] is not None else any("balanced" in m.needs
-                                                                               for m in chosen.values())
+    balanced = sampler["balanced"] if sampler["balanced"] is not None else plan.balanced
     sampler["balanced"] = bool(balanced)
     balanced_rows = sampler["identities_per_batch"] * sampler["images_per_identity"] if balanced else 0
     if balanced_rows + kd["unlabeled"]["per_batch"] >= cfg.batch_size:

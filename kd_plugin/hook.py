@@ -54,12 +54,17 @@ class _Shared:
         self.epoch = 0  # the loader's epoch (multi-step KD switches teachers on it)
         self._dataset = None
         self._sampler = None
+        self._cfg = None
 
     def resolved(self):
-        from kd_plugin.config import check_hook_keys, resolve
-        cfg = resolve(self.config)  # the job config over arcface_torch's base defaults
-        check_hook_keys(cfg)
-        return cfg
+        """The job config over arcface_torch's base defaults, resolved and checked once per process (its plan read by
+        every patched function)."""
+        if self._cfg is None:
+            from kd_plugin.config import check_hook_keys, resolve
+            cfg = resolve(self.config)
+            check_hook_keys(cfg)
+            self._cfg = cfg
+        return self._cfg
 
     def dataset(self):
         """The training set, opened once per process."""

@@ -78,10 +78,3 @@ def describe() -> str:
     lines += [f"  {need}: {meaning}" for need, meaning in NEEDS.items()]
     lines.append("combine with '+', e.g. kd.method = 'proxyless+ekd'; kd.weights = {term: weight} overrides weights")
     return "\n".join(lines)
-
-
-def chosen(kd) -> dict[str, Method]:
-    """The methods a resolved config.kd runs ({name: Method}): its head method, if any, then its terms."""
-    catalogue = methods()
-    picked = [kd.head] if kd.head != "trainable" else []
-    return {name: catalogue[name] for name in picked + list(kd.terms)}

@@ -42,19 +42,15 @@ from kd_plugin.errors import KDPluginError
 from kd_plugin.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 
-def _has_label_free(methods) -> bool:
-    return any(m.label_free for m in methods)
-
-
 # settings a row may add after '@': name -> (its config.kd overrides, what the row's method must have, a test of that
-# over the row's methods)
+# on the method's plan, kd_plugin.plan)
 VARIANTS = {
-    "fit": ({"centres": "fit"}, "centres", lambda ms: any("centres" in m.needs for m in ms)),
-    "memory": ({"ekd": {"memory": 4096, "anchor_init": "first"}}, "ekd", lambda ms: any(m.name == "ekd" for m in ms)),
+    "fit": ({"centres": "fit"}, "centres", lambda plan: plan.centres),
+    "memory": ({"ekd": {"memory": 4096, "anchor_init": "first"}}, "ekd", lambda plan: "ekd" in plan.names),
     # kd.unlabeled: the unlabelled faces (set per run: the data path and the batch share)
-    "utk": ({}, "label-free", _has_label_free),
+    "utk": ({}, "label-free", lambda plan: bool(plan.label_free)),
     # kd.views: consistent views (--views-crop, --views-mixup), their teacher embeddings in a shared cache (set per run)
-    "views": ({}, "", lambda ms: True),  # with mixed labels dropped, a label-free term is needed (checked in main)
+    "views": ({}, "", lambda plan: True),  # with mixed labels dropped, a label-free term is needed (checked in main)
 }
 FULL = ("student", "l2", "cosine", "cosine@views", "adadistill", "proxyless", "proxyless@fit", "ekd", "ekd@memory",
         "proxyless+ekd", "proxyless+ekd@fit@memory", "rkd@utk")
@@ -78,20 +74,18 @@ def registry_rows() -> tuple[str, ...]:
 
 def parse_row(row: str) -> tuple[str, tuple[str, ...]]:
     """'proxyless+ekd@fit@memory' -> ('proxyless+ekd', ('fit', 'memory')), checked against the registry."""
-    from kd_plugin.methods import methods, needs, names
+    from kd_plugin.plan import plan_of
 
     method, *variants = row.split("@")
     variants = tuple(v for v in variants if v)
-    if method != "student":
-        needs(method)  # unknown methods stop here, with the registry's list
+    plan = plan_of("none" if method == "student" else method)  # unknown methods stop here, with the registry's list
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise KDPluginError(f"--methods: row {row!r}: unknown settings {unknown}; allowed after '@': "
                             f"{', '.join(VARIANTS)}")
-    parts = [methods()[n] for n in ([] if method == "student" else names(method))]
     for v in variants:
         _, wanted, present = VARIANTS[v]
-        if not present(parts):
+        if not present(plan):
             raise KDPluginError(f"--methods: row {row!r}: '@{v}' needs a method with {wanted} in it")
     return method, variants
 
@@ -624,9 +618,9 @@ def main(argv: list[str] | None = None) -> int:
     for row in args.methods:
         method, variants = parse_row(row)  # unknown methods or settings stop before anything runs
         if "views" in variants and args.views_mixed_labels == "drop" and args.views_mixup > 0:
-            from kd_plugin.methods import methods, names
+            from kd_plugin.plan import plan_of
 
-            if method == "student" or not _has_label_free([methods()[n] for n in names(method)]):
+            if not plan_of("none" if method == "student" else method).label_free:
                 raise KDPluginError(f"--methods: row {row!r}: '@views' with --views-mixed-labels drop feeds the mixed "
                                     f"images to the label-free terms only, and this row has none: add one (e.g. "
                                     f"'cosine') or pass --views-mixed-labels mix")
