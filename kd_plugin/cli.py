@@ -131,14 +131,13 @@ def _has_cuda() -> bool:
 
 
 def _teacher_and_data(args: argparse.Namespace):
-    from kd_plugin.distributed import get_rank, init_from_env
+    from kd_plugin.distributed import get_rank, init_from_env, training_device
     from kd_plugin.teachers import load_embedder
 
     init_from_env()
     device = args.device
-    if device == "cuda":  # torchrun: each rank on its own GPU
-        import torch
-        device = f"cuda:{torch.cuda.current_device()}"
+    if device == "cuda":  # torchrun: each rank on its own GPU, as in training
+        device = str(training_device())
     teacher = load_embedder(args.teacher, given_normalization(args.mean, args.std, args.bgr), device=device,
                             batch_size=args.batch_size, onnx_on_cpu="onnxruntime")
     return teacher, _training_data(args), get_rank()

@@ -131,6 +131,12 @@ def sharded_exp_sum(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return top, shifted, all_reduce_(shifted.sum(dim=1, keepdim=True), "sum")
 
 
+def training_device() -> torch.device:
+    """The device this process trains on: its GPU under torchrun (the current CUDA device, which init_from_env sets
+    from LOCAL_RANK), else the CPU. The trainer, the hook and the CLI's teacher commands all take it from here."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def init_from_env() -> bool:
     """Join the process group torchrun describes (WORLD_SIZE > 1): NCCL with GPUs, gloo without. True if it did."""
     if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:

@@ -11,3 +11,12 @@ class DataFormatError(KDPluginError, ValueError):
 
 class UnsafePickleError(KDPluginError, ValueError):
     """A pickle asked for something outside the allowed types and was refused without running it."""
+
+
+class DimensionMismatch(KDPluginError, ValueError):
+    """Student and teacher embeddings of different sizes, where a method compares them directly."""
+
+
+class SettingError(KDPluginError, ValueError):
+    """A setting outside what the code honours (the message names the key, the value and what is allowed)."""
+

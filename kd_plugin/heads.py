@@ -27,6 +27,7 @@ from torch import nn
 from kd_plugin.distributed import (all_reduce_, class_range, gather_no_grad, gather_sizes, gather_with_grad, get_rank,
                                    get_world_size, sharded_exp_sum)
 from kd_plugin.errors import KDPluginError
+from kd_plugin.embeddings import check_same_dims
 from kd_plugin.registry import register_head
 from kd_plugin.teachers.classifier import ClassSlice, copy_rows, read_classifier_rows
 
@@ -387,9 +388,7 @@ class AdaDistillHead(PartialFCHead):
     @torch.no_grad()
     def update_centres(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> None:
         """The adaptive update of this rank's centres, one wave per repeated occurrence of a class."""
-        if teacher.shape[1] != self.embedding_size:
-            raise ValueError(f"AdaDistill needs teacher embeddings of the student's size {self.embedding_size}, got "
-                             f"{teacher.shape[1]}")
+        check_same_dims(student, teacher, "adadistill")
         t_unit = F.normalize(teacher.float(), dim=1)
         agreement = (F.normalize(student.float(), dim=1) * t_unit).sum(1)
         local = labels - self.class_start

@@ -12,8 +12,8 @@ replaces those three names there, keeping train_v2's contract with each:
   the very same images (the teacher stays outside the backbone: not in model.pt, not in the optimizer);
 - `PartialFC_V2`: a module holding kd_plugin's KD objective (the inherited head and the configured terms); its
   state_dict (the head's centres, the EKD thresholds, the KD step count) lands in `checkpoint_gpu_{rank}.pt` and is
-  restored on resume. Its scalars are averaged on the device and written by rank 0 every `frequent` steps (one
-  device sync then, none in between) to `<output>/train_log.jsonl`, tensorboard and arcface_torch's `training.log`.
+  restored on resume. Its scalars are summed on the device and read every `frequent` steps, averaged over the
+  ranks in one all-reduce (one device sync then, none in between), and rank 0 writes them (training_log.RunLog) to `<output>/train_log.jsonl`, tensorboard and arcface_torch's `training.log`.
 `config.num_image` is set to the sampler's epoch length so train_v2's LR schedule matches it.
 train_v2 is recognised by those three names in the running script (`__main__`), whatever its file is called (a
 renamed copy, a wrapper that defines them); a script with some but not all of them is refused. When kd_plugin reads
@@ -23,7 +23,6 @@ fills it in and warns that distillation is not active.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import warnings
@@ -125,27 +124,27 @@ class HookHead(nn.Module):
     def __init__(self, cfg, shared: _Shared) -> None:
         super().__init__()
         from kd_plugin.build import build_objective, build_teacher
-        from kd_plugin.distributed import get_rank
-        from kd_plugin.training_log import ScalarMeans
+        from kd_plugin.distributed import get_rank, training_device
+        from kd_plugin.training_log import RunLog, StepLog
 
         self.shared, self.cfg, self.rank = shared, cfg, get_rank()
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        device = training_device()
         self._teacher = build_teacher(cfg, shared.dataset(), device)  # a plain attribute: not in the state_dict
         if self._teacher is not None and self._teacher.cache is not None and shared.batches is not None:
             shared.batches.cache = self._teacher.cache  # the loader's workers read the rows with the images
         self.objective = build_objective(cfg, shared.dataset(), self._teacher, shared.sampler())
         self.register_buffer("kd_step", torch.zeros((), dtype=torch.int64))  # forward calls so far, resumed
         self._step: int | None = None  # its host copy, read once after a resume
-        self._means = ScalarMeans()
-        self._writer = None
+        self._means = StepLog(device)  # the scalars summed on the device, read every `frequent` steps
+        self._records = RunLog(cfg.output, self.rank, "kd")
 
     def _teacher_embeddings(self, device: torch.device) -> torch.Tensor | None:
         if not self.objective.needs_teacher:  # e.g. ProxylessKD alone: the teacher only estimated the centres
             return None
         spec = self._teacher.set_epoch(self.shared.epoch)  # multi-step KD
         if spec:
-            self._log_line({"step": self._step, "epoch": self.shared.epoch, "teacher": spec},
-                           f"multi-step KD: epoch {self.shared.epoch} learns from {spec}")
+            self._records.write({"step": self._step, "epoch": self.shared.epoch, "teacher": spec},
+                                f"multi-step KD: epoch {self.shared.epoch} learns from {spec}")
         # the backbone's input back to uint8 (arcface_torch normalised it to (x - 127.5) / 127.5), when it is needed
         images = lambda: (self.shared.images.detach().float() * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8)  # noqa: E731
         loaded = (self.shared.rows,) if self.shared.rows is not None else ()
@@ -164,44 +163,23 @@ class HookHead(nn.Module):
                                      sizes=[len(local_labels)] * world)
         self._step += 1
         self.kd_step.fill_(self._step)
-        if self.rank == 0:
-            self._accumulate(stats)
+        self._accumulate(stats, loss)
         return loss
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._step = int(self.kd_step)  # the step count's host copy, read once at resume
 
-    def _accumulate(self, stats: dict[str, torch.Tensor]) -> None:
-        """Sum the scalars on the head's device; every `frequent` steps read their means at once and log them."""
-        self._means.add(stats, self.kd_step.device)
+    def _accumulate(self, stats: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
+        """Sum the scalars on the head's device; every `frequent` steps read their means (over those steps and the
+        ranks) at once, and rank 0 logs them. train_v2 reads its loss itself every step: the finite check is its."""
+        self._means.add(stats, loss)
         if self._step % self.cfg.frequent:
             return
-        figures = self._means.pop()  # the one sync
-        self._log_line({"step": self._step, "epoch": self.shared.epoch, **figures},
-                       f"KD step {self._step} epoch {self.shared.epoch}: " + console_figures(figures))
-        writer = self._tensorboard()
-        if writer is not None:
-            for key, value in figures.items():
-                writer.add_scalar(f"kd/{key}", value, self._step)
-            writer.flush()
-
-    def _log_line(self, record: dict, message: str) -> None:
-        if self.rank != 0:
-            return
-        LOG.info(message)
-        os.makedirs(self.cfg.output, exist_ok=True)
-        with open(os.path.join(self.cfg.output, "train_log.jsonl"), "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def _tensorboard(self):
-        if self._writer is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is a dependency; a broken install should not stop training
-                return None
-            self._writer = SummaryWriter(os.path.join(self.cfg.output, "tensorboard"))
-        return self._writer
+        figures, _, _ = self._means.read(stop_requested=False)  # the one sync (all ranks reach it at the same step)
+        self._records.write({"step": self._step, "epoch": self.shared.epoch, **figures},
+                            f"KD step {self._step} epoch {self.shared.epoch}: " + console_figures(figures))
+        self._records.scalars(figures, self._step)
 
 
 def _align_epoch_length(config, shared: _Shared) -> None:

@@ -19,8 +19,13 @@ for _module in pkgutil.iter_modules(kd_plugin.losses.__path__):  # the terms dec
 
 
 def methods() -> dict[str, Method]:
-    """Every registered method by name: the built-ins first, in the order above, then the user's."""
-    return registered()
+    """Every registered method by name: the built-ins first — heads, then terms by module name (losses/, then
+    multistep), each module's in declaration order: the same order whichever module was imported first —, then the
+    user's in registration order."""
+    everything = list(registered().values())
+    builtins = sorted((m for m in everything if m.builtin),
+                      key=lambda m: (m.kind != "head", m.origin.rsplit(".", 1)[0]))  # stable: declaration order kept
+    return {m.name: m for m in builtins + [m for m in everything if not m.builtin]}
 
 
 def names(method: str) -> list[str]:

@@ -13,7 +13,7 @@ from torch import nn
 
 from kd_plugin.data.sampler import random_part_rows
 from kd_plugin.distributed import gather_no_grad, gather_sizes, replicated_loss
-from kd_plugin.errors import KDPluginError
+from kd_plugin.embeddings import check_same_dims
 from kd_plugin.heads import AdaDistillHead, PartialFCHead
 
 
@@ -53,11 +53,8 @@ class KDObjective(nn.Module):
             raise ValueError(f"the objective was built with mixed_labels = {self.mixed_labels}: pass `mix` exactly then")
         if self.needs_teacher and local_teacher is None:
             raise ValueError(f"the KD terms {sorted(self.terms) or ['adadistill']} need teacher embeddings")
-        if self.equal_dims and local_teacher is not None and local_teacher.shape[1] != local_student.shape[1]:
-            raise KDPluginError(f"{', '.join(self.equal_dims)}: the student's embeddings have "
-                                f"{local_student.shape[1]} dims, the teacher's {local_teacher.shape[1]}; these compare "
-                                f"embeddings directly and need equal dims: set embedding_size = "
-                                f"{local_teacher.shape[1]} or use a relational term (ekd, cckd, sp, rkd)")
+        if self.equal_dims and local_teacher is not None:
+            check_same_dims(local_student, local_teacher, ", ".join(self.equal_dims))
         sizes = sizes or gather_sizes(len(local_labels), local_student.device)
         student, labels = self.head.gather(local_student, local_labels, sizes)
         teacher = None if local_teacher is None else gather_no_grad(local_teacher.float(), sizes)

@@ -16,7 +16,6 @@ last good checkpoint left in place."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -28,12 +27,13 @@ from kd_plugin.atomic import save_torch
 from kd_plugin.build import build_dataset, build_loader, build_objective, build_sampler, build_teacher
 from kd_plugin.config import check_num_image, check_trainer_keys, load_config
 from kd_plugin.data.views import ViewSettings, mix_partners
-from kd_plugin.distributed import get_rank, get_world_size, init_from_env, is_distributed, scale_grad
+from kd_plugin.distributed import (get_rank, get_world_size, init_from_env, is_distributed, scale_grad,
+                                   training_device)
 from kd_plugin.errors import KDPluginError
 from kd_plugin.normalization import InputNormalization
 from kd_plugin.teachers import build_network
 from kd_plugin.teachers.torch_embedder import TorchEmbedder
-from kd_plugin.training_log import LOG, SpeedLine, StepLog, training_log
+from kd_plugin.training_log import LOG, RunLog, SpeedLine, StepLog, training_log
 
 
 def verification_targets(cfg) -> list[str]:
@@ -58,7 +58,7 @@ class Trainer:
         init_from_env()
         self.cfg, kd = cfg, cfg.kd
         self.rank, self.world = get_rank(), get_world_size()
-        self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+        self.device = training_device()
         os.makedirs(cfg.output, exist_ok=True)
         torch.manual_seed(cfg.seed)
         self.dataset = build_dataset(cfg)
@@ -182,7 +182,7 @@ class Trainer:
         self.scheduler.step()
         return stats, loss
 
-    def _logging_step(self, log: StepLog, log_path: str, writer, speed: SpeedLine) -> bool:
+    def _logging_step(self, log: StepLog, speed: SpeedLine) -> bool:
         """Every `frequent` steps (and at the last): read the scalars, the stop request and the finite-loss check in
         one synchronisation; rank 0 writes them. A non-finite loss since the last read stops the run (the checkpoints
         on disk predate it: `save` checks first). Returns whether any rank asked to stop."""
@@ -194,24 +194,19 @@ class Trainer:
                                 f"is {self._checkpoint_path()}; lower the learning rate or check the data and teacher")
         if self.rank == 0:
             lr = self.scheduler.get_last_lr()[0]
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": self.global_step, "epoch": self.epoch, "lr": lr, **means}) + "\n")
-            if writer is not None:
-                for key, value in means.items():
-                    writer.add_scalar(f"train/{key}", value, self.global_step)
-                writer.add_scalar("train/lr", lr, self.global_step)
+            self._records.write({"step": self.global_step, "epoch": self.epoch, "lr": lr, **means})
+            self._records.scalars({**means, "lr": lr}, self.global_step)
             speed(self.global_step, self.epoch, {k: v for k, v in means.items() if k != "grad_scale"}, lr,
                   means.get("grad_scale"))
         self._last_means = means
         return stop
 
-    def _teacher_for_epoch(self, log_path: str) -> None:
+    def _teacher_for_epoch(self) -> None:
         """Multi-step KD: load the teacher checkpoint of this epoch (logged on rank 0)."""
         spec = None if self.teacher is None else self.teacher.set_epoch(self.epoch)
-        if spec and self.rank == 0:
-            LOG.info(f"multi-step KD: epoch {self.epoch} learns from {spec}")
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": self.global_step, "epoch": self.epoch, "teacher": spec}) + "\n")
+        if spec:
+            self._records.write({"step": self.global_step, "epoch": self.epoch, "teacher": spec},
+                                f"multi-step KD: epoch {self.epoch} learns from {spec}")
 
     def _request_stop(self, signum, frame) -> None:
         self._stop_requested = True
@@ -228,15 +223,14 @@ class Trainer:
         if self.cfg.resume:
             self.load()
         previous = signal.signal(signal.SIGTERM, self._request_stop)
-        log_path = os.path.join(self.cfg.output, "train_log.jsonl")
-        writer = self._tensorboard()
+        self._records = RunLog(self.cfg.output, self.rank, "train")
         speed = SpeedLine(self.total_steps, self.cfg.batch_size * self.world, self.global_step)
         log = self._log = StepLog(self.device)
         self._last_means = {}
         try:
             while self.epoch < self.cfg.num_epoch and self.global_step < self.total_steps:
                 self.sampler.set_epoch(self.epoch)
-                self._teacher_for_epoch(log_path)
+                self._teacher_for_epoch()
                 self.sampler.load_state_dict({"epoch": self.epoch, "position": self.position, "seed": self.cfg.seed})
                 epoch_start, steps_at_epoch_start = time.perf_counter(), self.global_step
                 for images, labels, indices, *loaded in self.loader:  # loaded: cached teacher rows (LoaderRows)
@@ -247,17 +241,17 @@ class Trainer:
                     log.add(*self.step(images, labels, indices, flips, tuple(loaded), mix))
                     last = self.global_step >= self.total_steps or self.position >= self.steps_per_epoch
                     if (self.global_step % self.cfg.frequent == 0 or last) and \
-                            self._logging_step(log, log_path, writer, speed):
+                            self._logging_step(log, speed):
                         self.save()
                         LOG.warning(f"[rank {self.rank}] SIGTERM: checkpoint written at step {self.global_step}")
                         return {"stopped": "sigterm", "global_step": self.global_step}
                     if self.cfg.val_targets and self.global_step % self.cfg.verbose == 0 and self.rank == 0:
-                        self.verify(writer, log_path)
+                        self.verify()
                     if self.global_step % self.cfg.checkpoint_every == 0:
                         self.save()
                     if self.global_step >= self.total_steps:
                         break
-                self._epoch_done(log_path, time.perf_counter() - epoch_start, self.global_step - steps_at_epoch_start,
+                self._epoch_done(time.perf_counter() - epoch_start, self.global_step - steps_at_epoch_start,
                                  self._last_means)
                 if self.global_step >= self.total_steps:
                     break
@@ -267,10 +261,9 @@ class Trainer:
             return {"stopped": "done", "global_step": self.global_step}
         finally:
             signal.signal(signal.SIGTERM, previous)
-            if writer is not None:
-                writer.close()
+            self._records.close()
 
-    def verify(self, writer, log_path: str) -> dict:
+    def verify(self) -> dict:
         """10-fold accuracy on `.bin` targets and all-pairs TPR@FPR on dataset targets, logged (rank 0)."""
         from kd_plugin.evaluation import evaluate_bin, evaluate_pairs
 
@@ -285,36 +278,22 @@ class Trainer:
                 r = evaluate_pairs(target, embedder, progress=False)
                 figures = {f"val/{name}/tpr@{k}": v for k, v in r["tpr_at_fpr"].items() if v is not None}
             results.update(figures)
-        for key, value in results.items():
-            if writer is not None:
-                writer.add_scalar(key, value, self.global_step)
-        with open(log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": self.global_step, "verification": results}) + "\n")
-        LOG.info(f"verification at step {self.global_step}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
+        self._records.scalars(results, self.global_step, prefix="")
+        self._records.write({"step": self.global_step, "verification": results},
+                            f"verification at step {self.global_step}: "
+                            + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
         return results
 
     def student_embedder(self) -> TorchEmbedder:
         """The student as an evaluation embedder (eval mode while embedding, then back to training)."""
         return TorchEmbedder(self.student, self.student_norm, self.device, spec="student", freeze=False)
 
-    def _tensorboard(self):
-        if self.rank != 0:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is a dependency; a broken install should not stop training
-            return None
-        return SummaryWriter(os.path.join(self.cfg.output, "tensorboard"))
-
-    def _epoch_done(self, log_path: str, seconds: float, steps: int, stats: dict) -> None:
+    def _epoch_done(self, seconds: float, steps: int, stats: dict) -> None:
         """Rank 0 prints and logs the epoch's wall time (checkpointing excluded) and its steps (fewer than an epoch's
         after a resume or at max_steps)."""
-        if self.rank != 0:
-            return
         loss = f", loss {stats['loss']:.4f}" if "loss" in stats else ""
-        LOG.info(f"epoch {self.epoch + 1}/{self.cfg.num_epoch} done: {steps} steps in {seconds:.1f}s{loss}")
-        with open(log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"epoch": self.epoch, "epoch_seconds": seconds, "epoch_steps": steps}) + "\n")
+        self._records.write({"epoch": self.epoch, "epoch_seconds": seconds, "epoch_steps": steps},
+                            f"epoch {self.epoch + 1}/{self.cfg.num_epoch} done: {steps} steps in {seconds:.1f}s{loss}")
 
 
 def train(config_path_or_cfg) -> dict:

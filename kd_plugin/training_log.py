@@ -1,11 +1,14 @@
-"""arcface_torch's logging for `kd-plugin train`: rank 0 writes `<output>/training.log` and the console through stdlib
-logging (`Training: <time>-<message>`, as upstream's init_logging), other ranks show warnings only; and upstream's
-speed line every `frequent` steps, followed by every loss term and EKD diagnostic averaged over those steps.
-Under train_v2 the hook logs to the same `kd_plugin` logger, which reaches upstream's own handlers."""
+"""A run's logging, the same for `kd-plugin train` and the train_v2 hook: `RunLog` (rank 0 writes
+`<output>/train_log.jsonl`, tensorboard and a line on the `kd_plugin` logger), `StepLog` (the step scalars summed on
+the device and read every `frequent` steps in one host synchronisation) and `console_figures` (what the line shows).
+Under `kd-plugin train`, `training_log` attaches arcface_torch's handlers (`<output>/training.log` and the console,
+`Training: <time>-<message>` as upstream's init_logging; other ranks show warnings only) and `SpeedLine` writes
+upstream's speed line; under train_v2 the `kd_plugin` logger reaches upstream's own handlers."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -45,34 +48,6 @@ def training_log(rank: int, output: str) -> Iterator[logging.Logger]:
         LOG.propagate = propagate
 
 
-class ScalarMeans:
-    """Named scalars summed step by step, each averaged over the steps it appeared in (a figure may be absent on some
-    steps). Tensors are summed on `device` where given (no host sync per step; some figures are CPU scalars), numbers
-    as numbers; `pop()` reads every mean at once — one sync — and starts again."""
-
-    def __init__(self) -> None:
-        self.sums: dict = {}
-        self.counts: dict[str, int] = {}
-
-    def add(self, stats: dict, device=None) -> None:
-        for key, value in stats.items():
-            if isinstance(value, torch.Tensor):
-                value = value.detach().float().to(device or value.device)
-            self.sums[key] = self.sums[key] + value if key in self.sums else (
-                value.clone() if isinstance(value, torch.Tensor) else float(value))
-            self.counts[key] = self.counts.get(key, 0) + 1
-
-    def pop(self) -> dict[str, float]:
-        """Every mean, read in one host synchronisation (one `.tolist()` of the stacked device sums)."""
-        tensors = [k for k, v in self.sums.items() if isinstance(v, torch.Tensor)]
-        means = {k: v / self.counts[k] for k, v in self.sums.items() if k not in tensors}
-        if tensors:
-            means.update(zip(tensors, torch.stack([self.sums[k] / self.counts[k] for k in tensors]).tolist()))
-        order = list(self.sums)
-        self.sums, self.counts = {}, {}
-        return {k: means[k] for k in order}
-
-
 class StepLog:
     """The trainer's step scalars between two logging steps: summed on the device (no host synchronisation), then read
     every `frequent` steps in ONE synchronisation together with the stop request (SIGTERM on any rank) and the count of
@@ -87,10 +62,10 @@ class StepLog:
         self.nonfinite = torch.zeros((), device=device)
 
     def add(self, stats: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
-        for key, value in stats.items():
-            value = value.detach().float()
+        for key, value in stats.items():  # a figure computed on the host (a CPU scalar) joins the others' device
+            value = value.detach().float().to(self.device, non_blocking=True)
             self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
-        self.nonfinite = self.nonfinite + (~torch.isfinite(loss.detach())).float()
+        self.nonfinite = self.nonfinite + (~torch.isfinite(loss.detach().to(self.device))).float()
         self.steps += 1
 
     def read(self, stop_requested: bool, current: dict[str, torch.Tensor] | None = None
@@ -139,3 +114,51 @@ class SpeedLine:
                  f"{lr:.6f}   Epoch: {epoch}   Global Step: {step}   {scale}Required: {hours:.1f} hours   "
                  + console_figures(means, skip=("loss",)))
         self.last_step, self.tic = step, now
+
+
+class RunLog:
+    """Where a run's records go, written by rank 0 (the other ranks' calls do nothing): one JSON object per line in
+    `<output>/train_log.jsonl`, tensorboard scalars in `<output>/tensorboard` (tagged `<prefix>/<name>`), and a message
+    on the `kd_plugin` logger (training.log and the console)."""
+
+    def __init__(self, output: str, rank: int, prefix: str) -> None:
+        self.output, self.rank, self.prefix = output, rank, prefix
+        self.path = os.path.join(output, "train_log.jsonl")
+        self._writer, self._opened = None, False
+
+    def write(self, record: dict, message: str | None = None) -> None:
+        """Append `record` to train_log.jsonl; log `message` when given."""
+        if self.rank != 0:
+            return
+        if message:
+            LOG.info(message)
+        os.makedirs(self.output, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def scalars(self, figures: dict[str, float], step: int, prefix: str | None = None) -> None:
+        """Each figure as a tensorboard scalar at `step` (tag `<prefix>/<name>`; prefix "" for the name alone)."""
+        writer = self._tensorboard()
+        if writer is None:
+            return
+        prefix = self.prefix if prefix is None else prefix
+        for key, value in figures.items():
+            writer.add_scalar(f"{prefix}/{key}" if prefix else key, value, step)
+        writer.flush()
+
+    def _tensorboard(self):
+        if self.rank != 0:
+            return None
+        if not self._opened:
+            self._opened = True
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is a dependency; a broken install should not stop training
+                return None
+            self._writer = SummaryWriter(os.path.join(self.output, "tensorboard"))
+        return self._writer
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._writer, self._opened = None, False

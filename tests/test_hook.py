@@ -322,8 +322,11 @@ def test_an_unset_output_becomes_upstreams_default(monkeypatch, tmp_path):
 def test_the_hook_sums_its_figures_on_the_heads_device(monkeypatch, tmp_path):
     """EKD reports some figures as CPU scalars; on a GPU the others are CUDA tensors and one stack of both fails.
     The meta device stands in for CUDA here."""
+    from kd_plugin.training_log import StepLog
+
     _, head = _hook_head_under_a_fake_train_v2(monkeypatch, tmp_path)
-    head.kd_step = torch.zeros((), dtype=torch.int64, device="meta")
+    head._means = StepLog(torch.device("meta"))
     head._step = 1
-    head._accumulate({"on_cpu": torch.tensor(2.0), "elsewhere": torch.tensor(1.0, device="meta")})
+    head._accumulate({"on_cpu": torch.tensor(2.0), "elsewhere": torch.tensor(1.0, device="meta")},
+                     torch.tensor(3.0, device="meta"))
     assert {v.device.type for v in head._means.sums.values()} == {"meta"}

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kd_plugin.errors import KDPluginError
+from kd_plugin.errors import SettingError
 from kd_plugin.fprs import DEFAULT_FPRS
 from kd_plugin.losses.precision import at_least_fp32
 from kd_plugin.registry import register_term
@@ -68,16 +68,9 @@ class CriticalPairMiner(nn.Module):
     def __init__(self, fprs=DEFAULT_FPRS, momentum: float = 0.01, top_k: int = 2000, unresolvable: str = "reference",
                  bias_correction: bool = False, anchor_init: str = "zero") -> None:
         super().__init__()
-        if unresolvable not in UNRESOLVABLE:
-            raise ValueError(f"unresolvable must be 'reference' or 'hold', got {unresolvable!r}")
-        if anchor_init not in ANCHOR_INITS:
-            raise ValueError(f"anchor_init must be one of {ANCHOR_INITS}, got {anchor_init!r}")
-        if anchor_init == "first" and bias_correction:
-            raise ValueError("anchor_init='first' starts the anchors at a batch's thresholds, so there is no zero "
-                             "start to correct: drop bias_correction")
+        check_settings("", fprs=fprs, unresolvable=unresolvable, anchor_init=anchor_init,
+                       bias_correction=bias_correction)
         self.anchor_init = anchor_init
-        if not all(0 < f < 1 for f in fprs):
-            raise ValueError(f"EKD FPRs must lie strictly between 0 and 1, got {list(fprs)}")
         self.inverse_fprs = [int(round(1.0 / f)) for f in fprs]  # integer division keeps floor(L / A) exact
         self.register_buffer("_inverse", torch.tensor(self.inverse_fprs, dtype=torch.int64), persistent=False)
         self.momentum, self.top_k = float(momentum), int(top_k)
@@ -169,20 +162,30 @@ class CriticalPairMiner(nn.Module):
                 "resolved": resolved, "negatives": count, "measured": measured}
 
 
+def check_settings(where: str, **settings) -> None:
+    """EKD's settings, checked in one place: at config time (`where` = "config.kd.ekd.", before anything is built)
+    and when EKDLoss / CriticalPairMiner are built directly (`where` = ""). Checks the settings given."""
+    def fail(key: str, expected: str) -> None:
+        raise SettingError(f"{where}{key} = {settings[key]!r}: {expected}")
+
+    if "fprs" in settings and not all(0 < f < 1 for f in settings["fprs"]):
+        fail("fprs", "EKD's FPRs must lie strictly between 0 and 1")
+    if "unresolvable" in settings and settings["unresolvable"] not in UNRESOLVABLE:
+        fail("unresolvable", f"allowed: {', '.join(repr(u) for u in UNRESOLVABLE)}")
+    if "anchor_init" in settings and settings["anchor_init"] not in ANCHOR_INITS:
+        fail("anchor_init", f"allowed: {', '.join(repr(a) for a in ANCHOR_INITS)}")
+    if settings.get("anchor_init") == "first" and settings.get("bias_correction"):
+        fail("bias_correction", "with anchor_init = 'first' the anchors start at a batch's thresholds, so there is no "
+                                "zero start to correct: remove one of the two")
+    if "memory" in settings and (isinstance(settings["memory"], bool) or not isinstance(settings["memory"], int)
+                                 or settings["memory"] < 0):
+        fail("memory", "expected a number of rows >= 0 (0: no cross-batch memory, the reference)")
+
+
 def _check_config(kd: dict) -> None:
     block = kd["ekd"]
-    if block["unresolvable"] not in UNRESOLVABLE:
-        raise KDPluginError(f"config.kd.ekd.unresolvable = {block['unresolvable']!r}: allowed: "
-                            f"{', '.join(repr(u) for u in UNRESOLVABLE)}")
-    if block["anchor_init"] not in ANCHOR_INITS:
-        raise KDPluginError(f"config.kd.ekd.anchor_init = {block['anchor_init']!r}: allowed: "
-                            f"{', '.join(repr(a) for a in ANCHOR_INITS)}")
-    if block["anchor_init"] == "first" and block["bias_correction"]:
-        raise KDPluginError("config.kd.ekd.bias_correction = True: with anchor_init = 'first' the anchors start at a "
-                            "batch's thresholds, so there is no zero start to correct: remove one of the two")
-    if not isinstance(block["memory"], int) or block["memory"] < 0:
-        raise KDPluginError(f"config.kd.ekd.memory = {block['memory']!r}: expected a number of rows >= 0 (0: no "
-                            f"cross-batch memory, the reference)")
+    check_settings("config.kd.ekd.", **{key: block[key] for key in ("fprs", "unresolvable", "anchor_init",
+                                                                     "bias_correction", "memory")})
 
 
 @register_term("ekd", title="EKD", needs=("teacher", "labels", "balanced"), baseline=False, check=_check_config,
@@ -204,8 +207,7 @@ class EKDLoss(nn.Module):
                  positive_weight: float = 0.02, negative_weight: float = 0.01, unresolvable: str = "reference",
                  bias_correction: bool = False, memory: int = 0, anchor_init: str = "zero") -> None:
         super().__init__()
-        if int(memory) < 0:
-            raise ValueError(f"memory must be >= 0 rows (0: off), got {memory}")
+        check_settings("", memory=memory)  # the miner checks the others
         self.fprs = tuple(fprs)
         self.miner = CriticalPairMiner(fprs, momentum, top_k, unresolvable, bias_correction, anchor_init)
         self.tau, self.positive_weight, self.negative_weight = float(tau), float(positive_weight), float(negative_weight)

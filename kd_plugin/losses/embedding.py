@@ -6,16 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd_plugin.embeddings import check_same_dims
 from kd_plugin.losses.precision import at_least_fp32
 from kd_plugin.registry import register_term
-
-
-def check_same_dims(student: torch.Tensor, teacher: torch.Tensor, term: str) -> None:
-    """Embedding-matching terms need equal dimensions; relational ones do not."""
-    if student.shape[1] != teacher.shape[1]:
-        raise ValueError(f"{term}: student embeddings have {student.shape[1]} dims, the teacher's {teacher.shape[1]}; "
-                         f"{term} compares embeddings directly and needs equal dims — use a relational term "
-                         f"(ekd, cckd, sp, rkd) or a student with embedding_size={teacher.shape[1]}")
 
 
 @register_term("l2", weight=100.0, title="L2", needs=("teacher", "equal_dims"),
