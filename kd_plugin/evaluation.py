@@ -46,6 +46,25 @@ def embed_with_flip(model: Embedder, images: np.ndarray) -> np.ndarray:
     return model.embed(images) + model.embed(np.ascontiguousarray(images[..., ::-1]))
 
 
+def embed_images(model: Embedder, images: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """L2-normalised flip-summed embeddings of uint8 images (N, 3, H, W), `chunk` images at a time."""
+    return l2_normalize(np.concatenate([embed_with_flip(model, images[i:i + chunk])
+                                        for i in range(0, len(images), chunk)]))
+
+
+def bin_accuracy(embeddings: np.ndarray, issame: np.ndarray, folds: int = 10) -> float:
+    """10-fold accuracy of a `.bin`'s pairs from the L2-normalised embeddings of its images (pair k: images 2k, 2k+1)."""
+    scores = np.sum(embeddings[0::2] * embeddings[1::2], axis=1)
+    return kfold_accuracy(scores, np.asarray(issame, bool), folds)[0]
+
+
+def all_pairs_tpr(query: np.ndarray, labels: np.ndarray, fprs: Sequence[float],
+                  gallery: np.ndarray | None = None) -> dict[str, float | None]:
+    """TPR at each FPR ({fpr_key: TPR}) over all pairs of an identity-labelled set, from its embeddings (`gallery`: the
+    same images embedded by another model, for the cross-model figure)."""
+    return roc_summary(lambda: pair_score_blocks(query, labels, gallery), fprs)["tpr_at_fpr"]
+
+
 def embed_dataset(model: Embedder, dataset: FaceDataset, chunk: int = 256, progress: bool = True) -> np.ndarray:
     """Flip-summed embeddings of every image of a dataset, in index order."""
     bar = Progress(len(dataset), f"embedding {dataset.source}", "img", enabled=progress)

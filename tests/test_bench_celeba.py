@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import jpeg_bytes
-from kd_plugin.benchmarks.celeba import main, markdown_table, summarise
+from kd_plugin.benchmarks.celeba import main
+from kd_plugin.benchmarks.celeba_report import markdown_table, summarise
 from kd_plugin.export import export_onnx
 from kd_plugin.networks.demo import demo_teacher
 
@@ -80,6 +81,7 @@ def test_the_benchmark_runs_end_to_end_and_reuses_finished_runs(stand_ins, tmp_p
     assert curve[1e-3] == record["tpr@1e-3"] and curve[1e-2] == record["tpr@1e-2"]
     assert list(curve.values()) == sorted(curve.values())  # TPR never falls as the FPR grows
     assert "| proxyless+ekd | 2 |" in (out / "results.md").read_text()
+    assert "| teacher (teacher.onnx) |" in (out / "results.md").read_text()  # the teacher it was given
     # the budget curve: the table's runs are its first budget (every seed), each other budget trains its rows once
     budget = json.loads((out / "budget.json").read_text())
     assert budget == result["budget"] and budget["budgets"] == [1, 2] and set(budget["rows"]) == {"student", "l2"}

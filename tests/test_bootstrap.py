@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from kd_plugin.benchmarks.bootstrap import PairScores, difference_interval, paired_bootstrap
-from kd_plugin.benchmarks.celeba import parse_row, seeded_rows
+from kd_plugin.benchmarks.celeba_rows import parse_row, seeded_rows
 from kd_plugin.errors import KDPluginError
 from kd_plugin.evaluation import fpr_key, pair_score_blocks, roc_summary
 

@@ -171,7 +171,7 @@ def test_a_term_without_the_teacher_trains_without_one_and_equal_dims_is_enforce
 
 
 def test_config_cli_benchmark_and_demo_read_the_registry(capsys):
-    from kd_plugin.benchmarks import celeba
+    from kd_plugin.benchmarks import celeba_rows
     from kd_plugin.cli import main
     from kd_plugin.config import kd_defaults
     from kd_plugin.demo import demo_methods
@@ -181,7 +181,7 @@ def test_config_cli_benchmark_and_demo_read_the_registry(capsys):
     assert {n for n, m in catalogue.items() if m.kind == "head"} == {"proxyless", "adadistill", "proxyless_adaptive"}
     assert kd_defaults()["ekd"]["top_k"] == 2000 and kd_defaults()["cckd"] == {"gamma": 0.4, "order": 2}
     assert demo_methods() == ("none", "proxyless", "ekd", "proxyless+ekd")
-    assert set(celeba.registry_rows()) == {"student", "proxyless+ekd"} | {
+    assert set(celeba_rows.registry_rows()) == {"student", "proxyless+ekd"} | {
         n for n, m in catalogue.items() if "logits" not in m.needs and m.teacher is None}
     assert kd_block("proxyless+ekd", teacher="t") == {"method": "proxyless+ekd", "teacher": "t", "centres": "estimate"}
     assert main(["methods"]) == 0

@@ -14,13 +14,12 @@ stdout with --json), `results.md`, `tpr_fpr.png`, and per run `<row>/seed<k>/mod
 format, normalisation inside), `val_embeddings.npy` and `result.json`. A run whose `result.json` matches the settings is
 reused, so an interrupted benchmark continues where it stopped; `--fresh` retrains everything.
 
-A row is a method of the registry ('ekd', 'proxyless+ekd', ...; 'student' = none) with optional settings, each after
-an '@' ('proxyless+ekd@fit@memory'):
-`fit` (centres="fit"), `memory` (EKD's cross-batch memory of 4096 rows and first-batch anchors), `utk` (the unlabelled
-faces, half of each batch's random part), `views` (consistent views, kd_plugin.data.views: student and teacher see the
-same flipped, cropped and mixed image, the teacher online; its embedding of each (sample, epoch) view is kept in
-`<out>/teacher_views*` (one per training set and view settings: --views-crop, --views-mixup), so the first such run
-pays the teacher and the other rows and seeds read it). The defaults fit 2 CPU cores (the `cpu_r8` student at half resolution);
+Its parts: the rows ('proxyless+ekd@fit@memory': a method of the registry with '@' settings) in
+kd_plugin.benchmarks.celeba_rows; this runner (data, caches, one training run per row and seed, its evaluation through
+kd_plugin.evaluation); the summary, table and plot in kd_plugin.benchmarks.celeba_report; `--budgets` adds the budget
+curve (kd_plugin.benchmarks.budget). '@views' rows keep the teacher's embedding of each (sample, epoch) view in
+`<out>/teacher_views*` (one per training set and view settings), so the first such run pays the teacher and the other
+rows and seeds read it. The defaults fit 2 CPU cores (the `cpu_r8` student at half resolution);
 `--network mbf --epochs 20` with a GPU is the same benchmark at the usual size.
 """
 
@@ -31,73 +30,18 @@ import json
 import os
 import shutil
 import time
-import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from kd_plugin.atomic import write_json
+from kd_plugin.benchmarks.celeba_report import bootstrap_intervals, markdown_table, number, plot, summarise
+from kd_plugin.benchmarks.celeba_rows import FULL, QUICK, VARIANTS, parse_row, registry_rows, run_folder, seeded_rows
 from kd_plugin.config import KD_SETTINGS
 from kd_plugin.errors import KDPluginError
+from kd_plugin.evaluation import all_pairs_tpr, bin_accuracy, embed_images, fpr_key
 from kd_plugin.normalization import IMAGENET_MEAN, IMAGENET_STD
-
-
-# settings a row may add after '@': name -> (its config.kd overrides, what the row's method must have, a test of that
-# on the method's plan, kd_plugin.plan)
-VARIANTS = {
-    "fit": ({"centres": "fit"}, "centres", lambda plan: plan.centres),
-    "memory": ({"ekd": {"memory": 4096, "anchor_init": "first"}}, "ekd", lambda plan: "ekd" in plan.names),
-    # kd.unlabeled: the unlabelled faces (set per run: the data path and the batch share)
-    "utk": ({}, "label-free", lambda plan: bool(plan.label_free)),
-    # kd.views: consistent views (--views-crop, --views-mixup), their teacher embeddings in a shared cache (set per run)
-    "views": ({}, "", lambda plan: True),  # with mixed labels dropped, a label-free term is needed (checked in main)
-}
-FULL = ("student", "l2", "cosine", "cosine@views", "adadistill", "proxyless", "proxyless@fit", "ekd", "ekd@memory",
-        "proxyless+ekd", "proxyless+ekd@fit@memory", "rkd@utk")
-QUICK = ("student", "proxyless+ekd@fit@memory", "adadistill", "l2@utk")
-FAMILIES = ("student", "proxyless", "ekd", "proxyless+ekd")  # seeded: per family, its row with the most settings
-FIGURES = ("accuracy", "tpr@1e-2", "tpr@1e-3", "cross_tpr@1e-3", "epoch_seconds")
-# 1, 2, ..., 9 x 10^k from 1e-4 to 0.9: distinct at one significant digit, as the evaluation's keys ('2e-04') are
-CURVE_FPRS = tuple(float(f"{m}e{k}") for k in range(-4, 0) for m in range(1, 10))
-
-
-def registry_rows() -> tuple[str, ...]:
-    """Every row the registry offers on its own: the student alone, each method that runs from a teacher and the
-    training data alone, and the combination of the methods this plugin is about."""
-    from kd_plugin.methods import methods, runs_from_a_teacher, this_plugins_methods
-
-    runnable = {name: m for name, m in methods().items() if runs_from_a_teacher(m)}
-    ours = this_plugins_methods(runnable)
-    variants = [n for n, m in runnable.items() if not m.baseline and n not in ours]
-    return ("student", *(n for n, m in runnable.items() if m.baseline), *ours, *variants, "+".join(ours))
-
-
-def parse_row(row: str) -> tuple[str, tuple[str, ...]]:
-    """'proxyless+ekd@fit@memory' -> ('proxyless+ekd', ('fit', 'memory')), checked against the registry."""
-    from kd_plugin.plan import plan_of
-
-    method, *variants = row.split("@")
-    variants = tuple(v for v in variants if v)
-    plan = plan_of("none" if method == "student" else method)  # unknown methods stop here, with the registry's list
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise KDPluginError(f"--methods: row {row!r}: unknown settings {unknown}; allowed after '@': "
-                            f"{', '.join(VARIANTS)}")
-    for v in variants:
-        _, wanted, present = VARIANTS[v]
-        if not present(plan):
-            raise KDPluginError(f"--methods: row {row!r}: '@{v}' needs a method with {wanted} in it")
-    return method, variants
-
-
-def seeded_rows(rows: list[str]) -> list[str]:
-    """The rows every seed trains: per family, the row with the most settings (the first such)."""
-    out = []
-    for family in FAMILIES:
-        members = [r for r in rows if parse_row(r)[0] == family]
-        if members:
-            out.append(max(members, key=lambda r: len(parse_row(r)[1])))
-    return out
 
 
 def _paths(args) -> dict:
@@ -126,30 +70,27 @@ def _training_sets(paths: dict, unlabelled: bool) -> tuple[list[str], str | None
     return [paths["train"]] + ([paths["extra"]] if paths["extra"] else []), paths["unlabeled"] if unlabelled else None
 
 
+# 1, 2, ..., 9 x 10^k from 1e-4 to 0.9: distinct at one significant digit, as the evaluation's keys ('2e-04') are
+CURVE_FPRS = tuple(float(f"{m}e{k}") for k in range(-4, 0) for m in range(1, 10))
+
+
+@dataclass(frozen=True)
 class _Embeddings:
-    """The figures of one model from its flip-summed embeddings of the .bin images and the val images."""
+    """One model's L2-normalised flip-summed embeddings of the .bin images and of the validation images."""
+    bin: np.ndarray
+    val: np.ndarray
 
-    def __init__(self, model, bin_images: np.ndarray, val_images: np.ndarray) -> None:
-        from kd_plugin.evaluation import embed_with_flip, l2_normalize
+    @classmethod
+    def of(cls, model, data: dict) -> _Embeddings:
+        return cls(embed_images(model, data["bin_images"]), embed_images(model, data["val_images"]))
 
-        def embed(images: np.ndarray) -> np.ndarray:
-            return l2_normalize(np.concatenate([embed_with_flip(model, images[i:i + 256])
-                                                for i in range(0, len(images), 256)]))
-
-        self.bin, self.val = embed(bin_images), embed(val_images)
-
-    def figures(self, issame: np.ndarray, val_labels: np.ndarray, gallery: "_Embeddings | None") -> dict:
-        from kd_plugin.evaluation import fpr_key, kfold_accuracy, pair_score_blocks, roc_summary
-
-        scores = np.sum(self.bin[0::2] * self.bin[1::2], axis=1)
-        accuracy, _, _ = kfold_accuracy(scores, issame)
-        roc = roc_summary(lambda: pair_score_blocks(self.val, val_labels), CURVE_FPRS + (1e-2, 1e-3))
-        tpr = roc["tpr_at_fpr"]
-        out = {"accuracy": accuracy, "tpr@1e-2": tpr[fpr_key(1e-2)], "tpr@1e-3": tpr[fpr_key(1e-3)],
-               "curve": [[f, tpr[fpr_key(f)]] for f in CURVE_FPRS]}
+    def figures(self, data: dict, gallery: _Embeddings | None) -> dict:
+        """The row's figures (kd_plugin.evaluation), the cross-model TPR against `gallery` (the teacher's)."""
+        tpr = all_pairs_tpr(self.val, data["val_labels"], CURVE_FPRS + (1e-2, 1e-3))
+        out = {"accuracy": bin_accuracy(self.bin, data["issame"]), "tpr@1e-2": tpr[fpr_key(1e-2)],
+               "tpr@1e-3": tpr[fpr_key(1e-3)], "curve": [[f, tpr[fpr_key(f)]] for f in CURVE_FPRS]}
         if gallery is not None:
-            cross = roc_summary(lambda: pair_score_blocks(self.val, val_labels, gallery.val), (1e-3,))
-            out["cross_tpr@1e-3"] = cross["tpr_at_fpr"][fpr_key(1e-3)]
+            out["cross_tpr@1e-3"] = all_pairs_tpr(self.val, data["val_labels"], (1e-3,), gallery.val)[fpr_key(1e-3)]
         return out
 
 
@@ -222,17 +163,13 @@ def _settings(args, paths: dict, row: str = "") -> dict:
     return settings
 
 
-def _run_folder(root: str, row: str, seed: int) -> str:
-    return os.path.join(root, row.replace("@", "_at_"), f"seed{seed}")
-
-
 def _train_one(args, paths, row, seed, caches, data, teacher_emb, num_classes, root: str | None = None) -> dict:
     """Train (or reuse) one student, its run folder under `root` (default --out); returns its result record."""
     from kd_plugin.config import resolve
     from kd_plugin.export import export_onnx
     from kd_plugin.train import Trainer
 
-    folder = _run_folder(root or args.out, row, seed)
+    folder = run_folder(root or args.out, row, seed)
     record_path = os.path.join(folder, "result.json")
     settings = _settings(args, paths, row)
     if not args.fresh and os.path.isfile(record_path) and os.path.isfile(os.path.join(folder, "val_embeddings.npy")):
@@ -249,8 +186,8 @@ def _train_one(args, paths, row, seed, caches, data, teacher_emb, num_classes, r
     start = time.perf_counter()
     trainer.run()
     train_seconds = time.perf_counter() - start
-    embeddings = _Embeddings(trainer.student_embedder(), data["bin_images"], data["val_images"])
-    figures = embeddings.figures(data["issame"], data["val_labels"], teacher_emb)
+    embeddings = _Embeddings.of(trainer.student_embedder(), data)
+    figures = embeddings.figures(data, teacher_emb)
     np.save(os.path.join(folder, "val_embeddings.npy"), embeddings.val.astype(np.float32))
     export_onnx(trainer.student.eval(), os.path.join(folder, "model.onnx"), trainer.student_norm)
     record = {"method": row, "seed": seed, "settings": settings, "epoch_seconds": _mean_epoch_seconds(folder),
@@ -258,8 +195,8 @@ def _train_one(args, paths, row, seed, caches, data, teacher_emb, num_classes, r
               "teacher_rows": 0 if trainer.teacher is None else trainer.teacher.teacher_rows,
               "train_seconds": train_seconds, **figures}
     write_json(record, record_path)
-    print(f"[bench celeba] {row} seed {seed}: accuracy {_num(record['accuracy'])}, TPR@1e-3 "
-          f"{_num(record['tpr@1e-3'])}, cross TPR@1e-3 {_num(record['cross_tpr@1e-3'])}, "
+    print(f"[bench celeba] {row} seed {seed}: accuracy {number(record['accuracy'])}, TPR@1e-3 "
+          f"{number(record['tpr@1e-3'])}, cross TPR@1e-3 {number(record['cross_tpr@1e-3'])}, "
           f"{record['epoch_seconds']:.1f}s/epoch", flush=True)
     return record
 
@@ -280,152 +217,6 @@ def _load_eval_data(paths: dict) -> dict:
     val_images = np.stack([val[i][0].numpy() for i in range(len(val))])
     return {"bin_images": bin_images, "issame": np.asarray(issame, bool), "val_images": val_images,
             "val_labels": np.asarray(val.labels)}
-
-
-def _num(value, digits: int = 4) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def _mean(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else None
-
-
-def summarise(records: list[dict], teacher: dict, order: list[str] | None = None,
-              intervals: dict[str, dict] | None = None) -> dict:
-    """{"teacher": figures, "methods": {row: {figure: [one value per seed], "gap_closed@1e-3": ...,
-    "vs_student@1e-3": {"diff": mean difference, "ci95": [low, high]} when `intervals` has the row}}."""
-    order = order or list(dict.fromkeys(r["method"] for r in records))
-    methods: dict[str, dict] = {}
-    for record in sorted(records, key=lambda r: (order.index(r["method"]), r["seed"])):
-        entry = methods.setdefault(record["method"], {k: [] for k in FIGURES} | {"seeds": []})
-        for key in FIGURES:
-            entry[key].append(record[key])
-        entry["seeds"].append(record["seed"])
-    base = _mean(methods.get("student", {}).get("tpr@1e-3", []))
-    for name, entry in methods.items():
-        mean = _mean(entry["tpr@1e-3"])
-        gap = teacher["tpr@1e-3"] - base if base is not None and teacher["tpr@1e-3"] is not None else None
-        entry["gap_closed@1e-3"] = (mean - base) / gap if gap and mean is not None else None
-        if intervals and name in intervals:
-            entry["vs_student@1e-3"] = intervals[name]
-    return {"teacher": {k: teacher[k] for k in ("accuracy", "tpr@1e-2", "tpr@1e-3")}, "methods": methods}
-
-
-def bootstrap_intervals(out: str, records: list[dict], val_labels: np.ndarray, resamples: int) -> dict[str, dict]:
-    """Per row: the mean difference in TPR@1e-3 to the student alone (over their seeds) and its 95% paired
-    identity-bootstrap interval, from the saved validation embeddings."""
-    from kd_plugin.benchmarks.bootstrap import PairScores, difference_interval, paired_bootstrap
-
-    if resamples <= 0 or not any(r["method"] == "student" for r in records):
-        return {}
-    identities = int(np.max(val_labels)) + 1
-    scores: dict[str, list] = {}
-    for r in records:
-        folder = _run_folder(out, r["method"], r["seed"])
-        scores.setdefault(r["method"], []).append(PairScores(np.load(os.path.join(folder, "val_embeddings.npy")),
-                                                             val_labels))
-    print(f"[bench celeba] identity bootstrap: {resamples} resamples of {identities} identities", flush=True)
-    tpr = paired_bootstrap(scores, identities, 1e-3, resamples)
-    point = {name: _mean([r["tpr@1e-3"] for r in records if r["method"] == name]) for name in scores}
-    return {name: {"diff": point[name] - point["student"],
-                   "ci95": difference_interval(tpr[name], tpr["student"])}
-            for name in scores if name != "student"}
-
-
-def _fmt(values: list, digits: int = 3) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
-
-
-def markdown_table(summary: dict, settings: dict) -> str:
-    """The results as a markdown table, with an explicit verdict against the student alone."""
-    methods, teacher = summary["methods"], summary["teacher"]
-    student = methods.get("student")
-    base = _mean(student["tpr@1e-3"]) if student else None
-    spread = float(np.std(student["tpr@1e-3"])) if student and len(student["tpr@1e-3"]) > 1 else 0.0
-    paired = any("vs_student@1e-3" in entry for entry in methods.values())
-    ci_head, ci_rule, ci_blank = (" difference @1e-3 (95% identity-bootstrap interval) |", "---|", " - |") if paired \
-        else ("", "", "")
-    lines = ["| method | seeds | accuracy (celeba_val.bin) | TPR@1e-2 | TPR@1e-3 | cross TPR@1e-3 | gap closed @1e-3 | "
-             f"s/epoch |{ci_head} vs student alone @1e-3 |", f"|---|---|---|---|---|---|---|---|{ci_rule}---|"]
-    lines.append(f"| teacher (MobileFaceNet ONNX) | - | {_num(teacher['accuracy'], 3)} | "
-                 f"{_num(teacher['tpr@1e-2'], 3)} | {_num(teacher['tpr@1e-3'], 3)} | - | - | - |{ci_blank} ceiling |")
-    for name, entry in methods.items():
-        mean = _mean(entry["tpr@1e-3"])
-        paired_figure = entry.get("vs_student@1e-3")
-        if name == "student" or base is None or mean is None:
-            verdict = "reference"
-        elif paired_figure is not None:
-            low, high = paired_figure["ci95"]
-            verdict = ("better (interval above 0)" if low > 0 else "worse (interval below 0)" if high < 0
-                       else "no clear difference (interval spans 0)")
-        elif mean - base > 2 * max(spread, float(np.std(entry["tpr@1e-3"])) if len(entry["tpr@1e-3"]) > 1 else spread):
-            verdict = "better (by more than twice the seed spread)"
-        elif mean > base:
-            verdict = "not clearly better (within twice the seed spread)"
-        else:
-            verdict = "does NOT beat the student alone"
-        gap = entry["gap_closed@1e-3"]
-        ci = ""
-        if paired:
-            ci = " - |" if paired_figure is None else (f" {paired_figure['diff']:+.3f} [{paired_figure['ci95'][0]:+.3f}, "
-                                                      f"{paired_figure['ci95'][1]:+.3f}] |")
-        lines.append(f"| {name} | {len(entry['seeds'])} | {_fmt(entry['accuracy'])} | {_fmt(entry['tpr@1e-2'])} | "
-                     f"{_fmt(entry['tpr@1e-3'])} | {_fmt(entry['cross_tpr@1e-3'])} | "
-                     f"{'n/a' if gap is None else f'{gap:.0%}'} | {_fmt(entry['epoch_seconds'], 1)} |{ci} {verdict} |")
-    lines.append("")
-    lines.append(f"Mean ± std over seeds. Budget for every method: {settings['network']}, {settings['epochs']} epochs "
-                 f"of the labelled images ('@utk' rows: half as many, with as many steps: half of each batch's random "
-                 f"part unlabelled{_views_note(settings.get('views'))}), "
-                 f"batch {settings['batch_size']} ({settings['identities']} identities x "
-                 f"{settings['images_per_identity']} images + random), {settings['optimizer']} lr {settings['lr']}, "
-                 f"margin {tuple(settings['margin'])}; "
-                 + (f"term weights {settings['weights']}, the others published." if settings.get("weights")
-                    else "every term at its published weight."))
-    return "\n".join(lines) + "\n"
-
-
-def _views_note(views: dict | None) -> str:
-    if not views:
-        return ""
-    crop = "no crop" if views["crop"] >= 1 else f"crop {views['crop']:g}"
-    shift = f", shift {views['shift']} px" if views.get("shift") else ""
-    seen = ("in the head, lam-weighted over both identities" if views.get("mixed_labels") == "mix"
-            else "by the label-free terms only")
-    return f"; '@views' rows: consistent views, {crop}{shift}, {views['mixup']:.0%} of the samples mixed and seen {seen}"
-
-
-def plot(records: list[dict], teacher: dict, path: str) -> None:
-    """TPR against FPR (log scale) per method, the mean over seeds, with the teacher dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    fprs = [f for f, _ in teacher["curve"]]
-    ax.plot(fprs, [t for _, t in teacher["curve"]], "k--", label="teacher")
-    for method in dict.fromkeys(r["method"] for r in records):
-        curves = [r["curve"] for r in records if r["method"] == method]
-        if curves:
-            values = np.array([[np.nan if t is None else t for _, t in c] for c in curves], dtype=float)
-            with warnings.catch_warnings():  # FPRs below 1 / negatives have no TPR: a gap in the curve
-                warnings.simplefilter("ignore", RuntimeWarning)
-                tprs = np.nanmean(values, axis=0)
-            ax.plot(fprs, tprs, label=f"{method} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
-    ax.set_xscale("log")
-    ax.set_xlabel("FPR (celeba/val, all pairs)")
-    ax.set_ylabel("TPR")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _caches(args, paths: dict, teacher, rows: list[str]) -> dict[bool, str]:
@@ -472,10 +263,10 @@ def run(args) -> dict:
     caches = _caches(args, paths, teacher, rows)
     print("[bench celeba] embedding the evaluation images with the teacher", flush=True)
     data = _load_eval_data(paths)
-    teacher_emb = _Embeddings(teacher, data["bin_images"], data["val_images"])
-    teacher_figures = teacher_emb.figures(data["issame"], data["val_labels"], None)
-    print(f"[bench celeba] teacher: accuracy {_num(teacher_figures['accuracy'])}, TPR@1e-2 "
-          f"{_num(teacher_figures['tpr@1e-2'])}, TPR@1e-3 {_num(teacher_figures['tpr@1e-3'])}", flush=True)
+    teacher_emb = _Embeddings.of(teacher, data)
+    teacher_figures = teacher_emb.figures(data, None)
+    print(f"[bench celeba] teacher: accuracy {number(teacher_figures['accuracy'])}, TPR@1e-2 "
+          f"{number(teacher_figures['tpr@1e-2'])}, TPR@1e-3 {number(teacher_figures['tpr@1e-3'])}", flush=True)
     def train(row, seed, at=args, root=None):
         return _train_one(at, paths, row, seed, caches, data, teacher_emb, num_classes, root)
 
