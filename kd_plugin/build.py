@@ -9,10 +9,12 @@ import os
 
 import torch
 
-from kd_plugin.data.datasets import open_training_data
+from kd_plugin.config import DERIVED_CENTRES
+from kd_plugin.data.datasets import dataset_fingerprint, open_training_data
 from kd_plugin.data.sampler import IdentityBalancedBatchSampler
 from kd_plugin.data.views import EpochItems, ViewDataset, ViewSettings
 from kd_plugin.distributed import get_rank, get_world_size
+from kd_plugin.embeddings import embedding_width
 from kd_plugin.errors import KDPluginError
 from kd_plugin.job_files import agree, agree_or_raise, require_shared_folder
 from kd_plugin.heads import PartialFCHead, head_arguments, trainable_head
@@ -20,8 +22,7 @@ from kd_plugin.methods import methods
 from kd_plugin.normalization import given_normalization
 from kd_plugin.objective import KDObjective
 from kd_plugin.teachers import build_cache, load_cache, load_embedder
-from kd_plugin.teachers.cache import dataset_fingerprint
-from kd_plugin.teachers.centres import DERIVED_CENTRES, centres_from_cache, embedding_width, estimate_class_slice
+from kd_plugin.teachers.centres import centres_from_cache, estimate_class_slice
 from kd_plugin.centre_fit import fit_class_slice
 from kd_plugin.teachers.classifier import save_class_slices, saved_class_slice
 from kd_plugin.teachers.feed import LoaderRows, TeacherFeed
@@ -40,7 +41,7 @@ def build_sampler(cfg, labels) -> IdentityBalancedBatchSampler:
     and `kd.unlabeled.per_batch` unlabelled images; with `kd.views` the views decide the flips."""
     per_rank = cfg.kd.sampler.identities_per_batch if cfg.kd.sampler.balanced else 0
     return IdentityBalancedBatchSampler(labels, cfg.batch_size, per_rank, cfg.kd.sampler.images_per_identity,
-                                        seed=cfg.seed, unlabelled_per_batch=cfg.kd.unlabeled.per_batch,
+                                        seed=cfg.seed, unlabeled_per_batch=cfg.kd.unlabeled.per_batch,
                                         flip=not cfg.kd.views.enabled)
 
 
@@ -158,7 +159,7 @@ def build_objective(cfg, dataset, feed: TeacherFeed | None, sampler: IdentityBal
     plan = cfg.kd.plan
     return KDObjective(build_head(cfg, dataset, feed), build_terms(cfg), cfg.kd.reference_gradient_scaling,
                        random_rows, needs_teacher=plan.teacher, equal_dims=plan.equal_dims,
-                       unlabelled_rows=cfg.kd.unlabeled.per_batch > 0 or (cfg.kd.views.enabled and
+                       unlabeled_rows=cfg.kd.unlabeled.per_batch > 0 or (cfg.kd.views.enabled and
                                                                           cfg.kd.views.mixup > 0),
                        label_free=plan.label_free,
                        mixed_labels=mixed_labels(cfg))

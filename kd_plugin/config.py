@@ -63,6 +63,7 @@ KD_SETTINGS = {
 # what kd_defaults() and resolve() add to config.kd: the fit's settings, {term: weight} and the head method
 RESOLVED_KEYS = ("centre_fit", "terms", "head", "plan")
 CENTRE_DTYPES = ("float32", "float16", "bfloat16")
+DERIVED_CENTRES = ("estimate", "fit")  # kd.centres values that derive the centres from the teacher's embeddings
 
 
 def _fail(key: str, value: Any, allowed: str) -> KDPluginError:
@@ -214,8 +215,6 @@ def _check_plan(kd: dict, plan: Plan) -> None:
     if plan.teacher and not kd["teacher"] and not kd["cache"]:
         raise _fail("kd.teacher", kd["teacher"], f"method {kd['method']!r} needs the teacher's embeddings: set "
                                                  f"kd.teacher (a model spec) or kd.cache")
-    from kd_plugin.teachers.centres import DERIVED_CENTRES
-
     inheriting = [plan.title(plan.head)] if plan.centres else []
     if inheriting and kd["centres"] in DERIVED_CENTRES and not kd["teacher"] and not kd["cache"]:
         raise _fail("kd.teacher", kd["teacher"], f"centres = {kd['centres']!r} derives {inheriting[0]}'s centres from "

@@ -55,12 +55,12 @@ class InsightfaceInput(nn.Module):
         return self.network(x.flip(1) if self.bgr else x).float()
 
 
-def _name_normalisation_nodes(model) -> None:
+def _name_normalization_nodes(model) -> None:
     """Move the graph's first Sub and Mul (the input normalisation, with whatever produces their constants) to its
     front, give them the names insightface's ArcFaceONNX looks for, and check its rule holds."""
     import onnx
 
-    from kd_plugin.teachers.onnx_embedder import graph_normalises_inside
+    from kd_plugin.teachers.onnx_embedder import graph_normalizes_inside
 
     nodes = list(model.graph.node)
     producers = {out: n for n in nodes for out in n.output}
@@ -84,7 +84,7 @@ def _name_normalisation_nodes(model) -> None:
     del model.graph.node[:]
     model.graph.node.extend(copies)
     onnx.checker.check_model(model)
-    if not graph_normalises_inside(model):
+    if not graph_normalizes_inside(model):
         raise KDPluginError("the exported graph's Sub and Mul cannot be placed among its first 8 nodes, so insightface "
                             "would normalise the input a second time; export with --format uint8 instead")
 
@@ -118,7 +118,7 @@ def export_onnx(network: nn.Module, path: str, normalization: InputNormalization
                               dynamo=False)
         model = onnx.load(tmp)
         if input_format == "insightface":
-            _name_normalisation_nodes(model)
+            _name_normalization_nodes(model)
         meta = {"kd_plugin.input": INPUT_DOCS[input_format], "kd_plugin.format": input_format,
                 "kd_plugin.mean": ",".join(f"{v:g}" for v in normalization.mean),
                 "kd_plugin.std": ",".join(f"{v:g}" for v in normalization.std),

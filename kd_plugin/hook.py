@@ -189,7 +189,7 @@ def _align_epoch_length(config, shared: _Shared) -> None:
     from kd_plugin.distributed import get_world_size
 
     cfg, dataset = shared.resolved(), shared.dataset()
-    check_num_image(cfg, dataset.num_labelled)
+    check_num_image(cfg, dataset.num_labeled)
     world = get_world_size() if torch.distributed.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     config.num_image = shared.sampler().steps_per_epoch * cfg.batch_size * world
 

@@ -1,6 +1,6 @@
 """The catalogue of distillation methods. Importing it registers the built-in ones, each declared next to its code:
-ProxylessKD and AdaDistill in kd_plugin.heads, EKD and the baseline terms in the modules of kd_plugin.losses (every
-module there is imported, so a new term is one new file), PocketNet's multi-step KD in kd_plugin.teachers.multistep.
+ProxylessKD and AdaDistill in kd_plugin.heads; EKD, the baseline terms and PocketNet's multi-step KD in the modules of
+kd_plugin.losses (every module there is imported, so a new term is one new file).
 A user's own term joins with `kd_plugin.register_term` (see kd_plugin.registry)."""
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import pkgutil
 
 import kd_plugin.heads  # noqa: F401  (registers proxyless, adadistill)
 import kd_plugin.losses
-import kd_plugin.teachers.multistep  # noqa: F401  (registers multistep)
 from kd_plugin.errors import KDPluginError
 from kd_plugin.registry import NEEDS, Method, registered
 
@@ -19,9 +18,8 @@ for _module in pkgutil.iter_modules(kd_plugin.losses.__path__):  # the terms dec
 
 
 def methods() -> dict[str, Method]:
-    """Every registered method by name: the built-ins first — heads, then terms by module name (losses/, then
-    multistep), each module's in declaration order: the same order whichever module was imported first —, then the
-    user's in registration order."""
+    """Every registered method by name: the built-ins first — heads, then terms by module name, each module's in
+    declaration order: the same order whichever module was imported first —, then the user's in registration order."""
     everything = list(registered().values())
     builtins = sorted((m for m in everything if m.builtin),
                       key=lambda m: (m.kind != "head", m.origin.rsplit(".", 1)[0]))  # stable: declaration order kept

@@ -26,7 +26,7 @@ class KDObjective(nn.Module):
     def __init__(self, head: PartialFCHead, terms: dict[str, tuple[nn.Module, float]] | None = None,
                  reference_scaling: bool = False, margin_random_rows: int | None = None,
                  needs_teacher: bool | None = None, equal_dims: tuple[str, ...] = (),
-                 unlabelled_rows: bool = False, label_free: tuple[str, ...] = (), mixed_labels: bool = False) -> None:
+                 unlabeled_rows: bool = False, label_free: tuple[str, ...] = (), mixed_labels: bool = False) -> None:
         super().__init__()
         self.head = head
         self.terms = nn.ModuleDict({name: module for name, (module, _) in (terms or {}).items()})
@@ -37,7 +37,7 @@ class KDObjective(nn.Module):
         self.equal_dims = tuple(equal_dims)  # terms that compare embeddings directly (their declared need)
         # batches may hold images without identity (label < 0): the head and the terms that need labels skip them,
         # the `label_free` terms see every row
-        self.unlabelled_rows, self.label_free = bool(unlabelled_rows), tuple(label_free)
+        self.unlabeled_rows, self.label_free = bool(unlabeled_rows), tuple(label_free)
         # kd.views.mixed_labels = "mix": forward takes `mix` (each row's partner label and lam) and the head's loss of
         # a mixed row is lam x its own identity's plus (1 - lam) x its partner's
         self.mixed_labels = bool(mixed_labels)
@@ -59,18 +59,18 @@ class KDObjective(nn.Module):
         student, labels = self.head.gather(local_student, local_labels, sizes)
         teacher = None if local_teacher is None else gather_no_grad(local_teacher.float(), sizes)
         everything = (student, teacher, labels)
-        labelled, head_rows = everything, None
+        labeled, head_rows = everything, None
         if mix is not None:
             pure, head_rows = _mixed_rows(labels, *(gather_no_grad(part, sizes) for part in mix))
-            labelled = (student[pure], None if teacher is None else teacher[pure], labels[pure])
-        elif self.unlabelled_rows:
+            labeled = (student[pure], None if teacher is None else teacher[pure], labels[pure])
+        elif self.unlabeled_rows:
             keep = labels >= 0
-            labelled = (student[keep], None if teacher is None else teacher[keep], labels[keep])
+            labeled = (student[keep], None if teacher is None else teacher[keep], labels[keep])
         # a batch may hold no labelled row at all (mixed views, unlabelled images): what needs labels then adds 0
         # (the gathered labels are the same on every rank, so every rank skips alike)
-        no_labels = len(labelled[2]) == 0
+        no_labels = len(labeled[2]) == 0
         if isinstance(self.head, AdaDistillHead) and not no_labels:  # from unmixed rows only: a class's own images
-            self.head.update_centres(labelled[0].detach(), labelled[1], labelled[2])
+            self.head.update_centres(labeled[0].detach(), labeled[1], labeled[2])
         if head_rows is not None:
             rows, head_labels, weights = head_rows
             head_loss = (self.head.global_loss(student[rows], head_labels, weights) if len(rows)
@@ -81,11 +81,11 @@ class KDObjective(nn.Module):
             rows = random_part_rows(sizes, self.margin_random_rows, student.device)
             head_loss = self.head.global_loss(student[rows], labels[rows])  # the random part is always labelled
         else:
-            head_loss = self.head.global_loss(labelled[0], labelled[2])
+            head_loss = self.head.global_loss(labeled[0], labeled[2])
         total = head_loss
         stats = {"loss_head": head_loss.detach()}
         for name, term in self.terms.items():
-            rows = everything if name in self.label_free else labelled
+            rows = everything if name in self.label_free else labeled
             if no_labels and name not in self.label_free:
                 continue
             if getattr(term, "sharded", False):

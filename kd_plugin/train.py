@@ -65,7 +65,7 @@ class Trainer:
         if self.dataset.num_classes != cfg.num_classes:
             raise KDPluginError(f"config.num_classes = {cfg.num_classes} but {cfg.rec} has {self.dataset.num_classes} "
                                 f"classes; set num_classes to match the data")
-        check_num_image(cfg, self.dataset.num_labelled)
+        check_num_image(cfg, self.dataset.num_labeled)
         self._notes = [] if cfg.save_all_states else [
             "save_all_states = False, but kd-plugin train still writes checkpoint_gpu_{rank}.pt (its resume and crash "
             "safety need it)"]

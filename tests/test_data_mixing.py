@@ -13,7 +13,7 @@ from conftest import jpeg_bytes
 from distributed_helpers import run_ranks
 from kd_plugin import registry
 from kd_plugin.config import resolve
-from kd_plugin.data.datasets import UNLABELLED, open_training_data
+from kd_plugin.data.datasets import UNLABELED, open_training_data
 from kd_plugin.data.sampler import IdentityBalancedBatchSampler
 from kd_plugin.errors import KDPluginError
 from kd_plugin.registry import register_term
@@ -35,22 +35,22 @@ def sets(tmp_path):
     return str(first), str(second), str(flat_folder(tmp_path / "unlabelled", 20))
 
 
-def test_labelled_sets_share_one_class_space_and_unlabelled_images_have_no_label(sets):
-    first, second, unlabelled = sets
-    data = open_training_data([first, second], unlabelled)
-    assert (len(data), data.num_classes, data.num_labelled) == (48 + 20 + 20, 13, 68)
+def test_labeled_sets_share_one_class_space_and_unlabeled_images_have_no_label(sets):
+    first, second, unlabeled = sets
+    data = open_training_data([first, second], unlabeled)
+    assert (len(data), data.num_classes, data.num_labeled) == (48 + 20 + 20, 13, 68)
     assert np.array_equal(data.labels[:48], np.repeat(np.arange(8), 6))
     assert np.array_equal(data.labels[48:68], np.repeat(np.arange(8, 13), 4))  # offset by the first set's classes
-    assert (data.labels[68:] == UNLABELLED).all()
+    assert (data.labels[68:] == UNLABELED).all()
     image, label, index = data[(70, True)]
-    assert image.shape == (3, 112, 112) and int(label) == UNLABELLED and int(index) == 70
+    assert image.shape == (3, 112, 112) and int(label) == UNLABELED and int(index) == 70
     assert "face_002.jpg" in data.where(70)
     assert data.class_counts().sum() == 68
 
 
 def _batches(rank, world, labels, per_rank, identities, epochs=2):
     sampler = IdentityBalancedBatchSampler(labels, per_rank, identities, 2, seed=5, rank=rank, world_size=world,
-                                           unlabelled_per_batch=per_rank // 4)
+                                           unlabeled_per_batch=per_rank // 4)
     out = []
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
@@ -58,14 +58,14 @@ def _batches(rank, world, labels, per_rank, identities, epochs=2):
     return out, sampler.steps_per_epoch
 
 
-def test_every_batch_holds_a_fixed_number_of_unlabelled_images_and_two_ranks_draw_one_process_batch(sets):
+def test_every_batch_holds_a_fixed_number_of_unlabeled_images_and_two_ranks_draw_one_process_batch(sets):
     labels = open_training_data(list(sets[:2]), sets[2]).labels
     single, steps = _batches(0, 1, labels, 16, 1)
     assert steps == 7  # an epoch is one pass of the 68 labelled images, 10 random rows a step
     seen = set()
     for batch in single[0]:
         rows = [labels[i] for i, _ in batch]
-        assert all(r >= 0 for r in rows[:12]) and all(r == UNLABELLED for r in rows[12:])  # 10 + 1 x 2, then 4
+        assert all(r >= 0 for r in rows[:12]) and all(r == UNLABELED for r in rows[12:])  # 10 + 1 x 2, then 4
         seen |= {i for i, _ in batch[:10]}
     assert seen == set(range(68))  # the random part covers every labelled image in the epoch
     single, steps = _batches(0, 1, labels, 16, 2)  # 8 random + 2 x 2 balanced + 4 unlabelled
@@ -79,7 +79,7 @@ def test_every_batch_holds_a_fixed_number_of_unlabelled_images_and_two_ranks_dra
             assert sorted(batch[12:]) == sorted(halves[0][6:] + halves[1][6:])
 
 
-def test_unlabelled_settings_that_would_feed_nothing_are_refused(sets):
+def test_unlabeled_settings_that_would_feed_nothing_are_refused(sets):
     base = {"rec": list(sets[:2]), "num_classes": 13}
     with pytest.raises(KDPluginError, match=r"kd.unlabeled = .*feed only the terms that need no labels, and method "
                                             r"'proxyless\+ekd' has none"):
@@ -115,7 +115,7 @@ def _mixed_config(sets, teacher, output, **overrides):
     return _config(sets[0], output, rec=list(sets[:2]), num_classes=13, batch_size=8, kd=kd, **overrides)
 
 
-def test_only_label_free_terms_see_the_unlabelled_images_and_a_resume_mid_epoch_is_exact(sets, tmp_path,
+def test_only_label_free_terms_see_the_unlabeled_images_and_a_resume_mid_epoch_is_exact(sets, tmp_path,
                                                                                             row_counters):
     from kd_plugin.train import train
 

@@ -119,12 +119,12 @@ def test_insightface_model_zoo_loads_the_export_and_embeds_like_the_torch_studen
     assert np.abs(ours - expected).max() <= 1e-4 * np.abs(expected).max()  # kd-plugin eval reads it the same way
 
 
-def test_the_insightface_graph_starts_with_its_named_normalisation_nodes(tmp_path):
-    from kd_plugin.teachers.onnx_embedder import graph_normalises_inside
+def test_the_insightface_graph_starts_with_its_named_normalization_nodes(tmp_path):
+    from kd_plugin.teachers.onnx_embedder import graph_normalizes_inside
     path = tmp_path / "s.onnx"
     export_onnx(create_network("mbf", 64).eval(), str(path), InputNormalization(IMAGENET_MEAN, IMAGENET_STD))
     model = onnx.load(str(path))
-    assert graph_normalises_inside(model) and model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert graph_normalizes_inside(model) and model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     names = [n.name for n in model.graph.node[:8]]
     assert "Sub_input_mean" in names and "Mul_input_scale" in names
     meta = {p.key: p.value for p in model.metadata_props}

@@ -54,7 +54,7 @@ def test_every_checkpoint_form_loads_strictly_with_its_embedding_size(mbf_checkp
         build_network(f"r18:{folder / 'backbone.pth'}")
 
 
-def test_torch_teacher_is_frozen_and_normalises_its_own_input(mbf_checkpoints):
+def test_torch_teacher_is_frozen_and_normalizes_its_own_input(mbf_checkpoints):
     net, folder = mbf_checkpoints
     teacher = load_embedder(f"mbf:{folder / 'backbone.pth'}")
     assert not any(p.requires_grad for p in teacher.module.parameters()) and not teacher.module.training

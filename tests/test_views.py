@@ -14,7 +14,7 @@ import torch
 from conftest import assert_within_one_float16_unit
 from distributed_helpers import run_ranks
 from kd_plugin.config import check_hook_keys, resolve
-from kd_plugin.data.datasets import UNLABELLED, open_dataset
+from kd_plugin.data.datasets import UNLABELED, open_dataset
 from kd_plugin.data.views import ViewSettings, draw_view, render_view
 from kd_plugin.errors import KDPluginError
 from test_train import _config, _losses, _registered_for_this_module, _teacher, ensure_registered, make_faces  # noqa: F401
@@ -68,9 +68,9 @@ def test_the_student_and_the_teacher_are_given_the_same_view(faces, tmp_path):
         view = draw_view(settings, 0, index, len(plain))
         partner = plain[(view.partner, False)][0] if view.partner >= 0 else None
         assert torch.equal(image, render_view(plain[(index, False)][0], view, partner))
-        assert int(label) == (UNLABELLED if view.partner >= 0 else int(plain.labels[index]))
+        assert int(label) == (UNLABELED if view.partner >= 0 else int(plain.labels[index]))
     assert any(not torch.equal(image, plain[(i, False)][0]) for image, i in zip(images, indices.tolist()))
-    assert (labels == UNLABELLED).any() and (labels >= 0).any()
+    assert (labels == UNLABELED).any() and (labels >= 0).any()
 
 
 def test_a_batch_of_mixed_images_only_trains_the_label_free_terms(faces, tmp_path):
@@ -79,7 +79,7 @@ def test_a_batch_of_mixed_images_only_trains_the_label_free_terms(faces, tmp_pat
     config = _views_config(faces, _teacher(tmp_path), tmp_path / "run", kd={"method": "proxyless+ekd+l2"})
     trainer = Trainer(resolve(config))
     student = torch.randn(8, 16, requires_grad=True)
-    loss, stats = trainer.objective(student, torch.full((8,), UNLABELLED), torch.randn(8, 16))
+    loss, stats = trainer.objective(student, torch.full((8,), UNLABELED), torch.randn(8, 16))
     loss.backward()
     assert torch.isfinite(loss) and float(stats["loss_head"]) == 0.0 and "loss_ekd" not in stats
     assert float(loss.detach()) == pytest.approx(float(stats["loss_l2"]) * trainer.objective.weights["l2"])
@@ -238,7 +238,7 @@ def test_the_lambda_weighted_head_loss_equals_the_hand_computed_mix():
     centres = torch.randn(classes, dim)
     head = PartialFCHead(CombinedMarginLoss(s, 1.0, m, 0.0), dim, classes, centres=centres, rank=0, world_size=1)
     spy = _Rows()
-    objective = KDObjective(head, {"pairs": (spy, 1.0)}, needs_teacher=False, unlabelled_rows=True,
+    objective = KDObjective(head, {"pairs": (spy, 1.0)}, needs_teacher=False, unlabeled_rows=True,
                             mixed_labels=True)
     labels = torch.tensor([0, 1, 2, -1, 4, 5, 3])
     partners = torch.tensor([-1, 3, -1, 2, 5, 0, -1])  # row 2: mixed with an image without identity

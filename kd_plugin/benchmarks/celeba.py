@@ -66,8 +66,8 @@ def _paths(args) -> dict:
     return paths
 
 
-def _training_sets(paths: dict, unlabelled: bool) -> tuple[list[str], str | None]:
-    return [paths["train"]] + ([paths["extra"]] if paths["extra"] else []), paths["unlabeled"] if unlabelled else None
+def _training_sets(paths: dict, unlabeled: bool) -> tuple[list[str], str | None]:
+    return [paths["train"]] + ([paths["extra"]] if paths["extra"] else []), paths["unlabeled"] if unlabeled else None
 
 
 # 1, 2, ..., 9 x 10^k from 1e-4 to 0.9: distinct at one significant digit, as the evaluation's keys ('2e-04') are

@@ -141,7 +141,7 @@ class FaceDataset(torch.utils.data.Dataset):
         return np.bincount(self.labels, minlength=self.num_classes)
 
     @property
-    def num_labelled(self) -> int:
+    def num_labeled(self) -> int:
         """Images with an identity label (all of them, but in a set combined with unlabelled images)."""
         return len(self.labels)
 
@@ -514,7 +514,7 @@ def open_dataset(path: str, skip_bad_records: bool = False, index_dir: str | Non
                           f"train.rec, a label.txt / .lst list, or an ImageFolder tree ROOT/<identity>/<image>.jpg")
 
 
-UNLABELLED = -1  # the label of an image without identity (kd.unlabeled): only label-free terms see it
+UNLABELED = -1  # the label of an image without identity (kd.unlabeled): only label-free terms see it
 
 
 def open_images(path: str) -> FaceDataset:
@@ -534,8 +534,8 @@ class CombinedDataset(FaceDataset):
     set k-1's), then the unlabelled ones, labelled UNLABELLED. Sample i is the i-th image in that order, so a teacher
     cache and the sampler's indices name samples of the whole."""
 
-    def __init__(self, labelled: Sequence[FaceDataset], unlabelled: Sequence[FaceDataset] = ()) -> None:
-        parts = list(labelled) + list(unlabelled)
+    def __init__(self, labeled: Sequence[FaceDataset], unlabeled: Sequence[FaceDataset] = ()) -> None:
+        parts = list(labeled) + list(unlabeled)
         super().__init__("+".join(p.source for p in parts), parts[0].image_size,
                          any(p.skip_bad_records for p in parts))
         sizes = {tuple(p.image_size) for p in parts}
@@ -544,15 +544,15 @@ class CombinedDataset(FaceDataset):
                                   f"one size")
         self.parts = parts
         self.starts = np.cumsum([0] + [len(p) for p in parts])
-        offsets = np.cumsum([0] + [p.num_classes for p in labelled])
-        self.labels = np.concatenate([p.labels + offset for p, offset in zip(labelled, offsets)]
-                                     + [np.full(len(p), UNLABELLED, dtype=np.int64) for p in unlabelled])
+        offsets = np.cumsum([0] + [p.num_classes for p in labeled])
+        self.labels = np.concatenate([p.labels + offset for p, offset in zip(labeled, offsets)]
+                                     + [np.full(len(p), UNLABELED, dtype=np.int64) for p in unlabeled])
         self.num_classes = int(offsets[-1])
-        self._labelled = int(self.starts[len(labelled)])
+        self._labeled = int(self.starts[len(labeled)])
 
     @property
-    def num_labelled(self) -> int:
-        return self._labelled
+    def num_labeled(self) -> int:
+        return self._labeled
 
     def _part(self, index: int) -> tuple[FaceDataset, int]:
         k = int(np.searchsorted(self.starts, index, side="right")) - 1
@@ -575,10 +575,21 @@ def open_training_data(rec, unlabeled=None, index_dir: str | None = None) -> Fac
     a list). One labelled set alone is returned as it is. Call it on every rank: under a process group rank 0 reads
     the labels of each RecordIO set and sends them to the others; a label index that cannot be saved beside a .rec
     goes to `index_dir` (the run's output folder)."""
-    labelled = [open_dataset(p, index_dir=index_dir, share_labels=True)
+    labeled = [open_dataset(p, index_dir=index_dir, share_labels=True)
                 for p in ([rec] if isinstance(rec, (str, os.PathLike)) else rec)]
-    unlabelled = [open_images(p) for p in ([unlabeled] if isinstance(unlabeled, (str, os.PathLike)) else
+    unlabeled = [open_images(p) for p in ([unlabeled] if isinstance(unlabeled, (str, os.PathLike)) else
                                            (unlabeled or []))]
-    if len(labelled) == 1 and not unlabelled:
-        return labelled[0]
-    return CombinedDataset(labelled, unlabelled)
+    if len(labeled) == 1 and not unlabeled:
+        return labeled[0]
+    return CombinedDataset(labeled, unlabeled)
+
+
+def dataset_fingerprint(dataset: FaceDataset, samples: int = 16) -> dict:
+    """What identifies a dataset: sizes, a hash of all labels, and a hash of a few evenly spaced encoded images."""
+    picks = np.unique(np.linspace(0, len(dataset) - 1, min(samples, len(dataset))).astype(np.int64))
+    content = hashlib.sha1()
+    for i in picks:
+        content.update(dataset.read_bytes(int(i)))
+    return {"source": dataset.source, "num_images": len(dataset), "num_classes": int(dataset.num_classes),
+            "labels_sha1": hashlib.sha1(np.ascontiguousarray(dataset.labels, dtype=np.int64).tobytes()).hexdigest(),
+            "images_sha1": content.hexdigest()}

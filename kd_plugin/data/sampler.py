@@ -28,15 +28,15 @@ class IdentityBalancedBatchSampler(torch.utils.data.Sampler):
 
     def __init__(self, labels: Sequence[int], batch_size: int, identities_per_batch: int = 0,
                  images_per_identity: int = 4, seed: int = 2048, rank: int | None = None,
-                 world_size: int | None = None, flip: bool = True, unlabelled_per_batch: int = 0) -> None:
+                 world_size: int | None = None, flip: bool = True, unlabeled_per_batch: int = 0) -> None:
         self.labels = np.asarray(labels, dtype=np.int64)
         self.batch_size = int(batch_size)
         self.num_identities = int(identities_per_batch)
         self.images_per_identity = int(images_per_identity)
-        self.unlabelled_size = int(unlabelled_per_batch)
-        self.random_size = self.batch_size - self.num_identities * self.images_per_identity - self.unlabelled_size
-        self._labelled = np.flatnonzero(self.labels >= 0)  # negative labels: images without identity
-        self._unlabelled = np.flatnonzero(self.labels < 0)
+        self.unlabeled_size = int(unlabeled_per_batch)
+        self.random_size = self.batch_size - self.num_identities * self.images_per_identity - self.unlabeled_size
+        self._labeled = np.flatnonzero(self.labels >= 0)  # negative labels: images without identity
+        self._unlabeled = np.flatnonzero(self.labels < 0)
         self.seed = int(seed)
         self.rank = get_rank() if rank is None else int(rank)
         self.world_size = get_world_size() if world_size is None else int(world_size)
@@ -48,12 +48,12 @@ class IdentityBalancedBatchSampler(torch.utils.data.Sampler):
             raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
         if self.random_size < 0 or self.batch_size <= 0:
             raise ValueError(f"batch_size {batch_size} must be positive and at least identities_per_batch x "
-                             f"images_per_identity + unlabelled_per_batch = {self.num_identities} x "
-                             f"{self.images_per_identity} + {self.unlabelled_size}")
-        if len(self._labelled) == 0:
+                             f"images_per_identity + unlabeled_per_batch = {self.num_identities} x "
+                             f"{self.images_per_identity} + {self.unlabeled_size}")
+        if len(self._labeled) == 0:
             raise ValueError("the sampler got no labelled image")
-        if self.unlabelled_size and not len(self._unlabelled):
-            raise ValueError(f"unlabelled_per_batch={self.unlabelled_size} but the dataset has no unlabelled image")
+        if self.unlabeled_size and not len(self._unlabeled):
+            raise ValueError(f"unlabeled_per_batch={self.unlabeled_size} but the dataset has no unlabelled image")
         order = np.argsort(self.labels, kind="stable")
         classes, starts, counts = np.unique(self.labels[order], return_index=True, return_counts=True)
         self._members = order
@@ -66,7 +66,7 @@ class IdentityBalancedBatchSampler(torch.utils.data.Sampler):
                 raise ValueError(f"identities_per_batch={self.num_identities} but only {len(self._id_count)} "
                                  f"identities have 2 or more images; lower identities_per_batch")
         per_step = self.world_size * (self.random_size or self.num_identities * self.images_per_identity)
-        self.steps_per_epoch = math.ceil(len(self._labelled) / per_step)
+        self.steps_per_epoch = math.ceil(len(self._labeled) / per_step)
 
     def _start(self) -> int:
         return self._resume[1] if self._resume and self._resume[0] == self.epoch else 0
@@ -103,22 +103,22 @@ class IdentityBalancedBatchSampler(torch.utils.data.Sampler):
         batch size would draw."""
         if self._orders is None or self._orders[0] != epoch:
             total = self.steps_per_epoch * self.world_size * self.random_size
-            order = np.random.default_rng([self.seed, epoch, 0]).permutation(len(self._labelled))
-            samples = np.resize(self._labelled[order], total)
+            order = np.random.default_rng([self.seed, epoch, 0]).permutation(len(self._labeled))
+            samples = np.resize(self._labeled[order], total)
             flips = np.random.default_rng([self.seed, epoch, 2]).random(total) < 0.5
             identities = np.random.default_rng([self.seed, epoch, 1]).permutation(len(self._id_count))
-            unlabelled, unlabelled_flips = self._unlabelled[:0], flips[:0]
-            if self.unlabelled_size:  # cycles through its own permutation at its own rate
-                total = self.steps_per_epoch * self.world_size * self.unlabelled_size
-                order = np.random.default_rng([self.seed, epoch, 4]).permutation(len(self._unlabelled))
-                unlabelled = np.resize(self._unlabelled[order], total)
-                unlabelled_flips = np.random.default_rng([self.seed, epoch, 5]).random(total) < 0.5
-            self._orders = (epoch, samples, flips, identities, unlabelled, unlabelled_flips)
+            unlabeled, unlabeled_flips = self._unlabeled[:0], flips[:0]
+            if self.unlabeled_size:  # cycles through its own permutation at its own rate
+                total = self.steps_per_epoch * self.world_size * self.unlabeled_size
+                order = np.random.default_rng([self.seed, epoch, 4]).permutation(len(self._unlabeled))
+                unlabeled = np.resize(self._unlabeled[order], total)
+                unlabeled_flips = np.random.default_rng([self.seed, epoch, 5]).random(total) < 0.5
+            self._orders = (epoch, samples, flips, identities, unlabeled, unlabeled_flips)
         return self._orders[1:]
 
     def batch(self, epoch: int, step: int) -> list[tuple[int, bool]]:
         """The batch this rank draws at (epoch, step)."""
-        samples, flips, id_order, unlabelled, unlabelled_flips = self._epoch_orders(epoch)
+        samples, flips, id_order, unlabeled, unlabeled_flips = self._epoch_orders(epoch)
         first = (step * self.world_size + self.rank) * self.random_size
         indices = [int(i) for i in samples[first:first + self.random_size]]
         flipped = [bool(f) and self.flip for f in flips[first:first + self.random_size]]
@@ -133,9 +133,9 @@ class IdentityBalancedBatchSampler(torch.utils.data.Sampler):
                 picks = np.concatenate([picks, rng.integers(0, count, k - count)])
             indices.extend(int(i) for i in self._members[start + picks])
             flipped.extend(bool(f) and self.flip for f in rng.random(k) < 0.5)
-        first = (step * self.world_size + self.rank) * self.unlabelled_size  # last: the unlabelled part
-        indices.extend(int(i) for i in unlabelled[first:first + self.unlabelled_size])
-        flipped.extend(bool(f) and self.flip for f in unlabelled_flips[first:first + self.unlabelled_size])
+        first = (step * self.world_size + self.rank) * self.unlabeled_size  # last: the unlabelled part
+        indices.extend(int(i) for i in unlabeled[first:first + self.unlabeled_size])
+        flipped.extend(bool(f) and self.flip for f in unlabeled_flips[first:first + self.unlabeled_size])
         return list(zip(indices, flipped))
 
 

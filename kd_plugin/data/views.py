@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kd_plugin.data.datasets import UNLABELLED, FaceDataset
+from kd_plugin.data.datasets import UNLABELED, FaceDataset
 
 ASPECT = (3 / 4, 4 / 3)  # the crop's aspect ratio is log-uniform in this range, as torchvision's RandomResizedCrop
 
@@ -139,7 +139,7 @@ class ViewDataset(torch.utils.data.Dataset):
         view = self.view(index, epoch)
         partner = self.dataset[(view.partner, False)][0] if view.partner >= 0 else None
         if view.partner >= 0 and not self.keep_labels:
-            label = torch.tensor(UNLABELLED, dtype=torch.int64)
+            label = torch.tensor(UNLABELED, dtype=torch.int64)
         return render_view(image, view, partner), label, torch.tensor(index, dtype=torch.int64)
 
 
@@ -151,7 +151,7 @@ def mix_partners(settings: ViewSettings, dataset: FaceDataset, indices: torch.Te
     partners, lams = [], []
     for index in indices.tolist():
         view = draw_view(settings, epoch, index, len(dataset), dataset.image_size)
-        partners.append(int(dataset.labels[view.partner]) if view.partner >= 0 else UNLABELLED)
+        partners.append(int(dataset.labels[view.partner]) if view.partner >= 0 else UNLABELED)
         lams.append(view.lam)
     return torch.tensor(partners, dtype=torch.int64), torch.tensor(lams, dtype=torch.float32)
 

@@ -6,12 +6,11 @@ contiguous range of samples ([:, 0] the image, [:, 1] its flip), read memory-map
 its range into its own file, written whole under a temporary name and renamed, so no file has two writers (ranks on
 different nodes of an NFS folder never share a page); rank 0 writes meta.json, with each part's byte size, only once
 it sees every part complete. A reader checks every part against meta.json and refuses a torn set naming the part, a
-cache whose dataset or teacher does not match, and any augmentation other than the flip (the teacher must then run
-online). A cache written before parts existed (one `embeddings.npy`, version 1) is read as one part."""
+cache whose dataset or teacher does not match (augmented images other than the flip need the teacher online, or
+consistent views with their own cache: kd_plugin.teachers.view_cache). A cache written before parts existed (one `embeddings.npy`, version 1) is read as one part."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
@@ -19,26 +18,14 @@ import numpy as np
 import torch
 
 from kd_plugin.atomic import replacing, write_json
-from kd_plugin.data.datasets import FaceDataset
+from kd_plugin.data.datasets import FaceDataset, dataset_fingerprint
 from kd_plugin.distributed import barrier, class_range, get_rank, get_world_size
+from kd_plugin.embeddings import embed_pairs, embedding_width
 from kd_plugin.errors import KDPluginError
 from kd_plugin.job_files import PartSet, agree_or_raise, require_shared_folder
-from kd_plugin.teachers.centres import embed_pairs, embedding_width
 
 FORMAT = "kd_plugin.teacher_cache"
-CACHEABLE_AUGMENTATIONS = (None, "none", "flip")
 _REBUILD = "rebuild it with kd-plugin cache --teacher SPEC --data DATA --out DIR"
-
-
-def dataset_fingerprint(dataset: FaceDataset, samples: int = 16) -> dict:
-    """What identifies a dataset: sizes, a hash of all labels, and a hash of a few evenly spaced encoded images."""
-    picks = np.unique(np.linspace(0, len(dataset) - 1, min(samples, len(dataset))).astype(np.int64))
-    content = hashlib.sha1()
-    for i in picks:
-        content.update(dataset.read_bytes(int(i)))
-    return {"source": dataset.source, "num_images": len(dataset), "num_classes": int(dataset.num_classes),
-            "labels_sha1": hashlib.sha1(np.ascontiguousarray(dataset.labels, dtype=np.int64).tobytes()).hexdigest(),
-            "images_sha1": content.hexdigest()}
 
 
 def build_cache(embedder, dataset: FaceDataset, out_dir: str, teacher: str, batch_size: int = 256,
@@ -117,13 +104,9 @@ class TeacherCache:
             out[rows] = arrays[p][idx[rows] - self._starts[p], flip[rows]]
         return torch.from_numpy(out)
 
-    def check(self, dataset: FaceDataset | None = None, teacher: str | None = None,
-              augmentation: str | None = "flip") -> None:
-        """Refuse a cache made for another dataset or teacher, or used with augmentation other than the flip."""
+    def check(self, dataset: FaceDataset | None = None, teacher: str | None = None) -> None:
+        """Refuse a cache made for another dataset or teacher."""
         where = os.path.join(self.directory, "meta.json")
-        if augmentation not in CACHEABLE_AUGMENTATIONS:
-            raise KDPluginError(f"{where}: the cache holds teacher embeddings of each image and its flip only; with "
-                                f"augmentation {augmentation!r} the teacher must run online — drop the teacher cache")
         if teacher is not None and teacher != self.teacher:
             raise KDPluginError(f"{where}: the cache was built with teacher {self.teacher!r}, this run uses "
                                 f"{teacher!r}; rebuild it: kd-plugin cache --teacher {teacher} --data ... --out ...")
@@ -151,10 +134,9 @@ def _parts_of(directory: str, meta: dict) -> list[dict]:
     return parts
 
 
-def load_cache(directory: str, dataset: FaceDataset | None = None, teacher: str | None = None,
-               augmentation: str | None = "flip") -> TeacherCache:
-    """Open a cache written by `kd-plugin cache`, checked against the dataset/teacher/augmentation when given, and
-    every part checked present and complete."""
+def load_cache(directory: str, dataset: FaceDataset | None = None, teacher: str | None = None) -> TeacherCache:
+    """Open a cache written by `kd-plugin cache`, checked against the dataset and teacher when given, and every part
+    checked present and complete."""
     where = os.path.join(directory, "meta.json")
     if not os.path.isfile(where):
         started = any(f.startswith("embeddings") for f in os.listdir(directory)) if os.path.isdir(directory) else False
@@ -170,5 +152,5 @@ def load_cache(directory: str, dataset: FaceDataset | None = None, teacher: str 
         if array.shape != (int(entry["rows"]), 2, cache.embedding_size):
             raise KDPluginError(f"{directory}/{entry['file']}: shape {array.shape} does not match meta.json "
                                 f"({entry['rows']}, 2, {cache.embedding_size}); {_REBUILD}")
-    cache.check(dataset, teacher, augmentation)
+    cache.check(dataset, teacher)
     return cache

@@ -16,33 +16,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from kd_plugin.data.datasets import FaceDataset
-from kd_plugin.distributed import (all_reduce_, class_owners, class_range, collective_device, gather_no_grad, get_rank,
-                                   get_world_size, is_distributed)
+from kd_plugin.distributed import (
+    all_reduce_,
+    class_owners,
+    class_range,
+    collective_device,
+    gather_no_grad,
+    get_rank,
+    get_world_size,
+    is_distributed,
+)
+from kd_plugin.embeddings import embed_pairs, embedding_width
 from kd_plugin.errors import KDPluginError
-from kd_plugin.progress import Progress
 from kd_plugin.teachers.classifier import ClassSlice
-
-DERIVED_CENTRES = ("estimate", "fit")  # kd.centres values that derive the centres from the teacher's embeddings
-
-
-def embedding_width(embedder, dataset: FaceDataset) -> int:
-    """The teacher's embedding size, from one embedding of the dataset's first image."""
-    return int(torch.as_tensor(embedder.embed(dataset[0][0][None])).shape[1])
-
-
-def embed_pairs(embedder, dataset: FaceDataset, indices: np.ndarray, batch_size: int = 256,
-                desc: str = "embedding", progress: bool = True, workers: int = 1):
-    """Yield (indices, embeddings of the images, embeddings of their flips) for `indices`, in chunks; images are
-    decoded by DataLoader workers while the teacher runs."""
-    bar = Progress(len(indices), f"{desc} ({dataset.source})", "img", enabled=progress)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=[int(i) for i in indices],
-                                         num_workers=workers if len(indices) > batch_size else 0)
-    for images, _, chunk in loader:
-        chunk = chunk.numpy()
-        plain = torch.as_tensor(embedder.embed(images)).float()
-        flipped = torch.as_tensor(embedder.embed(images.flip(3))).float()
-        bar.update(len(chunk))  # before the yield: a caller may never resume the generator after its last chunk
-        yield chunk, plain, flipped
 
 
 class ClassSums:
@@ -104,9 +90,9 @@ class ClassSums:
 def estimate_class_slice(embedder, dataset: FaceDataset, batch_size: int = 256, progress: bool = True) -> ClassSlice:
     """This rank's rows of the (num_classes, d) unit-norm centre matrix; runs on every rank of a process group."""
     rank, world = get_rank(), get_world_size()
-    labelled = np.flatnonzero(np.asarray(dataset.labels) >= 0)  # images without identity have no class
-    mine = labelled[rank::world]
-    rounds = math.ceil(math.ceil(len(labelled) / world) / batch_size)  # the most chunks any rank has: all take part
+    labeled = np.flatnonzero(np.asarray(dataset.labels) >= 0)  # images without identity have no class
+    mine = labeled[rank::world]
+    rounds = math.ceil(math.ceil(len(labeled) / world) / batch_size)  # the most chunks any rank has: all take part
     pairs = embed_pairs(embedder, dataset, mine, batch_size, "estimating centres", progress and rank == 0)
     sums = None
     for _ in range(rounds):  # at least one: a dataset has images

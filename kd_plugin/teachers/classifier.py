@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from kd_plugin.atomic import save_torch, write_json
-from kd_plugin.distributed import class_range
 from kd_plugin.errors import KDPluginError
 from kd_plugin.teachers.checkpoints import mapped_torch_load, safe_torch_load
+
 
 class ClassSlice(NamedTuple):
     """Rows `start .. start + len(rows)` of a (num_classes, d) centre matrix: what one rank holds."""
@@ -194,12 +194,6 @@ def read_classifier_rows(path: str, start: int, count: int, dtype: torch.dtype =
             copy_rows(part[lo - first:hi - first], out[lo - start:hi - start], normalize, is_mapped)
         first += len(part)
     return out
-
-
-def local_class_slice(weight: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """The rows a rank of the student's run owns (arcface_torch's contiguous class ranges)."""
-    start, count = class_range(weight.shape[0], rank, world_size)
-    return weight[start:start + count]
 
 
 def save_classifier(weight: torch.Tensor, out: str, **metadata: object) -> None:

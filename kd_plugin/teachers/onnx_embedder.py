@@ -163,11 +163,11 @@ def insightface_normalization(path: str) -> InputNormalization:
         except Exception:  # not a pack insightface recognises: fall back to the rule below
             pass
     import onnx
-    normalises_inside = graph_normalises_inside(onnx.load(path, load_external_data=False))
-    return InputNormalization(0.0, 1.0) if normalises_inside else InputNormalization(127.5, 127.5)
+    normalizes_inside = graph_normalizes_inside(onnx.load(path, load_external_data=False))
+    return InputNormalization(0.0, 1.0) if normalizes_inside else InputNormalization(127.5, 127.5)
 
 
-def graph_normalises_inside(model) -> bool:
+def graph_normalizes_inside(model) -> bool:
     """insightface's rule for a recognition graph (ArcFaceONNX): a node named Sub* (or _minus*) and one named Mul*
     (or _mul*) among its first 8 nodes mean the graph normalises its input itself (fed 0..255, mean 0, std 1)."""
     names = [node.name for node in model.graph.node[:8]]

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from kd_plugin.atomic import write_json
+from kd_plugin.data.datasets import dataset_fingerprint
 from kd_plugin.distributed import get_rank
 from kd_plugin.errors import KDPluginError
-from kd_plugin.teachers.cache import dataset_fingerprint
 
 FORMAT = "kd_plugin.teacher_view_cache"
 
