@@ -9,7 +9,6 @@ import os
 
 import torch
 
-from kd_plugin.config import DERIVED_CENTRES
 from kd_plugin.data.datasets import dataset_fingerprint, open_training_data
 from kd_plugin.data.sampler import IdentityBalancedBatchSampler
 from kd_plugin.data.views import EpochItems, ViewDataset, ViewSettings
@@ -22,7 +21,7 @@ from kd_plugin.methods import methods
 from kd_plugin.normalization import given_normalization
 from kd_plugin.objective import KDObjective
 from kd_plugin.teachers import build_cache, load_cache, load_embedder
-from kd_plugin.teachers.centres import centres_from_cache, estimate_class_slice
+from kd_plugin.teachers.centres import DERIVED_CENTRES, centres_from_cache, estimate_class_slice
 from kd_plugin.centre_fit import fit_class_slice
 from kd_plugin.teachers.classifier import save_class_slices, saved_class_slice
 from kd_plugin.teachers.feed import LoaderRows, TeacherFeed

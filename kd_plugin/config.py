@@ -13,6 +13,7 @@ from easydict import EasyDict
 
 from kd_plugin.errors import KDPluginError
 from kd_plugin.plan import Plan, make_plan
+from kd_plugin.teachers.centres import DERIVED_CENTRES
 
 # arcface_torch's configs/base.py defaults (the keys this trainer reads), plus the job keys its configs always set
 BASE = {
@@ -63,7 +64,6 @@ KD_SETTINGS = {
 # what kd_defaults() and resolve() add to config.kd: the fit's settings, {term: weight} and the head method
 RESOLVED_KEYS = ("centre_fit", "terms", "head", "plan")
 CENTRE_DTYPES = ("float32", "float16", "bfloat16")
-DERIVED_CENTRES = ("estimate", "fit")  # kd.centres values that derive the centres from the teacher's embeddings
 
 
 def _fail(key: str, value: Any, allowed: str) -> KDPluginError:

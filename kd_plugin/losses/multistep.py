@@ -6,6 +6,7 @@ from __future__ import annotations
 from kd_plugin.errors import KDPluginError
 from kd_plugin.losses.embedding import L2Loss
 from kd_plugin.registry import register_term
+from kd_plugin.teachers.centres import DERIVED_CENTRES
 from kd_plugin.teachers.multistep import MultiStepTeacher, MultiStepTeacherSchedule
 
 
@@ -23,8 +24,6 @@ def _check_config(kd: dict) -> None:
     if kd["cache"]:
         raise KDPluginError(f"config.kd.cache = {kd['cache']!r}: a cache holds one fixed teacher; multi-step KD "
                             f"changes the teacher every epoch: remove kd.cache")
-    from kd_plugin.config import DERIVED_CENTRES
-
     if kd["centres"] in DERIVED_CENTRES:
         raise KDPluginError(f"config.kd.centres = {kd['centres']!r}: with multistep the teacher changes every epoch: "
                             f"give a centres file or the teacher's classifier shards instead")

@@ -31,6 +31,9 @@ from kd_plugin.errors import KDPluginError
 from kd_plugin.teachers.classifier import ClassSlice
 
 
+DERIVED_CENTRES = ("estimate", "fit")  # kd.centres values that derive the centres from the teacher's embeddings
+
+
 class ClassSums:
     """Float32 sums and counts of unit embeddings for this rank's class range. `add` is collective under torchrun
     (every rank calls it the same number of times, with rows of any classes, possibly none) unless `own=True` (the
