@@ -31,20 +31,14 @@ def names(method: str) -> list[str]:
     return [] if method in ("none", "") else [m.strip() for m in method.split("+") if m.strip()]
 
 
-def needs(method: str) -> set[str]:
-    """Everything a combination such as 'proxyless+ekd' needs."""
+def chosen(method: str) -> dict[str, Method]:
+    """The registered methods of a combination such as 'proxyless+ekd' ({name: Method}, in its order); unknown names
+    stop with the registry's list."""
     catalogue = methods()
     unknown = [n for n in names(method) if n not in catalogue]
     if unknown:
         raise KDPluginError(f"method {method!r}: unknown {unknown}; allowed: {', '.join(catalogue)}, or 'none'")
-    return set().union(*(catalogue[n].needs for n in names(method)))
-
-
-def runs_from_a_teacher(method: Method) -> bool:
-    """Whether the method runs alone from a teacher (online or cached) and the training data, with nothing else to
-    give: not a term over another method's logits, not a method that brings its own teacher (multi-step KD's
-    per-epoch checkpoints)."""
-    return "logits" not in method.needs and method.teacher is None
+    return {n: catalogue[n] for n in names(method)}
 
 
 def this_plugins_methods(among: dict[str, Method] | None = None) -> list[str]:
@@ -59,8 +53,10 @@ def this_plugins_methods(among: dict[str, Method] | None = None) -> list[str]:
 def kd_block(method: str, **settings) -> dict:
     """A config.kd block running `method` ('none', 'ekd', 'proxyless+ekd', ...) with `settings` (teacher, cache,
     sampler, ...): the inherited centres are estimated from the teacher when the method needs centres."""
+    from kd_plugin.plan import plan_of
+
     block = dict(settings, method=method)
-    if "centres" in needs(method):
+    if plan_of(method).centres:
         block.setdefault("centres", "estimate")
     return block
 
@@ -71,7 +67,7 @@ def describe() -> str:
     for name, m in methods().items():
         weight = f", weight {m.weight:g}" if m.kind == "term" else ""
         lines.append(f"{name:<{width}} {m.title} ({m.kind}{weight}): {m.summary}")
-        lines.append(f"{'':<{width}} needs: {', '.join(sorted(m.needs)) or 'nothing more'}")
+        lines.append(f"{'':<{width}} needs: {m.needs_text()}")
         if m.defaults:
             lines.append(f"{'':<{width}} config.kd.{name} = {dict(m.defaults)}")
         if not m.builtin:

@@ -65,8 +65,7 @@ def make_plan(method: str, chosen: dict[str, Method], weights: dict[str, float])
 def plan_of(method: str) -> Plan:
     """The plan of a method string ('proxyless+ekd'; 'none' or '' for none) at its published weights: what it runs and
     needs, without a config (the benchmark's rows, the demo). Unknown names stop with the registry's list."""
-    from kd_plugin.methods import methods, names, needs
+    from kd_plugin.methods import chosen
 
-    needs(method)  # unknown names: the registry's error
-    chosen = {name: methods()[name] for name in names(method)}
-    return make_plan(method, chosen, {name: m.weight for name, m in chosen.items() if m.kind == "term"})
+    methods = chosen(method)  # unknown names: the registry's error
+    return make_plan(method, methods, {name: m.weight for name, m in methods.items() if m.kind == "term"})

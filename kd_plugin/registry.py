@@ -67,6 +67,17 @@ class Method:
         """A term that reads no labels: it also sees the rows without identity (unlabelled images, mixed views)."""
         return self.kind == "term" and "labels" not in self.needs
 
+    def needs_text(self) -> str:
+        """What it needs, as `kd-plugin methods` lists it."""
+        return ", ".join(sorted(self.needs)) or "nothing more"
+
+    @property
+    def runs_from_a_teacher(self) -> bool:
+        """Whether it runs alone from a teacher (online or cached) and the training data, with nothing else to give:
+        not a term over another method's logits, not a method that brings its own teacher (multi-step KD's per-epoch
+        checkpoints)."""
+        return "logits" not in self.needs and self.teacher is None
+
     def block(self) -> dict:
         """A fresh copy of its config block's defaults."""
         return copy.deepcopy(dict(self.defaults))

@@ -38,7 +38,7 @@ def test_resolve_attaches_the_plan_of_the_chosen_methods():
 def test_only_the_registry_and_the_plan_read_what_a_method_needs():
     readers = sorted(str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
                      if re.search(r"\.needs\b", path.read_text(encoding="utf-8")))
-    assert readers == ["methods.py", "plan.py", "registry.py"]
+    assert readers == ["plan.py", "registry.py"]
 
 
 def test_the_hook_resolves_its_config_once(monkeypatch, tmp_path):

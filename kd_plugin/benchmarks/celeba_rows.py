@@ -31,9 +31,9 @@ FAMILIES = ("student", "proxyless", "ekd", "proxyless+ekd")  # seeded: per famil
 def registry_rows() -> tuple[str, ...]:
     """Every row the registry offers on its own: the student alone, each method that runs from a teacher and the
     training data alone, and the combination of the methods this plugin is about."""
-    from kd_plugin.methods import methods, runs_from_a_teacher, this_plugins_methods
+    from kd_plugin.methods import methods, this_plugins_methods
 
-    runnable = {name: m for name, m in methods().items() if runs_from_a_teacher(m)}
+    runnable = {name: m for name, m in methods().items() if m.runs_from_a_teacher}
     ours = this_plugins_methods(runnable)
     variants = [n for n, m in runnable.items() if not m.baseline and n not in ours]
     return ("student", *(n for n, m in runnable.items() if m.baseline), *ours, *variants, "+".join(ours))
