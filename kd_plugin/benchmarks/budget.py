@@ -70,13 +70,13 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (gap_ax, tpr_ax) = plt.subplots(1, 2, figsize=(12, 5))
-    for row, points in result["rows"].items():
+    for number, (row, points) in enumerate(result["rows"].items()):
         ordered = sorted(points.values(), key=lambda p: p["images"])
-        images = [p["images"] for p in ordered]
-        tpr_ax.plot(images, [p["tpr@1e-3"] for p in ordered], "o-", label=row)
+        images, colour = [p["images"] for p in ordered], f"C{number}"  # one colour per row in both panels
+        tpr_ax.plot(images, [p["tpr@1e-3"] for p in ordered], "o-", color=colour, label=row)
         if row != "student":
             gap_ax.plot(images, [np.nan if p["gap_closed@1e-3"] is None else 100 * p["gap_closed@1e-3"]
-                                 for p in ordered], "o-", label=row)
+                                 for p in ordered], "o-", color=colour, label=row)
     tpr_ax.axhline(result["teacher"], color="k", linestyle="--", label="teacher")
     for ax, label in ((gap_ax, "gap to the teacher closed at TPR@1e-3 (%)"), (tpr_ax, "TPR@1e-3 (celeba/val)")):
         ax.set_xscale("log")
