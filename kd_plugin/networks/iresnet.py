@@ -8,6 +8,8 @@ pinned at 1.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -105,31 +107,8 @@ def build_iresnet(name: str, embedding_size: int = 512, fp16: bool = False, drop
 
 
 # the arcface_torch names, one declaration each (arcface_torch's iresnets are the only family with dropout)
-@register_network("r18")
-def r18(*, embedding_size: int, fp16: bool, dropout: float) -> IResNet:
-    """IResNet-18."""
-    return build_iresnet("r18", embedding_size, fp16, dropout)
-
-
-@register_network("r34")
-def r34(*, embedding_size: int, fp16: bool, dropout: float) -> IResNet:
-    """IResNet-34."""
-    return build_iresnet("r34", embedding_size, fp16, dropout)
-
-
-@register_network("r50")
-def r50(*, embedding_size: int, fp16: bool, dropout: float) -> IResNet:
-    """IResNet-50."""
-    return build_iresnet("r50", embedding_size, fp16, dropout)
-
-
-@register_network("r100")
-def r100(*, embedding_size: int, fp16: bool, dropout: float) -> IResNet:
-    """IResNet-100."""
-    return build_iresnet("r100", embedding_size, fp16, dropout)
-
-
-@register_network("r200")
-def r200(*, embedding_size: int, fp16: bool, dropout: float) -> IResNet:
-    """IResNet-200."""
-    return build_iresnet("r200", embedding_size, fp16, dropout)
+register_network("r18", functools.partial(build_iresnet, "r18"))
+register_network("r34", functools.partial(build_iresnet, "r34"))
+register_network("r50", functools.partial(build_iresnet, "r50"))
+register_network("r100", functools.partial(build_iresnet, "r100"))
+register_network("r200", functools.partial(build_iresnet, "r200"))
