@@ -204,9 +204,10 @@ def _check_plan(kd: dict, plan: Plan) -> None:
     block included)."""
     from kd_plugin.methods import methods
 
+    catalogue = methods()
     for name in plan.names:
-        if methods()[name].check is not None:
-            methods()[name].check(kd)
+        if catalogue[name].check is not None:
+            catalogue[name].check(kd)
     for name in plan.logits:
         if not plan.centres:
             raise _fail("kd.method", kd["method"], f"{plan.title(name)} compares teacher and student logits over the "

@@ -13,7 +13,8 @@ replaces those three names there, keeping train_v2's contract with each:
 - `PartialFC_V2`: a module holding kd_plugin's KD objective (the inherited head and the configured terms); its
   state_dict (the head's centres, the EKD thresholds, the KD step count) lands in `checkpoint_gpu_{rank}.pt` and is
   restored on resume. Its scalars are summed on the device and read every `frequent` steps, averaged over the
-  ranks in one all-reduce (one device sync then, none in between), and rank 0 writes them (training_log.RunLog) to `<output>/train_log.jsonl`, tensorboard and arcface_torch's `training.log`.
+  ranks in one all-reduce (one device sync then, none in between); rank 0 writes them (training_log.RunLog) to
+  `<output>/train_log.jsonl`, tensorboard and arcface_torch's `training.log`.
 `config.num_image` is set to the sampler's epoch length so train_v2's LR schedule matches it.
 train_v2 is recognised by those three names in the running script (`__main__`), whatever its file is called (a
 renamed copy, a wrapper that defines them); a script with some but not all of them is refused. When kd_plugin reads
@@ -33,7 +34,8 @@ from torch import nn
 
 from kd_plugin.errors import KDPluginError
 from kd_plugin.normalization import InputNormalization
-from kd_plugin.training_log import LOG, console_figures  # under train_v2 it reaches upstream's root handlers: training.log and stdout
+# under train_v2 the kd_plugin logger reaches upstream's root handlers: training.log and stdout
+from kd_plugin.training_log import LOG, console_figures
 
 PATCHED_NAMES = ("get_dataloader", "get_model", "PartialFC_V2")
 SUPPORTED = ("insightface's recognition/arcface_torch train_v2.py with PartialFC_V2 (checked against insightface "

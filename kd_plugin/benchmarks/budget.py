@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from kd_plugin.benchmarks.celeba_report import gap_closed, mean_of, number
+
 
 def parse_budgets(text: str) -> list[int]:
     """'6,12,24' -> [6, 12, 24]: distinct positive epoch counts, in the order given."""
@@ -34,12 +36,11 @@ def curve(records_by_budget: dict[int, list[dict]], teacher_tpr: float) -> dict:
         for record in records:
             tprs.setdefault(record["method"], []).append(record["tpr@1e-3"])
             images[record["method"]] = record["images"]
-        student = float(np.mean(tprs["student"])) if "student" in tprs else None
+        student = mean_of(tprs.get("student", []))
         for row, values in tprs.items():
-            mean = float(np.mean(values))
-            gap = (None if student is None or teacher_tpr <= student
-                   else (mean - student) / (teacher_tpr - student))
-            rows.setdefault(row, {})[str(budget)] = {"tpr@1e-3": mean, "gap_closed@1e-3": gap,
+            mean = mean_of(values)
+            rows.setdefault(row, {})[str(budget)] = {"tpr@1e-3": mean, "gap_closed@1e-3": gap_closed(mean, student,
+                                                                                                    teacher_tpr),
                                                      "images": images[row], "seeds": len(values)}
     return {"teacher": teacher_tpr, "budgets": list(records_by_budget), "rows": rows}
 
@@ -57,7 +58,8 @@ def markdown(result: dict) -> str:
                 cells.append("-")
                 continue
             gap = point["gap_closed@1e-3"]
-            cells.append(f"{point['tpr@1e-3']:.3f} ({'reference' if row == 'student' else 'n/a' if gap is None else f'{gap:.0%}'})")
+            share = "reference" if row == "student" else "n/a" if gap is None else f"{gap:.0%}"
+            cells.append(f"{number(point['tpr@1e-3'], 3)} ({share})")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -70,10 +72,11 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (gap_ax, tpr_ax) = plt.subplots(1, 2, figsize=(12, 5))
-    for number, (row, points) in enumerate(result["rows"].items()):
+    for index, (row, points) in enumerate(result["rows"].items()):
         ordered = sorted(points.values(), key=lambda p: p["images"])
-        images, colour = [p["images"] for p in ordered], f"C{number}"  # one colour per row in both panels
-        tpr_ax.plot(images, [p["tpr@1e-3"] for p in ordered], "o-", color=colour, label=row)
+        images, colour = [p["images"] for p in ordered], f"C{index}"  # one colour per row in both panels
+        tpr_ax.plot(images, [np.nan if p["tpr@1e-3"] is None else p["tpr@1e-3"] for p in ordered], "o-", color=colour,
+                    label=row)
         if row != "student":
             gap_ax.plot(images, [np.nan if p["gap_closed@1e-3"] is None else 100 * p["gap_closed@1e-3"]
                                  for p in ordered], "o-", color=colour, label=row)

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from kd_plugin.atomic import write_json
+from kd_plugin.benchmarks.budget import parse_budgets
 from kd_plugin.benchmarks.celeba_report import bootstrap_intervals, markdown_table, number, plot, summarise
 from kd_plugin.benchmarks.celeba_rows import FULL, QUICK, VARIANTS, parse_row, registry_rows, run_folder, seeded_rows
 from kd_plugin.config import KD_SETTINGS
@@ -320,12 +321,6 @@ def _budget_curve(args, rows: list[str], records: list[dict], train, teacher_tpr
     return result
 
 
-def _budgets(text: str) -> list[int]:
-    from kd_plugin.benchmarks.budget import parse_budgets
-
-    return parse_budgets(text)
-
-
 def _weight(text: str) -> tuple[str, float]:
     name, _, value = text.partition("=")
     try:
@@ -380,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--views-mixed-labels", choices=("drop", "mix"), default=views["mixed_labels"],
                    help=f"'@views' rows: kd.views.mixed_labels (default {views['mixed_labels']}; 'mix': the head "
                         f"takes mixed images lam-weighted over both identities)")
-    p.add_argument("--budgets", type=_budgets, help="the budget curve: epoch counts such as 6,12,24 (the first is the "
+    p.add_argument("--budgets", type=parse_budgets, help="the budget curve: epoch counts such as 6,12,24 (the first is the "
                                                    "table's --epochs unless given); each row again at each budget "
                                                    "(one seed), runs under <out>/epochs<E>; writes budget.json, "
                                                    "budget.md and budget.png")

@@ -18,9 +18,18 @@ def number(value, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def _mean(values) -> float | None:
+def mean_of(values) -> float | None:
+    """The mean of the figures that exist (None: none does)."""
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
+
+
+def gap_closed(row: float | None, student: float | None, teacher: float | None) -> float | None:
+    """The share of the teacher-student gap a row closes, (row - student) / (teacher - student); None where a figure
+    is missing or there is no gap."""
+    if row is None or student is None or teacher is None or teacher == student:
+        return None
+    return (row - student) / (teacher - student)
 
 
 def summarise(records: list[dict], teacher: dict, order: list[str] | None = None,
@@ -34,11 +43,9 @@ def summarise(records: list[dict], teacher: dict, order: list[str] | None = None
         for key in FIGURES:
             entry[key].append(record[key])
         entry["seeds"].append(record["seed"])
-    base = _mean(methods.get("student", {}).get("tpr@1e-3", []))
+    base = mean_of(methods.get("student", {}).get("tpr@1e-3", []))
     for name, entry in methods.items():
-        mean = _mean(entry["tpr@1e-3"])
-        gap = teacher["tpr@1e-3"] - base if base is not None and teacher["tpr@1e-3"] is not None else None
-        entry["gap_closed@1e-3"] = (mean - base) / gap if gap and mean is not None else None
+        entry["gap_closed@1e-3"] = gap_closed(mean_of(entry["tpr@1e-3"]), base, teacher["tpr@1e-3"])
         if intervals and name in intervals:
             entry["vs_student@1e-3"] = intervals[name]
     return {"teacher": {k: teacher[k] for k in ("accuracy", "tpr@1e-2", "tpr@1e-3")}, "methods": methods}
@@ -59,7 +66,7 @@ def bootstrap_intervals(out: str, records: list[dict], val_labels: np.ndarray, r
                                                              val_labels))
     print(f"[bench celeba] identity bootstrap: {resamples} resamples of {identities} identities", flush=True)
     tpr = paired_bootstrap(scores, identities, 1e-3, resamples)
-    point = {name: _mean([r["tpr@1e-3"] for r in records if r["method"] == name]) for name in scores}
+    point = {name: mean_of([r["tpr@1e-3"] for r in records if r["method"] == name]) for name in scores}
     return {name: {"diff": point[name] - point["student"],
                    "ci95": difference_interval(tpr[name], tpr["student"])}
             for name in scores if name != "student"}
@@ -78,7 +85,7 @@ def markdown_table(summary: dict, settings: dict) -> str:
     """The results as a markdown table, with an explicit verdict against the student alone."""
     methods, teacher = summary["methods"], summary["teacher"]
     student = methods.get("student")
-    base = _mean(student["tpr@1e-3"]) if student else None
+    base = mean_of(student["tpr@1e-3"]) if student else None
     spread = float(np.std(student["tpr@1e-3"])) if student and len(student["tpr@1e-3"]) > 1 else 0.0
     paired = any("vs_student@1e-3" in entry for entry in methods.values())
     ci_head, ci_rule, ci_blank = (" difference @1e-3 (95% identity-bootstrap interval) |", "---|", " - |") if paired \
@@ -88,7 +95,7 @@ def markdown_table(summary: dict, settings: dict) -> str:
     lines.append(f"| teacher ({_teacher_name(summary)}) | - | {number(teacher['accuracy'], 3)} | "
                  f"{number(teacher['tpr@1e-2'], 3)} | {number(teacher['tpr@1e-3'], 3)} | - | - | - |{ci_blank} ceiling |")
     for name, entry in methods.items():
-        mean = _mean(entry["tpr@1e-3"])
+        mean = mean_of(entry["tpr@1e-3"])
         paired_figure = entry.get("vs_student@1e-3")
         if name == "student" or base is None or mean is None:
             verdict = "reference"

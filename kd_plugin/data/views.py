@@ -105,11 +105,15 @@ def _render(image: torch.Tensor, box: Box) -> torch.Tensor:
     part = part.flip(2) if box.flip else part
     if not (box.down or box.right):
         return part
+    (to_rows, from_rows), (to_cols, from_cols) = _overlap(box.down, size[0]), _overlap(box.right, size[1])
     moved = torch.zeros_like(part)
-    height, width = size
-    rows, cols = slice(max(box.down, 0), height + min(box.down, 0)), slice(max(box.right, 0), width + min(box.right, 0))
-    moved[:, rows, cols] = part[:, max(-box.down, 0):height - max(box.down, 0), max(-box.right, 0):width - max(box.right, 0)]
+    moved[:, to_rows, to_cols] = part[:, from_rows, from_cols]
     return moved
+
+
+def _overlap(offset: int, length: int) -> tuple[slice, slice]:
+    """Along one axis of `length` pixels moved by `offset`: where the kept pixels land, and where they come from."""
+    return slice(max(offset, 0), length + min(offset, 0)), slice(max(-offset, 0), length - max(offset, 0))
 
 
 def render_view(image: torch.Tensor, view: View, partner: torch.Tensor | None = None) -> torch.Tensor:

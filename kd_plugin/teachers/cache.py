@@ -7,7 +7,8 @@ its range into its own file, written whole under a temporary name and renamed, s
 different nodes of an NFS folder never share a page); rank 0 writes meta.json, with each part's byte size, only once
 it sees every part complete. A reader checks every part against meta.json and refuses a torn set naming the part, a
 cache whose dataset or teacher does not match (augmented images other than the flip need the teacher online, or
-consistent views with their own cache: kd_plugin.teachers.view_cache). A cache written before parts existed (one `embeddings.npy`, version 1) is read as one part."""
+consistent views with their own cache: kd_plugin.teachers.view_cache). A cache written before parts existed (one
+`embeddings.npy`, version 1) is read as one part."""
 
 from __future__ import annotations
 
