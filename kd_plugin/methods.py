@@ -11,6 +11,7 @@ import pkgutil
 import kd_plugin.heads  # noqa: F401  (registers proxyless, adadistill)
 import kd_plugin.losses
 from kd_plugin.errors import KDPluginError
+from kd_plugin.plan import Plan, make_plan
 from kd_plugin.registry import NEEDS, Method, registered
 
 for _module in pkgutil.iter_modules(kd_plugin.losses.__path__):  # the terms declared in kd_plugin/losses/*.py
@@ -50,11 +51,16 @@ def this_plugins_methods(among: dict[str, Method] | None = None) -> list[str]:
     return [name for name in ours if name not in heads[1:]]
 
 
+def plan_of(method: str) -> Plan:
+    """The plan of a method string ('proxyless+ekd'; 'none' or '' for none) at its published weights: what it runs and
+    needs, without a config (the benchmark's rows, the demo). Unknown names stop with the registry's list."""
+    picked = chosen(method)
+    return make_plan(method, picked, {name: m.weight for name, m in picked.items() if m.kind == "term"})
+
+
 def kd_block(method: str, **settings) -> dict:
     """A config.kd block running `method` ('none', 'ekd', 'proxyless+ekd', ...) with `settings` (teacher, cache,
     sampler, ...): the inherited centres are estimated from the teacher when the method needs centres."""
-    from kd_plugin.plan import plan_of
-
     block = dict(settings, method=method)
     if plan_of(method).centres:
         block.setdefault("centres", "estimate")

@@ -60,12 +60,3 @@ def make_plan(method: str, chosen: dict[str, Method], weights: dict[str, float])
         equal_dims=tuple(name for name, m in chosen.items() if "equal_dims" in m.needs),
         label_free=tuple(name for name, m in chosen.items() if m.label_free),
         own_teacher=tuple(name for name, m in chosen.items() if m.teacher is not None))
-
-
-def plan_of(method: str) -> Plan:
-    """The plan of a method string ('proxyless+ekd'; 'none' or '' for none) at its published weights: what it runs and
-    needs, without a config (the benchmark's rows, the demo). Unknown names stop with the registry's list."""
-    from kd_plugin.methods import chosen
-
-    methods = chosen(method)  # unknown names: the registry's error
-    return make_plan(method, methods, {name: m.weight for name, m in methods.items() if m.kind == "term"})

@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in args.methods:
         method, variants = parse_row(row)  # unknown methods or settings stop before anything runs
         if "views" in variants and args.views_mixed_labels == "drop" and args.views_mixup > 0:
-            from kd_plugin.plan import plan_of
+            from kd_plugin.methods import plan_of
 
             if not plan_of("none" if method == "student" else method).label_free:
                 raise KDPluginError(f"--methods: row {row!r}: '@views' with --views-mixed-labels drop feeds the mixed "

@@ -41,7 +41,7 @@ def registry_rows() -> tuple[str, ...]:
 
 def parse_row(row: str) -> tuple[str, tuple[str, ...]]:
     """'proxyless+ekd@fit@memory' -> ('proxyless+ekd', ('fit', 'memory')), checked against the registry."""
-    from kd_plugin.plan import plan_of
+    from kd_plugin.methods import plan_of
 
     method, *variants = row.split("@")
     variants = tuple(v for v in variants if v)
