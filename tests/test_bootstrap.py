@@ -54,4 +54,8 @@ def test_rows_and_their_settings_are_checked_against_the_registry():
         parse_row("ekdd")
     rows = ["student", "l2", "proxyless", "proxyless@fit", "ekd", "ekd@memory", "proxyless+ekd",
             "proxyless+ekd@fit@memory", "l2@utk"]
-    assert seeded_rows(rows) == ["student", "proxyless@fit", "ekd@memory", "proxyless+ekd@fit@memory"]
+    assert seeded_rows(rows) == ["student", "proxyless+ekd@fit@memory"]  # the headline: ProxylessKD+EKD, most settings
+    # with the adaptive head among the rows, that is the headline; neither student nor headline: none
+    assert seeded_rows(rows + ["proxyless_adaptive+ekd", "proxyless_adaptive+ekd@fit"]) == [
+        "student", "proxyless_adaptive+ekd@fit"]
+    assert seeded_rows(["l2", "ekd@memory"]) == []

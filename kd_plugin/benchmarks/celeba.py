@@ -347,8 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m],
                    help=f"comma-separated rows (default: {','.join(FULL)}; with --quick: {','.join(QUICK)}; 'all' "
                         f"adds every row the method registry offers: {','.join(registry_rows())})")
-    p.add_argument("--seeds", type=int, help="seeds for the student, the ProxylessKD, EKD and ProxylessKD+EKD rows "
-                                             "with the most settings, and the best other row (default 3; --quick: 1)")
+    p.add_argument("--seeds", type=int, help="seeds for the student, the headline ProxylessKD+EKD row (the adaptive "
+                                             "head's if present, with the most settings) and the best other row "
+                                             "(default 3; --quick: 1)")
     p.add_argument("--quick", action="store_true", help="a reduced version for iteration: fewer rows, one seed, "
                                                         "2 epochs (about 10 minutes on 2 CPU cores)")
     p.add_argument("--resamples", type=int, default=1000, help="identity-bootstrap resamples (0: no intervals)")
