@@ -48,8 +48,9 @@ KD_SETTINGS = {
         "enabled": False,  # flip, crop and mixup drawn per (seed, epoch, sample); the teacher runs on that view
         "crop": 0.8,  # random-resized crop: the kept area is a uniform share of the image in [crop, 1] (1: no crop)
         "mixup": 0.5,  # share of samples mixed with another training image (lambda ~ U(0, 1))
-        # a mixed image: "drop" its label (label-free terms only) or "mix" (the head: lam x own + (1 - lam) x partner)
-        "mixed_labels": "drop",
+        # a mixed image: "mix" (the head: lam x own + (1 - lam) x partner) or "drop" its label (label-free terms only;
+        # the default before 0.5.0: measured worse, docs/benchmarks.md)
+        "mixed_labels": "mix",
         "shift": 0,  # a translation of up to this many pixels each way after the crop (0: none; with crop 1: aligned)
         "seed": 0,  # the views' own seed, not config.seed: every run and training seed sees the same views
         "cache": None,  # teacher-view cache folder: the teacher's embedding of each (sample, epoch) view, made once

@@ -103,7 +103,7 @@ def test_views_rows_share_one_teacher_view_cache(stand_ins, tmp_path, capsys):
     argv = ["--train", stand_ins["train"], "--val", stand_ins["val"], "--bin", stand_ins["bin"],
             "--teacher", stand_ins["teacher"], "--out", str(out), "--epochs", "1", "--batch-size", "8",
             "--identities", "2", "--images-per-identity", "2", "--workers", "0", "--resamples", "0",
-            "--methods", "l2@views,cosine@views", "--seeds", "1"]
+            "--methods", "l2@views,cosine@views", "--seeds", "1", "--views-mixed-labels", "drop"]
     assert main(argv) == 0
     first, second = (json.loads((out / row / "seed0" / "result.json").read_text())
                      for row in ("l2_at_views", "cosine_at_views"))
@@ -113,11 +113,10 @@ def test_views_rows_share_one_teacher_view_cache(stand_ins, tmp_path, capsys):
     assert len(parts) == 1 and np.load(parts[0]).sum() == first["teacher_rows"]  # one writer: the first row's run
     with pytest.raises(Exception, match=r"row 'proxyless@views': '@views' with --views-mixed-labels drop feeds the "
                                         r"mixed images to the label-free terms only.*--views-mixed-labels mix"):
-        main(argv[:-4] + ["--methods", "proxyless@views"])
-    # with mixed labels the head takes the mixed images: a row without a label-free term runs; aligned shifted views
-    # have their own teacher-view cache
-    assert main(argv[:-4] + ["--methods", "adadistill@views", "--views-mixed-labels", "mix", "--views-crop", "1",
-                             "--views-shift", "2"]) == 0
+        main(argv[:-6] + ["--methods", "proxyless@views", "--views-mixed-labels", "drop"])
+    # with mixed labels (the default) the head takes the mixed images: a row without a label-free term runs; aligned
+    # shifted views have their own teacher-view cache
+    assert main(argv[:-6] + ["--methods", "adadistill@views", "--views-crop", "1", "--views-shift", "2"]) == 0
     mixed = json.loads((out / "adadistill_at_views" / "seed0" / "result.json").read_text())
     assert mixed["settings"]["views"] == {"crop": 1.0, "mixup": 0.5, "shift": 2, "mixed_labels": "mix", "seed": 0}
     assert mixed["teacher_rows"] > 0 and list((out / "teacher_views_crop1_mixup0.5_shift2").glob("epoch_0000.*"))

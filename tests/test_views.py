@@ -28,7 +28,7 @@ def faces(tmp_path):
 def _views_config(faces, teacher, output, views=None, **overrides):
     kd = {"method": "proxyless+l2", "teacher": teacher, "centres": "estimate",
           "sampler": {"identities_per_batch": 1, "images_per_identity": 2, "balanced": True},
-          "views": dict({"enabled": True, "crop": 0.7, "mixup": 0.5}, **(views or {}))}
+          "views": dict({"enabled": True, "crop": 0.7, "mixup": 0.5, "mixed_labels": "drop"}, **(views or {}))}
     kd.update(overrides.pop("kd", {}))
     return _config(faces, output, kd=kd, **overrides)
 
@@ -185,7 +185,7 @@ def _view_part(flags_path):
     ({"shift": 2.5}, {}, r"kd.views.shift = 2.5: expected the largest translation in pixels, an integer in \[0, 16\]"),
     ({"shift": 40}, {}, r"kd.views.shift = 40: expected"),
     ({"mixed_labels": "keep"}, {}, r"kd.views.mixed_labels = 'keep': expected 'drop' .* or 'mix'"),
-    ({"enabled": False, "crop": 0.8, "mixed_labels": "mix"}, {}, r"kd.views.mixed_labels = 'mix': applies only with"),
+    ({"enabled": False, "crop": 0.8, "mixed_labels": "drop"}, {}, r"kd.views.mixed_labels = 'drop': applies only with"),
 ])
 def test_views_settings_that_would_not_be_honoured_are_refused(faces, views, kd, message):
     config = _views_config(faces, "t.onnx", "out", views, kd=kd)
@@ -202,6 +202,9 @@ def test_the_train_v2_hook_refuses_views(faces):
 def test_with_mixed_labels_a_mixed_image_feeds_the_head_and_the_views_need_no_label_free_term(faces):
     cfg = resolve(_views_config(faces, "t.onnx", "out", {"mixed_labels": "mix"}, kd={"method": "proxyless+ekd"}))
     assert cfg.kd.views.mixed_labels == "mix"
+    # "mix" is the default: views with mixup and no label-free term need no setting beyond enabling them
+    cfg = resolve(_views_config(faces, "t.onnx", "out", kd={"method": "proxyless+ekd", "views": {"enabled": True}}))
+    assert (cfg.kd.views.mixed_labels, cfg.kd.views.mixup) == ("mix", 0.5)
 
 
 def test_a_shift_translates_the_view_and_blackens_the_uncovered_border():

@@ -128,13 +128,12 @@ def _config(args, paths: dict, row: str, seed: int, output: str, caches: dict, n
 
 
 def _views(args) -> dict:
-    """The '@views' rows' kd.views settings; shift and mixed labels only when not at their defaults (so the runs made
-    before they existed stay reusable)."""
-    defaults = KD_SETTINGS["views"]
+    """The '@views' rows' kd.views settings; shift only when set and mixed labels only when not "drop" (what runs
+    made before these settings existed did), so those runs stay reusable."""
     out = {"crop": args.views_crop, "mixup": args.views_mixup}
-    if args.views_shift != defaults["shift"]:
+    if args.views_shift != KD_SETTINGS["views"]["shift"]:
         out["shift"] = args.views_shift
-    if args.views_mixed_labels != defaults["mixed_labels"]:
+    if args.views_mixed_labels != "drop":
         out["mixed_labels"] = args.views_mixed_labels
     return out
 

@@ -13,7 +13,7 @@ batch; with random batches both are a uniform draw of another training image. A 
 
 A mixed image has no single identity. With `kd.views.mixed_labels = "drop"` it is served with label -1 (as the
 unlabelled images are), so the head and the terms that need labels skip it and only the label-free terms see it. With
-"mix" it keeps its own label and the head takes it as standard mixup does: lam x the loss at its own identity plus
+"mix" (the default) it keeps its own label and the head takes it as standard mixup does: lam x the loss at its own identity plus
 (1 - lam) x the loss at its partner's (`mix_partners` gives the partner's label and lam, from the same pure function);
 the pair terms (EKD) still skip it, as a pair of a mixed image has no known identity. Flip, crop and the small
 translation of `kd.views.shift` keep the identity."""
