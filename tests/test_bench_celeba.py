@@ -175,3 +175,21 @@ def test_gap_closed_and_an_honest_verdict():
     assert rows["l2"].endswith("not clearly better (within twice the seed spread) |")
     assert rows["rkd"].endswith("does NOT beat the student alone |")
     assert "0.410 ± 0.010" in rows["ekd"]
+
+
+def test_a_weight_override_applies_to_the_rows_with_that_term_only(stand_ins, tmp_path, capsys):
+    out = tmp_path / "weights"
+    argv = ["--train", stand_ins["train"], "--val", stand_ins["val"], "--bin", stand_ins["bin"],
+            "--teacher", stand_ins["teacher"], "--out", str(out), "--epochs", "1", "--batch-size", "8",
+            "--identities", "2", "--images-per-identity", "2", "--workers", "0", "--seeds", "1"]
+    with pytest.raises(Exception, match=r"--weight cosine=...: no row of --methods has the term 'cosine'"):
+        main(argv + ["--methods", "student,l2", "--weight", "cosine=8"])
+    assert not out.exists()  # refused before anything ran
+    assert main(argv + ["--methods", "student,cosine", "--weight", "cosine=8"]) == 0
+    student, cosine = (json.loads((out / row / "seed0" / "result.json").read_text()) for row in ("student", "cosine"))
+    assert "weights" not in student["settings"] and cosine["settings"]["weights"] == {"cosine": 8.0}
+    epoch = json.loads((out / "cosine" / "seed0" / "train_log.jsonl").read_text().splitlines()[0])
+    assert epoch["loss"] == pytest.approx(epoch["loss_head"] + 8.0 * epoch["loss_cosine"], rel=1e-5)
+    # the student alone keeps its settings, so a run made without the override is reused beside the weighted row
+    assert main(argv + ["--methods", "student", "--resamples", "0"]) == 0
+    assert "student seed 0: reusing" in capsys.readouterr().out

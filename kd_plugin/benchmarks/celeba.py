@@ -105,7 +105,7 @@ def _config(args, paths: dict, row: str, seed: int, output: str, caches: dict, n
     utk = "utk" in variants
     kd = kd_block("none" if method == "student" else method, teacher=paths["teacher"],
                   teacher_mean=",".join(map(str, IMAGENET_MEAN)), teacher_std=",".join(map(str, IMAGENET_STD)),
-                  cache=caches[utk], weights=dict(args.weight),
+                  cache=caches[utk], weights=_row_weights(args, row),
                   sampler={"identities_per_batch": args.identities, "images_per_identity": args.images_per_identity,
                            "balanced": True})  # the same batches for every method
     for v in variants:
@@ -158,9 +158,18 @@ def _settings(args, paths: dict, row: str = "") -> dict:
         settings["unlabeled"] = os.path.abspath(paths["unlabeled"])
     if row and "views" in parse_row(row)[1]:
         settings["views"] = {**_views(args), "seed": KD_SETTINGS["views"]["seed"]}
-    if args.weight:  # recorded only when set, so results made with the published weights stay reusable
-        settings["weights"] = dict(args.weight)
+    if row and _row_weights(args, row):  # recorded only when set, so runs with the published weights stay reusable
+        settings["weights"] = _row_weights(args, row)
     return settings
+
+
+def _row_weights(args, row: str) -> dict[str, float]:
+    """The --weight overrides of the terms `row` has (the student and rows without the term keep theirs)."""
+    from kd_plugin.methods import plan_of
+
+    method = parse_row(row)[0]
+    terms = plan_of("none" if method == "student" else method).weights
+    return {name: weight for name, weight in args.weight if name in terms}
 
 
 def _train_one(args, paths, row, seed, caches, data, teacher_emb, num_classes, root: str | None = None) -> dict:
@@ -363,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, 0.5, 0.0],
                    help="arcface_torch margin_list m1,m2,m3 (default ArcFace 1.0,0.5,0.0)")
     p.add_argument("--weight", action="append", default=[], type=_weight, metavar="TERM=W",
-                   help="override a term's published weight (config.kd.weights), e.g. --weight l2=1000; repeatable")
+                   help="override a term's published weight (config.kd.weights) in the rows that have the term, e.g. "
+                        "--weight cosine=64; repeatable")
     views = KD_SETTINGS["views"]
     p.add_argument("--views-crop", type=float, default=views["crop"],
                    help=f"'@views' rows: kd.views.crop, the smallest share of the area a crop keeps (default "
@@ -410,6 +420,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise KDPluginError(f"--methods: row {row!r}: '@views' with --views-mixed-labels drop feeds the mixed "
                                     f"images to the label-free terms only, and this row has none: add one (e.g. "
                                     f"'cosine') or pass --views-mixed-labels mix")
+    unused = [name for name, _ in args.weight
+              if not any(name in _row_weights(args, row) for row in args.methods + (args.budget_methods or []))]
+    if unused:
+        raise KDPluginError(f"--weight {unused[0]}=...: no row of --methods has the term {unused[0]!r} (rows: "
+                            f"{', '.join(args.methods)}): add a row with it or drop the override")
     summary = run(args)
     print(markdown_table(summary, summary["settings"]))
     if "budget" in summary:
