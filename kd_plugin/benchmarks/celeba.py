@@ -38,7 +38,8 @@ import torch
 from kd_plugin.atomic import write_json
 from kd_plugin.benchmarks.budget import parse_budgets
 from kd_plugin.benchmarks.celeba_report import bootstrap_intervals, markdown_table, number, plot, summarise
-from kd_plugin.benchmarks.celeba_rows import FULL, QUICK, VARIANTS, parse_row, registry_rows, run_folder, seeded_rows
+from kd_plugin.benchmarks.celeba_rows import (FULL, QUICK, VARIANTS, method_plan, parse_row, registry_rows, run_folder,
+                                              seeded_rows)
 from kd_plugin.config import KD_SETTINGS
 from kd_plugin.errors import KDPluginError
 from kd_plugin.evaluation import all_pairs_tpr, bin_accuracy, embed_images, fpr_key
@@ -158,17 +159,15 @@ def _settings(args, paths: dict, row: str = "") -> dict:
         settings["unlabeled"] = os.path.abspath(paths["unlabeled"])
     if row and "views" in parse_row(row)[1]:
         settings["views"] = {**_views(args), "seed": KD_SETTINGS["views"]["seed"]}
-    if row and _row_weights(args, row):  # recorded only when set, so runs with the published weights stay reusable
-        settings["weights"] = _row_weights(args, row)
+    weights = _row_weights(args, row) if row else {}
+    if weights:  # recorded only when set, so runs with the published weights stay reusable
+        settings["weights"] = weights
     return settings
 
 
 def _row_weights(args, row: str) -> dict[str, float]:
     """The --weight overrides of the terms `row` has (the student and rows without the term keep theirs)."""
-    from kd_plugin.methods import plan_of
-
-    method = parse_row(row)[0]
-    terms = plan_of("none" if method == "student" else method).weights
+    terms = method_plan(parse_row(row)[0]).weights
     return {name: weight for name, weight in args.weight if name in terms}
 
 
@@ -413,13 +412,11 @@ def main(argv: list[str] | None = None) -> int:
             parse_row(row)
     for row in args.methods:
         method, variants = parse_row(row)  # unknown methods or settings stop before anything runs
-        if "views" in variants and args.views_mixed_labels == "drop" and args.views_mixup > 0:
-            from kd_plugin.methods import plan_of
-
-            if not plan_of("none" if method == "student" else method).label_free:
-                raise KDPluginError(f"--methods: row {row!r}: '@views' with --views-mixed-labels drop feeds the mixed "
-                                    f"images to the label-free terms only, and this row has none: add one (e.g. "
-                                    f"'cosine') or pass --views-mixed-labels mix")
+        if ("views" in variants and args.views_mixed_labels == "drop" and args.views_mixup > 0
+                and not method_plan(method).label_free):
+            raise KDPluginError(f"--methods: row {row!r}: '@views' with --views-mixed-labels drop feeds the mixed "
+                                f"images to the label-free terms only, and this row has none: add one (e.g. "
+                                f"'cosine') or pass --views-mixed-labels mix")
     unused = [name for name, _ in args.weight
               if not any(name in _row_weights(args, row) for row in args.methods + (args.budget_methods or []))]
     if unused:

@@ -41,13 +41,18 @@ def registry_rows() -> tuple[str, ...]:
     return ("student", *(n for n, m in runnable.items() if m.baseline), *ours, *variants, "+".join(ours))
 
 
-def parse_row(row: str) -> tuple[str, tuple[str, ...]]:
-    """'proxyless+ekd@fit@memory' -> ('proxyless+ekd', ('fit', 'memory')), checked against the registry."""
+def method_plan(method: str):
+    """The plan (kd_plugin.plan) of a row's method; the student's is method 'none'."""
     from kd_plugin.methods import plan_of
 
+    return plan_of("none" if method == "student" else method)
+
+
+def parse_row(row: str) -> tuple[str, tuple[str, ...]]:
+    """'proxyless+ekd@fit@memory' -> ('proxyless+ekd', ('fit', 'memory')), checked against the registry."""
     method, *variants = row.split("@")
     variants = tuple(v for v in variants if v)
-    plan = plan_of("none" if method == "student" else method)  # unknown methods stop here, with the registry's list
+    plan = method_plan(method)  # unknown methods stop here, with the registry's list
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise KDPluginError(f"--methods: row {row!r}: unknown settings {unknown}; allowed after '@': "
