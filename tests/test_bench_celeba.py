@@ -91,6 +91,11 @@ def test_the_benchmark_runs_end_to_end_and_reuses_finished_runs(stand_ins, tmp_p
         assert (first["seeds"], second["seeds"], second["images"]) == (2, 1, 2 * first["images"])
         record = json.loads((out / "epochs2" / row / "seed0" / "result.json").read_text())
         assert record["settings"]["epochs"] == 2 and record["tpr@1e-3"] == second["tpr@1e-3"]
+    # l2's interval against the student at each budget: the table's at the first, its own runs' at the second
+    assert budget["rows"]["l2"]["1"]["vs_student@1e-3"] == result["methods"]["l2"]["vs_student@1e-3"]
+    low, high = budget["rows"]["l2"]["2"]["vs_student@1e-3"]["ci95"]
+    assert low <= high and budget["rows"]["l2"]["2"]["vs_student@1e-3"]["diff"] == pytest.approx(
+        budget["rows"]["l2"]["2"]["tpr@1e-3"] - budget["rows"]["student"]["2"]["tpr@1e-3"])
     assert (out / "budget.png").stat().st_size > 0 and "| l2 |" in (out / "budget.md").read_text()
     # run again: every finished run is reused, the figures are the same
     stdout = _run(stand_ins, out, capsys)
@@ -129,13 +134,20 @@ def test_the_budget_curve_measures_each_budget_against_the_student_of_that_budge
     def record(method, tpr, images, seed=0):
         return {"method": method, "tpr@1e-3": tpr, "images": images, "seed": seed}
 
-    result = curve({6: [record("student", 0.1, 600), record("student", 0.2, 600, 1), record("ada", 0.45, 600)],
-                    12: [record("student", 0.3, 1200), record("ada", 0.5, 1200)]}, teacher_tpr=0.8)
+    records = {6: [record("student", 0.1, 600), record("student", 0.2, 600, 1), record("ada", 0.45, 600)],
+               12: [record("student", 0.3, 1200), record("ada", 0.5, 1200)]}
+    result = curve(records, teacher_tpr=0.8)
     assert result["rows"]["student"]["6"] == {"tpr@1e-3": pytest.approx(0.15), "gap_closed@1e-3": 0.0,
                                               "images": 600, "seeds": 2}
     assert result["rows"]["ada"]["6"]["gap_closed@1e-3"] == pytest.approx(0.3 / 0.65)
     assert result["rows"]["ada"]["12"]["gap_closed@1e-3"] == pytest.approx(0.2 / 0.5)  # the 12-epoch student's gap
     assert "| ada | 0.450 (46%) | 0.500 (40%) |" in markdown(result)
+    # each budget's paired interval against the student of that budget goes with its point (none for the student)
+    paired = {6: {"ada": {"diff": 0.3, "ci95": [0.1, 0.5]}}, 12: {"ada": {"diff": 0.2, "ci95": [-0.05, 0.4]}}}
+    result = curve(records, teacher_tpr=0.8, intervals=paired)
+    assert result["rows"]["ada"]["12"]["vs_student@1e-3"] == paired[12]["ada"]
+    assert "vs_student@1e-3" not in result["rows"]["student"]["12"]
+    assert "| ada | 0.450 (46%; +0.300 [+0.100, +0.500]) | 0.500 (40%; +0.200 [-0.050, +0.400]) |" in markdown(result)
 
 
 @pytest.mark.parametrize("budgets", ["6,6", "0,6", "six"])

@@ -4,8 +4,10 @@ and how much of the teacher-student gap each closes as training grows.
 At each budget a row's figure is its TPR@1e-3 on celeba/val (the mean over its seeds: the first budget has the
 table's seeds, the others one), and its share of the gap closed is (row - student) / (teacher - student), with the
 student alone trained for the same budget. `budget.json` holds {"teacher": TPR, "budgets": [...], "rows": {row:
-{epochs: {"tpr@1e-3", "gap_closed@1e-3", "images", "seeds"}}}}; `budget.png` draws the gap closed (and the TPR)
-against the image presentations (steps x batch), one line per row."""
+{epochs: {"tpr@1e-3", "gap_closed@1e-3", "images", "seeds", "vs_student@1e-3"}}}}, the last being the paired
+identity-bootstrap difference to that budget's student with its 95% interval ({"diff", "ci95": [low, high]}; absent
+for the student and without resamples); `budget.png` draws the gap closed (and the TPR) against the image
+presentations (steps x batch), one line per row."""
 
 from __future__ import annotations
 
@@ -27,8 +29,10 @@ def parse_budgets(text: str) -> list[int]:
     return budgets
 
 
-def curve(records_by_budget: dict[int, list[dict]], teacher_tpr: float) -> dict:
-    """budget.json's content from each budget's result records (the student's among them)."""
+def curve(records_by_budget: dict[int, list[dict]], teacher_tpr: float,
+          intervals: dict[int, dict[str, dict]] | None = None) -> dict:
+    """budget.json's content from each budget's result records (the student's among them) and, where given, each
+    budget's paired intervals ({budget: {row: {"diff", "ci95"}}}, as celeba_report.bootstrap_intervals returns)."""
     rows: dict[str, dict] = {}
     for budget, records in records_by_budget.items():
         tprs: dict[str, list[float]] = {}
@@ -39,14 +43,18 @@ def curve(records_by_budget: dict[int, list[dict]], teacher_tpr: float) -> dict:
         student = mean_of(tprs.get("student", []))
         for row, values in tprs.items():
             mean = mean_of(values)
-            rows.setdefault(row, {})[str(budget)] = {"tpr@1e-3": mean, "gap_closed@1e-3": gap_closed(mean, student,
-                                                                                                    teacher_tpr),
-                                                     "images": images[row], "seeds": len(values)}
+            point = {"tpr@1e-3": mean, "gap_closed@1e-3": gap_closed(mean, student, teacher_tpr),
+                     "images": images[row], "seeds": len(values)}
+            paired = (intervals or {}).get(budget, {}).get(row)
+            if paired is not None:
+                point["vs_student@1e-3"] = paired
+            rows.setdefault(row, {})[str(budget)] = point
     return {"teacher": teacher_tpr, "budgets": list(records_by_budget), "rows": rows}
 
 
 def markdown(result: dict) -> str:
-    """Rows x budgets: TPR@1e-3 and the share of the gap closed."""
+    """Rows x budgets: TPR@1e-3, the share of the gap closed and, where measured, the difference to the student with
+    its 95% interval."""
     budgets = [str(b) for b in result["budgets"]]
     lines = ["| row | " + " | ".join(f"{b} epochs: TPR@1e-3 (gap closed)" for b in budgets) + " |",
              "|---|" + "---|" * len(budgets)]
@@ -59,6 +67,10 @@ def markdown(result: dict) -> str:
                 continue
             gap = point["gap_closed@1e-3"]
             share = "reference" if row == "student" else "n/a" if gap is None else f"{gap:.0%}"
+            paired = point.get("vs_student@1e-3")
+            if paired is not None:
+                low, high = paired["ci95"]
+                share += f"; {paired['diff']:+.3f} [{low:+.3f}, {high:+.3f}]"
             cells.append(f"{number(point['tpr@1e-3'], 3)} ({share})")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

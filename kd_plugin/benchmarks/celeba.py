@@ -299,28 +299,35 @@ def run(args) -> dict:
         f.write(markdown_table(summary, summary["settings"]))
     plot(records, teacher_figures, os.path.join(args.out, "tpr_fpr.png"))
     if args.budgets:
-        summary["budget"] = _budget_curve(args, rows, records, train, teacher_figures["tpr@1e-3"])
+        table = (records, intervals)
+        summary["budget"] = _budget_curve(args, rows, table, train, teacher_figures["tpr@1e-3"], data["val_labels"])
     return summary
 
 
-def _budget_curve(args, rows: list[str], records: list[dict], train, teacher_tpr: float) -> dict:
-    """The rows again at each budget of --budgets (seed 0; the table's own budget reuses its records, every seed),
-    each budget's runs under `<out>/epochs<E>/`; writes budget.json, budget.md and budget.png."""
+def _budget_curve(args, rows: list[str], table: tuple[list[dict], dict], train, teacher_tpr: float,
+                  val_labels: np.ndarray) -> dict:
+    """The rows again at each budget of --budgets (seed 0; the table's own budget reuses its records and intervals,
+    every seed), each budget's runs under `<out>/epochs<E>/` with their intervals against that budget's student;
+    writes budget.json, budget.md and budget.png."""
     import copy
 
     from kd_plugin.benchmarks import budget
 
+    records, table_intervals = table
     curve_rows = args.budget_methods or rows
-    by_budget = {}
+    by_budget, intervals = {}, {}
     for epochs in args.budgets:
         if epochs == args.epochs and all(row in rows for row in curve_rows):
             by_budget[epochs] = [r for r in records if r["method"] in curve_rows]
+            intervals[epochs] = table_intervals
             continue
         at = copy.copy(args)
         at.epochs = epochs
         print(f"[bench celeba] budget {epochs} epochs: {', '.join(curve_rows)}", flush=True)
-        by_budget[epochs] = [train(row, 0, at, os.path.join(args.out, f"epochs{epochs}")) for row in curve_rows]
-    result = budget.curve(by_budget, teacher_tpr)
+        root = os.path.join(args.out, f"epochs{epochs}")
+        by_budget[epochs] = [train(row, 0, at, root) for row in curve_rows]
+        intervals[epochs] = bootstrap_intervals(root, by_budget[epochs], val_labels, args.resamples)
+    result = budget.curve(by_budget, teacher_tpr, intervals)
     write_json(result, os.path.join(args.out, "budget.json"), indent=1)
     with open(os.path.join(args.out, "budget.md"), "w", encoding="utf-8") as f:
         f.write(budget.markdown(result))
