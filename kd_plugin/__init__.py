@@ -2,7 +2,7 @@
 
 from kd_plugin.registry import add_term, register_term
 
-__version__ = "0.5.0"
+__version__ = "0.5.1"
 __all__ = ["distill", "register_term", "add_term", "__version__"]
 
 
