@@ -299,12 +299,12 @@ def run(args) -> dict:
         f.write(markdown_table(summary, summary["settings"]))
     plot(records, teacher_figures, os.path.join(args.out, "tpr_fpr.png"))
     if args.budgets:
-        table = (records, intervals)
-        summary["budget"] = _budget_curve(args, rows, table, train, teacher_figures["tpr@1e-3"], data["val_labels"])
+        summary["budget"] = _budget_curve(args, rows, records, intervals, train, teacher_figures["tpr@1e-3"],
+                                          data["val_labels"])
     return summary
 
 
-def _budget_curve(args, rows: list[str], table: tuple[list[dict], dict], train, teacher_tpr: float,
+def _budget_curve(args, rows: list[str], records: list[dict], table_intervals: dict, train, teacher_tpr: float,
                   val_labels: np.ndarray) -> dict:
     """The rows again at each budget of --budgets (seed 0; the table's own budget reuses its records and intervals,
     every seed), each budget's runs under `<out>/epochs<E>/` with their intervals against that budget's student;
@@ -313,7 +313,6 @@ def _budget_curve(args, rows: list[str], table: tuple[list[dict], dict], train, 
 
     from kd_plugin.benchmarks import budget
 
-    records, table_intervals = table
     curve_rows = args.budget_methods or rows
     by_budget, intervals = {}, {}
     for epochs in args.budgets:
