@@ -10,8 +10,10 @@ factor into its gather instead).
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -145,7 +147,73 @@ def init_from_env() -> bool:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
+    settle_at_exit()
     return True
+
+
+# --- a clean exit with gloo ---------------------------------------------------------------------------------------
+# Why: torch (2.13 and newer) stashes a Python object (the autograd engine's contextvars.Context) in the thread's
+# state for the length of every backward pass, and each gloo collective launched meanwhile (DDP's gradient
+# all-reduce, kd_plugin's reduce-scatter in gather_with_grad's backward) copies that state into its work object. A
+# gloo worker thread ("pt_gloo_runloop") drops its reference to a work only after the work completed, so the caller
+# may already have moved on; when the thread drops the last reference after the interpreter began to finalise, the
+# Python decref must take the GIL, CPython ends the thread with a forced unwind inside a noexcept C++ destructor, and
+# the process dies with "terminate called without an active exception" (SIGABRT). Seen by chance at exit under
+# torchrun with 2 and 4 gloo ranks on a loaded machine (a starved worker thread); destroy_process_group does not
+# help, since it neither waits for nor stops those threads while DDP still holds the group.
+# The remedy: at exit, while the interpreter is whole, wait (GIL released) until every gloo worker thread of this
+# process sleeps, i.e. has finished with its last work. Local only: no collective, so a rank that exits on an error
+# never waits for the others; bounded, so a thread blocked inside a collective on a dead peer costs the timeout only. Without gloo threads it
+# returns after `quiet_polls * interval` (10 ms).
+
+GLOO_WORKER_THREAD = "pt_gloo_runloop"  # the name torch gives gloo's worker threads
+_SETTLE_REGISTERED = False
+
+
+def _gloo_worker_states() -> list[str] | None:
+    """The scheduler state ('R', 'S', ...) of each gloo worker thread of this process; None where /proc is absent."""
+    tasks = "/proc/self/task"
+    if not os.path.isdir(tasks):
+        return None
+    states = []
+    for tid in os.listdir(tasks):
+        try:
+            with open(os.path.join(tasks, tid, "stat"), encoding="ascii", errors="replace") as f:
+                stat = f.read()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = stat[stat.find("(") + 1:stat.rfind(")")]
+        if name == GLOO_WORKER_THREAD:
+            states.append(stat[stat.rfind(")") + 2:][:1])
+    return states
+
+
+def settle_gloo_workers(timeout: float = 10.0, quiet_polls: int = 5, interval: float = 0.002) -> bool:
+    """Wait until every gloo worker thread of this process has slept at `quiet_polls` consecutive polls,
+    `interval` seconds apart with the GIL released (a thread waiting for the GIL gets it in between, a starved one
+    shows as runnable). True when they settled (or there are none), False after `timeout` seconds. Without /proc
+    (not Linux) it waits `quiet_polls * interval` seconds."""
+    deadline, quiet = time.monotonic() + timeout, 0
+    while quiet < quiet_polls:
+        time.sleep(interval)
+        states = _gloo_worker_states()
+        if states is None:
+            quiet += 1
+            continue
+        quiet = quiet + 1 if all(s == "S" for s in states) else 0
+        if quiet < quiet_polls and time.monotonic() > deadline:
+            return False
+    return True
+
+
+def settle_at_exit() -> None:
+    """Register, once per process, the wait for gloo's worker threads at interpreter exit (atexit runs before the
+    interpreter finalises). Called where kd_plugin joins or meets a process group: init_from_env and the train_v2
+    hook (upstream's train_v2 exits without destroy_process_group)."""
+    global _SETTLE_REGISTERED
+    if not _SETTLE_REGISTERED:
+        atexit.register(settle_gloo_workers)  # also after destroy_process_group: the threads outlive the group
+        _SETTLE_REGISTERED = True
 
 
 def replicated_loss(loss: torch.Tensor, reference_scaling: bool = False) -> torch.Tensor:

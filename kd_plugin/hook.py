@@ -238,6 +238,8 @@ def distill(config, teacher: str | None = None, method: str = "proxyless", **kd)
     if missing:
         raise KDPluginError(f"kd_plugin.distill: {script} has no {missing[0]!r} to replace; the hook supports "
                             f"{SUPPORTED}. Update kd_plugin, or train with `kd-plugin train CONFIG` instead")
+    from kd_plugin.distributed import settle_at_exit
+    settle_at_exit()  # train_v2 ends without destroy_process_group: gloo's threads settle before the interpreter ends
     if config.get("output") is None:  # what upstream's get_config does after importing this job config
         config.output = _upstream_output(_calling_module())
     shared = _Shared(config)

@@ -25,6 +25,19 @@ for _variable, _local in (("ARCFACE_TORCH_ROOT", REPO / "upstream" / "arcface_to
                           ("ARCFACE_TORCH_PYTHON", REPO / ".venv-upstream" / "bin" / "python")):
     if not os.environ.get(_variable) and _local.exists():
         os.environ[_variable] = str(_local)
+if os.environ.get("KD_TEST_RECORD_SPAWNS"):  # list the tests that start 2+ processes (docs/development.md)
+    import sys as _sys
+
+    import torch.multiprocessing  # noqa: F401 (loads torch.multiprocessing.spawn)
+
+    from processes import record_spawn as _record_spawn
+    _spawn_module = _sys.modules["torch.multiprocessing.spawn"]
+    _start_processes = _spawn_module.start_processes
+
+    def _recorded_start_processes(fn, args=(), nprocs=1, *rest, **kwargs):
+        _record_spawn(nprocs)
+        return _start_processes(fn, args, nprocs, *rest, **kwargs)
+    _spawn_module.start_processes = _recorded_start_processes
 UPSTREAM_ROOT = os.environ.get("ARCFACE_TORCH_ROOT", "")
 UPSTREAM_PYTHON = os.environ.get("ARCFACE_TORCH_PYTHON", "")
 

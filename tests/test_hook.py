@@ -13,6 +13,7 @@ import torch
 from easydict import EasyDict
 
 from conftest import CPU_HARNESS, UPSTREAM_PYTHON, UPSTREAM_ROOT, shared
+from processes import assert_every_rank_ok, torchrun_command
 from kd_plugin import distill
 from test_train import _registered_for_this_module  # noqa: F401 (autouse: the test_tiny network, this module only)
 from kd_plugin.errors import KDPluginError
@@ -91,17 +92,19 @@ def _celeba_subset(tmp_path, identities):
     return subset, int(out.stdout.split()[-1])
 
 
-def _upstream(name, config_text, world):
-    """Start unchanged upstream train_v2.py on `configs/<name>.py` under the CPU harness (strict device mode)."""
+def _upstream(name, config_text, world, logs):
+    """Start unchanged upstream train_v2.py on `configs/<name>.py` under the CPU harness (strict device mode), each
+    rank's output in `logs` (tests/processes.py)."""
     config_path = os.path.join(ROOT, "configs", f"{name}.py")
     with open(config_path, "w") as f:
         f.write(config_text)
     env = dict(os.environ, PYTHONPATH=os.path.abspath(SHIM), OMP_NUM_THREADS="1")
     env.pop("KD_CPU_SHIM_LAX", None)
-    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_port",
-                str(29500 + (os.getpid() + world) % 1000)]
-    return subprocess.Popen([PYTHON, *launcher, "train_v2.py", f"configs/{name}"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(torchrun_command(world, logs, "train_v2.py", f"configs/{name}", python=PYTHON), cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    proc.world, proc.logs = world, logs
+    return proc
 
 
 def _finish(proc, config_name):
@@ -109,7 +112,7 @@ def _finish(proc, config_name):
         out, _ = proc.communicate(timeout=1500)
     finally:
         os.remove(os.path.join(ROOT, "configs", f"{config_name}.py"))
-    assert proc.returncode == 0, out[-6000:]
+    assert_every_rank_ok(subprocess.CompletedProcess(proc.args, proc.returncode, out, ""), proc.logs, proc.world)
     return out
 
 
@@ -155,7 +158,7 @@ def test_unchanged_upstream_train_v2_distils_with_one_line(tmp_path, world):
                "teacher_mean='123.675,116.28,103.53', teacher_std='58.395,57.12,57.375', centres='estimate', "
                "margin_on_random_part=True, sampler=dict(identities_per_batch=4, images_per_identity=4))")
     output = tmp_path / "run"
-    _finish(_upstream(name, _job(output, subset, 6, 2, False, kd_call), world), name)
+    _finish(_upstream(name, _job(output, subset, 6, 2, False, kd_call), world, tmp_path / "logs"), name)
     steps = -(-n // (world * 16))  # the balanced sampler's epoch: R = 32 - 4 x 4 random images per rank
     _check(output, world, steps, 2)
     figures = [e for e in _kd_log(output) if "loss" in e]
@@ -180,7 +183,7 @@ def test_upstream_multistep_kd_killed_and_resumed_switches_teacher_each_epoch(tm
                f"{str(tmp_path / 'teacher_e{epoch}.pth')!r}), sampler=dict(identities_per_batch=4, "
                "images_per_identity=4, balanced=True))")
     output = tmp_path / "run"
-    proc = _upstream(name, _job(output, subset, 6, 3, False, kd_call), 2)
+    proc = _upstream(name, _job(output, subset, 6, 3, False, kd_call), 2, tmp_path / "logs_killed")
     steps = -(-n // (2 * 16))
     deadline = time.time() + 1200
     try:  # wait until epoch 1 has saved its checkpoint and epoch 2 has started, then kill the whole job
@@ -197,7 +200,7 @@ def test_upstream_multistep_kd_killed_and_resumed_switches_teacher_each_epoch(tm
     finally:
         os.remove(os.path.join(ROOT, "configs", f"{name}.py"))
     assert torch.load(output / "checkpoint_gpu_1.pt", weights_only=True)["epoch"] == 1
-    _finish(_upstream(name, _job(output, subset, 6, 3, True, kd_call), 2), name)
+    _finish(_upstream(name, _job(output, subset, 6, 3, True, kd_call), 2, tmp_path / "logs_resumed"), name)
     _check(output, 2, steps, 3)
     switches = [(e["epoch"], os.path.basename(e["teacher"])) for e in _kd_log(output) if "teacher" in e]
     # epoch 1 started before the kill and again after the resume

@@ -27,7 +27,7 @@ import torch
 
 from kd_plugin.benchmarks.memory import peak_rss_bytes, require, reset_peak_rss, rss_bytes
 from kd_plugin.data.recordio import MAGIC
-from kd_plugin.distributed import get_rank, get_world_size
+from kd_plugin.distributed import get_rank, get_world_size, settle_gloo_workers
 from kd_plugin.errors import KDPluginError
 
 _LABELS2 = [("magic", "<u4"), ("lrec", "<u4"), ("flag", "<u4"), ("label", "<f4"), ("id", "<u8"), ("id2", "<u8"),
@@ -138,6 +138,7 @@ def _in_group(rank: int, world: int, port: int, out_dir: str, job, args: tuple) 
             json.dump(figures, f)
         dist.barrier()
     finally:
+        settle_gloo_workers()  # see kd_plugin.distributed: no gloo thread may outlive the interpreter with a work
         dist.destroy_process_group()
 
 
