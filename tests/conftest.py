@@ -42,6 +42,12 @@ UPSTREAM_ROOT = os.environ.get("ARCFACE_TORCH_ROOT", "")
 UPSTREAM_PYTHON = os.environ.get("ARCFACE_TORCH_PYTHON", "")
 
 
+def pytest_collection_modifyitems(config, items):
+    """The upstream train_v2 runs (one xdist group, the longest tests: minutes each) first, so one worker starts on
+    them while the other takes the rest; collected late they used to finish alone, minutes after everything else."""
+    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)  # stable: the order otherwise kept
+
+
 def missing(reason: str) -> None:
     """A test's input is absent: skip with the reason, but fail under CI=true, where ../shared and the upstream
     environment (.ci/run builds it) are always meant to be there."""
