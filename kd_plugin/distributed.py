@@ -152,19 +152,20 @@ def init_from_env() -> bool:
 
 
 # --- a clean exit with gloo ---------------------------------------------------------------------------------------
-# Why: torch (2.13 and newer) stashes a Python object (the autograd engine's contextvars.Context) in the thread's
-# state for the length of every backward pass, and each gloo collective launched meanwhile (DDP's gradient
-# all-reduce, kd_plugin's reduce-scatter in gather_with_grad's backward) copies that state into its work object. A
-# gloo worker thread ("pt_gloo_runloop") drops its reference to a work only after the work completed, so the caller
-# may already have moved on; when the thread drops the last reference after the interpreter began to finalise, the
-# Python decref must take the GIL, CPython ends the thread with a forced unwind inside a noexcept C++ destructor, and
-# the process dies with "terminate called without an active exception" (SIGABRT). Seen by chance at exit under
-# torchrun with 2 and 4 gloo ranks on a loaded machine (a starved worker thread); destroy_process_group does not
-# help, since it neither waits for nor stops those threads while DDP still holds the group.
+# Why: torch (2.13, the version tested here) stashes a Python object (the autograd engine's contextvars.Context)
+# in the thread's state for the length of every backward pass, and each gloo collective launched meanwhile (DDP's
+# gradient all-reduce, kd_plugin's reduce-scatter in gather_with_grad's backward) copies that state into its work
+# object. A gloo worker thread ("pt_gloo_runloop") drops its reference to a work only after the work completed, so
+# the caller may already have moved on; when the thread drops the last reference after the interpreter began to
+# finalise, the Python decref must take the GIL, CPython ends the thread with a forced unwind inside a noexcept C++
+# destructor, and the process dies with "terminate called without an active exception" (SIGABRT). Seen by chance at
+# exit under torchrun with 2 and 4 gloo ranks on a loaded machine (a starved worker thread); destroy_process_group
+# does not help, since it neither waits for nor stops those threads while DDP still holds the group.
 # The remedy: at exit, while the interpreter is whole, wait (GIL released) until every gloo worker thread of this
 # process sleeps, i.e. has finished with its last work. Local only: no collective, so a rank that exits on an error
-# never waits for the others; bounded, so a thread blocked inside a collective on a dead peer costs the timeout only. Without gloo threads it
-# returns after `quiet_polls * interval` (10 ms).
+# never waits for the others; bounded, so a thread blocked inside a collective on a dead peer costs the timeout only.
+# Without gloo threads (NCCL, one process) it returns after `quiet_polls * interval` (10 ms). Proved by
+# tests/test_clean_exit.py, which holds a worker busy after its work completed and aborts without this wait.
 
 GLOO_WORKER_THREAD = "pt_gloo_runloop"  # the name torch gives gloo's worker threads
 _SETTLE_REGISTERED = False

@@ -35,7 +35,7 @@ def _entry(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: t
         gc.collect()  # DDP wrappers and loaders of `fn` go before the group does
         dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
-        settle_gloo_workers()  # gloo's threads done with their works before the interpreter ends (kd_plugin.distributed)
+        settle_gloo_workers()  # gloo's threads done with their works before the interpreter ends
         dist.destroy_process_group()
 
 

@@ -1,8 +1,9 @@
 """Start a program under torchrun for a test and check every rank's exit: the one place the tests launch torchrun.
 
 `torchrun(...)` runs `python -m torch.distributed.run --standalone` (its own free port: no two tests race for one)
-with each rank's stdout and stderr written to `<log_dir>/.../<rank>/{stdout,stderr}.log` (`rank_output` reads them); `assert_every_rank_ok`
-fails with each failing rank's exit code (and the signal that killed it) and the last lines that rank wrote."""
+with each rank's stdout and stderr written to `<log_dir>/.../<rank>/{stdout,stderr}.log` (`rank_output` reads
+them); `assert_every_rank_ok` fails with each failing rank's exit code (and the signal that killed it) and the last
+lines that rank wrote."""
 
 from __future__ import annotations
 
