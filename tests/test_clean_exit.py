@@ -18,8 +18,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.mark.parametrize("world", [2])
 def test_a_rank_exits_0_while_a_gloo_worker_is_still_busy_with_a_backward_work(tmp_path, world):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = torchrun(world, tmp_path / "logs", os.path.join(HERE, "programs", "exit_while_gloo_works.py"), env=env,
-                    timeout=300)
+    proc = torchrun(world, tmp_path / "logs", os.path.join(HERE, "programs", "exit_while_gloo_works.py"),
+                    str(tmp_path), env=env, timeout=300)
     assert_every_rank_ok(proc, tmp_path / "logs", world)
     for rank in range(world):
         assert f"rank {rank}: backward done" in rank_output(tmp_path / "logs", rank)
