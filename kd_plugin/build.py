@@ -9,6 +9,7 @@ import os
 
 import torch
 
+from kd_plugin.data.batches import BatchReader, as_is
 from kd_plugin.data.datasets import dataset_fingerprint, open_training_data
 from kd_plugin.data.sampler import IdentityBalancedBatchSampler
 from kd_plugin.data.views import EpochItems, ViewDataset, ViewSettings
@@ -24,7 +25,7 @@ from kd_plugin.teachers import build_cache, load_cache, load_embedder
 from kd_plugin.teachers.centres import DERIVED_CENTRES, centres_from_cache, estimate_class_slice
 from kd_plugin.centre_fit import fit_class_slice
 from kd_plugin.teachers.classifier import save_class_slices, saved_class_slice
-from kd_plugin.teachers.feed import LoaderRows, TeacherFeed
+from kd_plugin.teachers.feed import TeacherFeed
 from kd_plugin.teachers.onnx_embedder import CHECK_IMAGES
 from kd_plugin.teachers.view_cache import open_view_cache
 from kd_plugin.training_log import LOG
@@ -44,19 +45,23 @@ def build_sampler(cfg, labels) -> IdentityBalancedBatchSampler:
                                         flip=not cfg.kd.views.enabled)
 
 
-def build_loader(cfg, dataset, sampler, pin_memory: bool, feed: TeacherFeed | None = None) -> torch.utils.data.DataLoader:
-    """The training batches: the sampler's (index, flip) items from the dataset, or with `kd.views` each sample's
-    consistent view of the sampler's epoch. With a teacher cache (or a view cache) in `feed`, the workers also read
-    each batch's cached teacher rows (`LoaderRows`): batches are (images, labels, indices[, rows[, known]])."""
+def batch_reader(cfg, dataset, normalise=None) -> BatchReader:
+    """What the loader's workers read for each batch of the sampler (kd_plugin.data.batches): the dataset's items, or
+    with `kd.views` each sample's consistent view of the sampler's epoch."""
     if cfg.kd.views.enabled:
-        dataset, sampler = (ViewDataset(dataset, ViewSettings.from_config(cfg.kd.views), mixed_labels(cfg)),
-                            EpochItems(sampler))
-    collate = None
-    if feed is not None and (feed.cache is not None or feed.views is not None):
-        collate = LoaderRows(cache=feed.cache, views=feed.views)
-        dataset = collate.dataset(dataset)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
-                                       pin_memory=pin_memory, collate_fn=collate)
+        dataset = ViewDataset(dataset, ViewSettings.from_config(cfg.kd.views), mixed_labels(cfg))
+    return BatchReader(dataset, normalise)
+
+
+def build_loader(cfg, dataset, sampler, pin_memory: bool, feed: TeacherFeed | None = None) -> torch.utils.data.DataLoader:
+    """The training batches (`Batch`es, kd_plugin.data.batches) of the sampler's epoch. With a teacher cache (or a
+    view cache) in `feed`, the workers also read each batch's cached teacher rows."""
+    reader = batch_reader(cfg, dataset)
+    if feed is not None:
+        reader.attach(feed.cache, feed.views)
+    return torch.utils.data.DataLoader(reader, sampler=EpochItems(sampler) if cfg.kd.views.enabled else sampler,
+                                       batch_size=None, num_workers=cfg.num_workers, pin_memory=pin_memory,
+                                       collate_fn=as_is)
 
 
 def build_teacher(cfg, dataset, device: torch.device) -> TeacherFeed | None:

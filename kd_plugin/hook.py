@@ -48,10 +48,8 @@ class _Shared:
     def __init__(self, config) -> None:
         self.config = config
         self.images: torch.Tensor | None = None  # the backbone's last input (arcface_torch-normalised)
-        self.indices: torch.Tensor | None = None
-        self.flips: torch.Tensor | None = None
-        self.rows: torch.Tensor | None = None  # the batch's cached teacher rows, read by the loader's workers
-        self.batches: _Batches | None = None  # the loader's dataset (HookLoader)
+        self.batch = None  # the loader's last Batch (kd_plugin.data.batches): indices, flips, cached teacher rows
+        self.reader = None  # the loader's BatchReader (HookLoader)
         self.epoch = 0  # the loader's epoch (multi-step KD switches teachers on it)
         self._dataset = None
         self._sampler = None
@@ -82,42 +80,25 @@ class _Shared:
         return self._sampler
 
 
-class _Batches(torch.utils.data.Dataset):
-    """A dataset whose item is one whole batch: a list of (index, flip) -> (images normalised to [-1, 1], labels,
-    indices, flips, the teacher cache's rows or None). Run in the loader's workers, as arcface_torch's dataset
-    normalises in its workers; `cache` (a TeacherCache, set by the KD head before the first epoch) is read there too."""
-
-    def __init__(self, dataset) -> None:
-        self.dataset, self.cache = dataset, None
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, items):
-        images, labels, indices = zip(*(self.dataset[item] for item in items))
-        flips = torch.tensor([bool(flip) for _, flip in items])
-        images = InputNormalization().torch(torch.stack(images))  # arcface_torch's (x - 127.5) / 127.5
-        indices = torch.stack(indices)
-        rows = None if self.cache is None else self.cache.get(indices, flips).half()
-        return images, torch.stack(labels), indices, flips, rows
-
-
 class HookLoader(torch.utils.data.DataLoader):
     """What train_v2 gets from `get_dataloader`: a DataLoader over kd_plugin's sampler that hands each batch
     `(images, labels)` to the training device, as arcface_torch's DataLoaderX does."""
 
     def __init__(self, shared: _Shared, device: torch.device, num_workers: int) -> None:
-        shared.batches = _Batches(shared.dataset())
-        super().__init__(shared.batches, sampler=shared.sampler(), batch_size=None,
-                         num_workers=num_workers, pin_memory=device.type == "cuda")
+        from kd_plugin.build import batch_reader
+        from kd_plugin.data.batches import as_is
+
+        # the workers normalise as arcface_torch's dataset does: (x - 127.5) / 127.5
+        shared.reader = batch_reader(shared.resolved(), shared.dataset(), normalise=InputNormalization().torch)
+        super().__init__(shared.reader, sampler=shared.sampler(), batch_size=None, num_workers=num_workers,
+                         pin_memory=device.type == "cuda", collate_fn=as_is)
         self.shared, self.device = shared, device
 
     def __iter__(self):
         self.shared.epoch = self.sampler.epoch
-        for images, labels, indices, flips, rows in super().__iter__():
-            self.shared.indices, self.shared.flips = indices, flips
-            self.shared.rows = None if rows is None else rows.to(self.device, non_blocking=True)
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        for batch in super().__iter__():
+            self.shared.batch = batch  # the KD step reads its indices, flips and rows
+            yield batch.images.to(self.device, non_blocking=True), batch.labels.to(self.device, non_blocking=True)
 
 
 class HookHead(nn.Module):
@@ -127,61 +108,43 @@ class HookHead(nn.Module):
         super().__init__()
         from kd_plugin.build import build_objective, build_teacher
         from kd_plugin.distributed import get_rank, training_device
-        from kd_plugin.training_log import RunLog, StepLog
+        from kd_plugin.kd_step import KDStep
+        from kd_plugin.training_log import RunLog
 
         self.shared, self.cfg, self.rank = shared, cfg, get_rank()
         device = training_device()
         self._teacher = build_teacher(cfg, shared.dataset(), device)  # a plain attribute: not in the state_dict
-        if self._teacher is not None and self._teacher.cache is not None and shared.batches is not None:
-            shared.batches.cache = self._teacher.cache  # the loader's workers read the rows with the images
+        if self._teacher is not None and shared.reader is not None:
+            shared.reader.attach(self._teacher.cache, self._teacher.views)  # the loader's workers read the rows
         self.objective = build_objective(cfg, shared.dataset(), self._teacher, shared.sampler())
         self.register_buffer("kd_step", torch.zeros((), dtype=torch.int64))  # forward calls so far, resumed
         self._step: int | None = None  # its host copy, read once after a resume
-        self._means = StepLog(device)  # the scalars summed on the device, read every `frequent` steps
-        self._records = RunLog(cfg.output, self.rank, "kd")
-
-    def _teacher_embeddings(self, device: torch.device) -> torch.Tensor | None:
-        if not self.objective.needs_teacher:  # e.g. ProxylessKD alone: the teacher only estimated the centres
-            return None
-        spec = self._teacher.set_epoch(self.shared.epoch)  # multi-step KD
-        if spec:
-            self._records.write({"step": self._step, "epoch": self.shared.epoch, "teacher": spec},
-                                f"multi-step KD: epoch {self.shared.epoch} learns from {spec}")
-        # the backbone's input back to uint8 (arcface_torch normalised it to (x - 127.5) / 127.5), when it is needed
-        images = lambda: (self.shared.images.detach().float() * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8)  # noqa: E731
-        loaded = (self.shared.rows,) if self.shared.rows is not None else ()
-        return self._teacher.embeddings(self.shared.indices, self.shared.flips, images, device, loaded=loaded)
+        # the KD step of kd-plugin train too; its scalars are summed on the device and read every `frequent` steps
+        self.kd = KDStep(self.objective, self._teacher, RunLog(cfg.output, self.rank, "kd"), device)
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
-        from kd_plugin.distributed import get_world_size, scale_grad
-
         if self._step is None:  # a fresh run (a resumed one reads kd_step once, when its state is loaded)
             self._step = 0
-        teacher = self._teacher_embeddings(local_embeddings.device)
-        # train_v2 wraps the backbone in DDP, which averages: the exact per-rank gradient times W, once. Its loader
-        # drops the last incomplete batch, so every rank's batch has this rank's size: no exchange of sizes
-        world = get_world_size()
-        loss, stats = self.objective(scale_grad(local_embeddings.float(), world), local_labels.view(-1), teacher,
-                                     sizes=[len(local_labels)] * world)
+        # the backbone's input back to uint8 (arcface_torch normalised it to (x - 127.5) / 127.5), when it is needed
+        images = lambda: (self.shared.images.detach().float() * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8)  # noqa: E731
+        loss, _ = self.kd(local_embeddings, local_labels, self.shared.batch, images, self.shared.epoch, self._step)
         self._step += 1
         self.kd_step.fill_(self._step)
-        self._accumulate(stats, loss)
+        self._publish()
         return loss
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._step = int(self.kd_step)  # the step count's host copy, read once at resume
 
-    def _accumulate(self, stats: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
-        """Sum the scalars on the head's device; every `frequent` steps read their means (over those steps and the
-        ranks) at once, and rank 0 logs them. train_v2 reads its loss itself every step: the finite check is its."""
-        self._means.add(stats, loss)
+    def _publish(self) -> None:
+        """Every `frequent` steps read the means of the scalars (over those steps and the ranks) at once, and rank 0
+        logs them. train_v2 reads its loss itself every step: the finite check is its."""
         if self._step % self.cfg.frequent:
             return
-        figures, _, _ = self._means.read(stop_requested=False)  # the one sync (all ranks reach it at the same step)
-        self._records.write({"step": self._step, "epoch": self.shared.epoch, **figures},
-                            f"KD step {self._step} epoch {self.shared.epoch}: " + console_figures(figures))
-        self._records.scalars(figures, self._step)
+        figures, _, _ = self.kd.log.read(stop_requested=False)  # the one sync (all ranks reach it at the same step)
+        self.kd.publish(self._step, self.shared.epoch, figures,
+                        message=f"KD step {self._step} epoch {self.shared.epoch}: " + console_figures(figures))
 
 
 def _align_epoch_length(config, shared: _Shared) -> None:

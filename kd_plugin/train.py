@@ -3,8 +3,9 @@
 Per step: the sampler's batch (uint8 images, labels, sample indices and flips; with `kd.views` each sample's
 consistent view of the epoch, kd_plugin.data.views) -> the student's own normalisation -> student embeddings (under
 autocast with `fp16`: float16 by default, `amp_dtype="bfloat16"` as an option); teacher embeddings from the cache (by
-index and flip), the teacher-view cache (by index and epoch) or the frozen teacher; the KD objective (head + weighted
-terms, exact one-process gradients); the student's embedding gradient times W for DDP's averaging; as arcface_torch:
+index and flip, read with the images by the loader's workers), the teacher-view cache (by index and epoch) or the
+frozen teacher; the KD objective (head + weighted terms, exact one-process gradients); the student's embedding
+gradient times W for DDP's averaging (those three: kd_plugin.kd_step, the same under the hook); as arcface_torch:
 backward of the GradScaler-scaled loss (fp16), and every `gradient_acc` steps unscale, clip 5, SGD/AdamW step; arcface_torch's linear
 warm-up then linear decay, stepped every step. Rank 0 logs as arcface_torch does (`<output>/training.log` and the
 console: its speed line every `frequent` steps, with every loss term and EKD diagnostic) and writes `train_log.jsonl`
@@ -26,14 +27,15 @@ from torch.nn.parallel import DistributedDataParallel
 from kd_plugin.atomic import save_torch
 from kd_plugin.build import build_dataset, build_loader, build_objective, build_sampler, build_teacher
 from kd_plugin.config import check_num_image, check_trainer_keys, load_config
-from kd_plugin.data.views import ViewSettings, mix_partners
+from kd_plugin.data.batches import Batch
 from kd_plugin.distributed import (get_rank, get_world_size, init_from_env, is_distributed, scale_grad,
                                    training_device)
 from kd_plugin.errors import KDPluginError
+from kd_plugin.kd_step import KDStep
 from kd_plugin.normalization import InputNormalization
 from kd_plugin.teachers import build_network
 from kd_plugin.teachers.torch_embedder import TorchEmbedder
-from kd_plugin.training_log import LOG, RunLog, SpeedLine, StepLog, training_log
+from kd_plugin.training_log import LOG, RunLog, SpeedLine, training_log
 
 
 def verification_targets(cfg) -> list[str]:
@@ -76,7 +78,8 @@ class Trainer:
         self.loader = build_loader(cfg, self.dataset, self.sampler, pin_memory=self.device.type == "cuda",
                                    feed=self.teacher)
         self.objective = build_objective(cfg, self.dataset, self.teacher, self.sampler).to(self.device)
-        self._views = ViewSettings.from_config(kd.views) if kd.views.enabled else None
+        self._records = RunLog(cfg.output, self.rank, "train")
+        self.kd = KDStep(self.objective, self.teacher, self._records, self.device)  # shared with the hook
         self.model = (DistributedDataParallel(self.student, device_ids=[self.device.index] if self.device.type == "cuda"
                                               else None) if is_distributed() else self.student)
         params = [{"params": self.student.parameters()}, {"params": self.objective.parameters()}]
@@ -104,8 +107,7 @@ class Trainer:
     def save(self) -> None:
         """checkpoint_gpu_{rank}.pt with arcface_torch's keys plus the KD state; model.pt on rank 0; both atomic. Not
         after a non-finite loss: the checkpoint on disk stays the last good one."""
-        log = getattr(self, "_log", None)
-        if log is not None and bool(log.nonfinite > 0):  # one read per save, not per step
+        if bool(self.kd.log.nonfinite > 0):  # one read per save, not per step
             raise KDPluginError(f"non-finite loss before step {self.global_step} (epoch {self.epoch}); the last good "
                                 f"checkpoint is {self._checkpoint_path()}; lower the learning rate or check the data "
                                 f"and teacher")
@@ -151,25 +153,17 @@ class Trainer:
         return [None if p.grad is None else p.grad.detach().clone() for p in self._trained_parameters()]
 
     # --- the loop -------------------------------------------------------------------------------------------------
-    def step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
-             flips: list[bool], loaded: tuple = (),
-             mix: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """One training step as arcface_torch takes it: forward under autocast (fp16), backward of the scaled loss;
-        every `gradient_acc` steps the summed gradients are unscaled, clipped to norm 5 and applied. Returns the step's
-        scalars and its loss, on the device: nothing here waits for the device (see kd_plugin.host_syncs; with fp16,
-        GradScaler.step reads its overflow flag, as in arcface_torch). `mix`: with kd.views.mixed_labels = "mix", each
-        row's mixup partner label and lam (host tensors, kd_plugin.data.views.mix_partners)."""
-        images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-        teacher = (self.teacher.embeddings(indices, flips, images, self.device, epoch=self.epoch, loaded=loaded)
-                   if self.objective.needs_teacher else None)
+    def step(self, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One training step as arcface_torch takes it: forward under autocast (fp16), the KD step (kd_plugin.kd_step,
+        the same as under the hook), backward of the scaled loss; every `gradient_acc` steps the summed gradients are
+        unscaled, clipped to norm 5 and applied. Returns the step's scalars and its loss, on the device: nothing here
+        waits for the device (see kd_plugin.host_syncs; with fp16, GradScaler.step reads its overflow flag, as in
+        arcface_torch)."""
+        images = batch.images.to(self.device, non_blocking=True)
+        labels = batch.labels.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=bool(self.cfg.fp16)):
             embeddings = self.model(self.student_norm.torch(images))
-        # each rank's gradient is the one-process gradient of its rows; DDP averages over ranks: multiply by W once.
-        # Every rank's batch holds batch_size rows (the sampler's contract), so the sizes need no exchange
-        if mix is not None:
-            mix = tuple(t.to(self.device, non_blocking=True) for t in mix)
-        loss, stats = self.objective(scale_grad(embeddings.float(), self.world), labels, teacher,
-                                     sizes=[len(labels)] * self.world, mix=mix)
+        loss, stats = self.kd(embeddings, labels, batch, images, self.epoch, self.global_step)
         self.scaler.scale(loss).backward()
         self.global_step += 1
         self.position += 1
@@ -182,31 +176,23 @@ class Trainer:
         self.scheduler.step()
         return stats, loss
 
-    def _logging_step(self, log: StepLog, speed: SpeedLine) -> bool:
+    def _logging_step(self, speed: SpeedLine) -> bool:
         """Every `frequent` steps (and at the last): read the scalars, the stop request and the finite-loss check in
         one synchronisation; rank 0 writes them. A non-finite loss since the last read stops the run (the checkpoints
         on disk predate it: `save` checks first). Returns whether any rank asked to stop."""
         current = {"grad_scale": self.scaler._get_scale_async()} if self.scaler.is_enabled() else None
-        means, stop, nonfinite = log.read(self._stop_requested, current)
+        means, stop, nonfinite = self.kd.log.read(self._stop_requested, current)
         if nonfinite:
             raise KDPluginError(f"non-finite loss in {nonfinite} step(s) up to step {self.global_step} (epoch "
                                 f"{self.epoch}); means since the last logging step: {means}. The last good checkpoint "
                                 f"is {self._checkpoint_path()}; lower the learning rate or check the data and teacher")
         if self.rank == 0:
             lr = self.scheduler.get_last_lr()[0]
-            self._records.write({"step": self.global_step, "epoch": self.epoch, "lr": lr, **means})
-            self._records.scalars({**means, "lr": lr}, self.global_step)
+            self.kd.publish(self.global_step, self.epoch, means, {"lr": lr})
             speed(self.global_step, self.epoch, {k: v for k, v in means.items() if k != "grad_scale"}, lr,
                   means.get("grad_scale"))
         self._last_means = means
         return stop
-
-    def _teacher_for_epoch(self) -> None:
-        """Multi-step KD: load the teacher checkpoint of this epoch (logged on rank 0)."""
-        spec = None if self.teacher is None else self.teacher.set_epoch(self.epoch)
-        if spec:
-            self._records.write({"step": self.global_step, "epoch": self.epoch, "teacher": spec},
-                                f"multi-step KD: epoch {self.epoch} learns from {spec}")
 
     def _request_stop(self, signum, frame) -> None:
         self._stop_requested = True
@@ -223,25 +209,17 @@ class Trainer:
         if self.cfg.resume:
             self.load()
         previous = signal.signal(signal.SIGTERM, self._request_stop)
-        self._records = RunLog(self.cfg.output, self.rank, "train")
         speed = SpeedLine(self.total_steps, self.cfg.batch_size * self.world, self.global_step)
-        log = self._log = StepLog(self.device)
         self._last_means = {}
         try:
             while self.epoch < self.cfg.num_epoch and self.global_step < self.total_steps:
                 self.sampler.set_epoch(self.epoch)
-                self._teacher_for_epoch()
                 self.sampler.load_state_dict({"epoch": self.epoch, "position": self.position, "seed": self.cfg.seed})
                 epoch_start, steps_at_epoch_start = time.perf_counter(), self.global_step
-                for images, labels, indices, *loaded in self.loader:  # loaded: cached teacher rows (LoaderRows)
-                    flips = [f for _, f in self.sampler.batch(self.epoch, self.position)]
-                    # mixup with labels: each row's partner label and lam, from the views' pure function on the host
-                    mix = (mix_partners(self._views, self.dataset, indices, self.epoch)
-                           if self.objective.mixed_labels else None)
-                    log.add(*self.step(images, labels, indices, flips, tuple(loaded), mix))
+                for batch in self.loader:  # a Batch: its flips and cached teacher rows come with it
+                    self.step(batch)
                     last = self.global_step >= self.total_steps or self.position >= self.steps_per_epoch
-                    if (self.global_step % self.cfg.frequent == 0 or last) and \
-                            self._logging_step(log, speed):
+                    if (self.global_step % self.cfg.frequent == 0 or last) and self._logging_step(speed):
                         self.save()
                         LOG.warning(f"[rank {self.rank}] SIGTERM: checkpoint written at step {self.global_step}")
                         return {"stopped": "sigterm", "global_step": self.global_step}

@@ -328,8 +328,8 @@ def test_the_hook_sums_its_figures_on_the_heads_device(monkeypatch, tmp_path):
     from kd_plugin.training_log import StepLog
 
     _, head = _hook_head_under_a_fake_train_v2(monkeypatch, tmp_path)
-    head._means = StepLog(torch.device("meta"))
-    head._step = 1
-    head._accumulate({"on_cpu": torch.tensor(2.0), "elsewhere": torch.tensor(1.0, device="meta")},
-                     torch.tensor(3.0, device="meta"))
-    assert {v.device.type for v in head._means.sums.values()} == {"meta"}
+    assert head.kd.log.device == torch.device("cpu")  # the training device here
+    head.kd.log = StepLog(torch.device("meta"))
+    head.kd.log.add({"on_cpu": torch.tensor(2.0), "elsewhere": torch.tensor(1.0, device="meta")},
+                    torch.tensor(3.0, device="meta"))
+    assert {v.device.type for v in head.kd.log.sums.values()} == {"meta"}

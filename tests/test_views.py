@@ -58,8 +58,10 @@ def test_the_student_and_the_teacher_are_given_the_same_view(faces, tmp_path):
     trainer.student_norm = type("Spy", (), {"torch": staticmethod(
         lambda images: (seen.setdefault("student", images.clone()), norm(images))[1])})()
     trainer.sampler.set_epoch(0)
-    images, labels, indices = next(iter(trainer.loader))
-    trainer.step(images, labels, indices, [False] * len(indices))
+    batch = next(iter(trainer.loader))
+    images, labels, indices = batch.images, batch.labels, batch.indices
+    assert not batch.flips.any()  # the view decides the flip
+    trainer.step(batch)
     assert torch.equal(seen["teacher"], seen["student"])  # every row, mixed or not: l2 needs no labels
 
     plain = open_dataset(faces)

@@ -109,7 +109,6 @@ def run(args) -> dict:
     from kd_plugin.config import resolve
     from kd_plugin.host_syncs import count_host_syncs
     from kd_plugin.train import Trainer
-    from kd_plugin.training_log import StepLog
 
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -124,7 +123,7 @@ def run(args) -> dict:
         clock = PartClock(device)
         _instrument(trainer, clock)
         trainer.sampler.set_epoch(0)
-        runs[name] = {"trainer": trainer, "clock": clock, "batches": iter(trainer.loader), "log": StepLog(device),
+        runs[name] = {"trainer": trainer, "clock": clock, "batches": iter(trainer.loader),
                       "seconds": [], "parts": defaultdict(list), "syncs": 0}
     total = args.warmup + args.steps
     if runs["student"]["trainer"].steps_per_epoch < total:
@@ -135,15 +134,14 @@ def run(args) -> dict:
         for name, run_ in runs.items():
             trainer, clock = run_["trainer"], run_["clock"]
             start = time.perf_counter()
-            images, labels, indices, *loaded = next(run_["batches"])
+            batch = next(run_["batches"])
             waited = time.perf_counter() - start
-            flips = [f for _, f in trainer.sampler.batch(trainer.epoch, trainer.position)]
             torch.Tensor.backward = clock.wrap("backward", real_backward)
             try:
                 with count_host_syncs() as seen:
-                    run_["log"].add(*trainer.step(images, labels, indices, flips, tuple(loaded)))
+                    trainer.step(batch)  # its scalars are summed in trainer.kd.log, as in a training run
                     if step == total - 1:
-                        run_["log"].read(False)  # the logging step's read, once over the measured steps
+                        trainer.kd.log.read(False)  # the logging step's read, once over the measured steps
             finally:
                 torch.Tensor.backward = real_backward
             parts = clock.take()

@@ -44,7 +44,8 @@ class TeacherFeed:
         """float32 teacher embeddings of a batch on `device`: from the cache by (index, flip), from the view cache by
         (index, `epoch`) where it holds them, else the teacher run on `images` (uint8 RGB, or a function returning
         them: only called when the teacher runs). `loaded`: what the DataLoader's workers already read from the
-        cache for this batch (`LoaderRows`): (rows,) or, with a view cache, (rows, known: a numpy bool per row)."""
+        cache for this batch (kd_plugin.data.batches): (rows,) or, with a view cache, (rows, known: a numpy bool
+        per row)."""
         if self.cache is not None:
             rows = loaded[0] if loaded else self.cache.get(indices, flips)
             return rows.to(device, non_blocking=True).float()
@@ -62,40 +63,3 @@ class TeacherFeed:
         computed = self._run(batch[torch.from_numpy(rows[first]).to(batch.device)])
         out[torch.from_numpy(rows)] = self.views.store(samples, epoch, computed)[torch.from_numpy(repeat)]
         return out.to(device)
-
-
-class LoaderRows:
-    """The cached teacher rows of each batch, read in the DataLoader's workers with the images (so the training step
-    only copies them to the device, `non_blocking` from pinned memory): `dataset(base)` appends each item's key (its
-    flip, or its view's epoch) to the item, and the instance is the loader's `collate_fn`, which reads the batch's rows
-    from the teacher cache by (index, flip) — or from the view cache by (index, epoch), with which rows it held — and
-    yields (images, labels, indices, rows[, known])."""
-
-    def __init__(self, cache: TeacherCache | None = None, views: ViewCache | None = None) -> None:
-        if (cache is None) == (views is None):
-            raise ValueError("LoaderRows reads one cache: the teacher cache or the view cache")
-        self.cache, self.views = cache, views
-
-    @staticmethod
-    def dataset(base) -> _Keyed:
-        return _Keyed(base)
-
-    def __call__(self, items):
-        images, labels, indices, keys = torch.utils.data.default_collate(items)
-        if self.cache is not None:
-            return images, labels, indices, self.cache.get(indices, keys).half()
-        rows, known = self.views.lookup(indices, int(keys[0]))
-        return images, labels, indices, rows.half(), known
-
-
-class _Keyed(torch.utils.data.Dataset):
-    """`base`'s items followed by the item's key: (index, flip) -> flip, (index, epoch) -> epoch."""
-
-    def __init__(self, base) -> None:
-        self.base = base
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, item):
-        return (*self.base[item], item[1])
