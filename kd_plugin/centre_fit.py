@@ -25,17 +25,6 @@ from kd_plugin.teachers.classifier import ClassSlice
 FIT_DEFAULTS = {"epochs": 20, "batch_size": 256, "lr": 0.1}  # config.kd.centre_fit
 
 
-@torch.no_grad()
-def margin_satisfied(embeddings: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor, m2: float) -> float:
-    """The fraction of samples whose angle to their own centre, plus the angular margin m2, is still smaller than the
-    angle to every other centre (ArcFace's criterion: cos(theta_y + m2) > max_j cos(theta_j)); one process, for tests and
-    reports."""
-    cos = F.normalize(embeddings.float(), dim=1) @ F.normalize(centres.float(), dim=1).T
-    own = cos.gather(1, labels.view(-1, 1)).squeeze(1).clamp(-1, 1)
-    others = cos.scatter(1, labels.view(-1, 1), -2.0).max(dim=1).values
-    return float((torch.cos(torch.acos(own) + m2) > others).float().mean())
-
-
 def fit_class_slice(cache, labels: np.ndarray, num_classes: int, margin: CombinedMarginLoss,
                     epochs: int = FIT_DEFAULTS["epochs"], batch_size: int = FIT_DEFAULTS["batch_size"],
                     lr: float = FIT_DEFAULTS["lr"], seed: int = 0, progress: bool = True

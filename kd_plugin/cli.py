@@ -329,20 +329,21 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks that print figures: `kd-plugin bench head --json`", add_help=False)
-    p.add_argument("name", choices=["head", "cache", "ekd", "celeba", "scale", "step"],
+    p.add_argument("name", choices=["head", "cache", "ekd", "celeba", "scale", "step", "all_pairs"],
                    help="head: inherited vs trainable classifier, time and memory; cache: teacher vs cache-build rate; "
                         "ekd: EKD's overhead on a student step and its memory; celeba: every method side by side on "
                         "the shared real faces; scale: per-rank memory and .rec opening at MS1MV3..WebFace42M scale; "
-                        "step: one KD step part by part, with its host synchronisations")
+                        "step: one KD step part by part, with its host synchronisations; all_pairs: time and memory "
+                        "of all-pairs verification")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see kd-plugin bench NAME --help)")
     p.set_defaults(func=_run_bench)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from kd_plugin.benchmarks import cache, celeba, ekd, head, scale, step
+    from kd_plugin.benchmarks import all_pairs, cache, celeba, ekd, head, scale, step
 
     return {"head": head.main, "cache": cache.main, "ekd": ekd.main, "celeba": celeba.main,
-            "scale": scale.main, "step": step.main}[args.name](args.rest)
+            "scale": scale.main, "step": step.main, "all_pairs": all_pairs.main}[args.name](args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:

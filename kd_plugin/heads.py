@@ -251,6 +251,14 @@ class PartialFCHead(nn.Module):
             self.register_buffer("weight", local)
         self.register_buffer("sample_step", torch.zeros((), dtype=torch.int64))
 
+    # What the KD objective asks of a head (kd_plugin.objective), so that no code outside this module asks which head
+    # it holds: whether it reads the teacher's embeddings of each batch, and `observe`, called each step with the
+    # global batch's labelled, unmixed rows before the loss (a head whose centres follow the teacher updates them)
+    reads_teacher = False
+
+    def observe(self, student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor) -> None:
+        """Nothing for a frozen or trainable head (see AdaDistillHead)."""
+
     def _local_slice(self, centres: torch.Tensor | ClassSlice | str, dtype: torch.dtype,
                      normalize: bool) -> torch.Tensor:
         """This rank's rows of the centres, in `dtype`, normalised or not, without a full-size temporary."""
@@ -370,6 +378,12 @@ class AdaDistillHead(PartialFCHead):
         super().__init__(margin_loss, embedding_size, num_classes, sample_rate, fp16, centres, trainable=False,
                          seed=seed, rank=rank, world_size=world_size, normalize_centres=normalize)
         self.weighted_alpha = bool(weighted_alpha)
+
+    reads_teacher = True
+
+    def observe(self, student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor) -> None:
+        """The adaptive update from the step's labelled rows (a class's own images: no mixed views)."""
+        self.update_centres(student.detach(), teacher, labels)
 
     def centres_for_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The raw adaptive centres and the inverse of their norms: cosines without a normalised copy of C/W rows."""

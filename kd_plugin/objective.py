@@ -14,7 +14,7 @@ from torch import nn
 from kd_plugin.data.sampler import random_part_rows
 from kd_plugin.distributed import gather_no_grad, gather_sizes, replicated_loss
 from kd_plugin.embeddings import check_same_dims
-from kd_plugin.heads import AdaDistillHead, PartialFCHead
+from kd_plugin.heads import PartialFCHead
 
 
 class KDObjective(nn.Module):
@@ -32,7 +32,7 @@ class KDObjective(nn.Module):
         self.terms = nn.ModuleDict({name: module for name, (module, _) in (terms or {}).items()})
         self.weights = {name: float(weight) for name, (_, weight) in (terms or {}).items()}
         self.reference_scaling, self.margin_random_rows = reference_scaling, margin_random_rows
-        self.needs_teacher = (bool(self.terms) or isinstance(head, AdaDistillHead)) if needs_teacher is None \
+        self.needs_teacher = (bool(self.terms) or head.reads_teacher) if needs_teacher is None \
             else bool(needs_teacher)
         self.equal_dims = tuple(equal_dims)  # terms that compare embeddings directly (their declared need)
         # batches may hold images without identity (label < 0): the head and the terms that need labels skip them,
@@ -69,8 +69,8 @@ class KDObjective(nn.Module):
         # a batch may hold no labelled row at all (mixed views, unlabelled images): what needs labels then adds 0
         # (the gathered labels are the same on every rank, so every rank skips alike)
         no_labels = len(labeled[2]) == 0
-        if isinstance(self.head, AdaDistillHead) and not no_labels:  # from unmixed rows only: a class's own images
-            self.head.update_centres(labeled[0].detach(), labeled[1], labeled[2])
+        if not no_labels:  # a head that learns from the teacher (AdaDistill) sees the unmixed labelled rows
+            self.head.observe(labeled[0], labeled[1], labeled[2])
         if head_rows is not None:
             rows, head_labels, weights = head_rows
             head_loss = (self.head.global_loss(student[rows], head_labels, weights) if len(rows)

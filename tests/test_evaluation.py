@@ -84,6 +84,16 @@ def test_blockwise_all_pairs_equal_brute_force(cross):
     assert got["auc"] == pytest.approx(_brute_auc(pos, neg), abs=1e-4)
 
 
+def test_the_all_pairs_benchmark_runs_from_kd_plugin_bench(capsys):
+    from kd_plugin.cli import main
+
+    assert main(["bench", "all_pairs", "--n", "400", "--dim", "8", "--images-per-identity", "10", "--block", "64"]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # 40 identities of 10: 40 x 45 positive pairs of the 400 x 399 / 2
+    assert figures["n"] == 400 and figures["pairs"] == 400 * 399 // 2 and figures["seconds"] >= 0
+    assert 0.0 < figures["tpr_at_fpr"]["1e-01"] <= 1.0
+
+
 def _eval_cli(*args):
     """Run `kd-plugin eval` as a user would and parse the JSON on its last stdout line."""
     proc = subprocess.run([sys.executable, "-m", "kd_plugin", "eval", *args, "--json"], capture_output=True, text=True)

@@ -11,7 +11,7 @@ import torch
 from distributed_helpers import run_ranks
 from kd_plugin.heads import CombinedMarginLoss
 from kd_plugin.teachers.centres import centres_from_cache
-from kd_plugin.centre_fit import fit_class_slice, margin_satisfied
+from kd_plugin.centre_fit import fit_class_slice
 from test_train import _registered_for_this_module  # noqa: F401  (test_tiny, for this module only)
 
 
@@ -25,6 +25,17 @@ class ArrayCache:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         flip = np.broadcast_to(np.asarray(flipped, dtype=np.int64).reshape(-1), idx.shape)
         return torch.from_numpy(self.embeddings[idx, flip].astype(np.float32))
+
+
+@torch.no_grad()
+def margin_satisfied(embeddings: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor, m2: float) -> float:
+    """The fraction of samples whose angle to their own centre, plus the angular margin m2, is still smaller than the
+    angle to every other centre (ArcFace's criterion: cos(theta_y + m2) > max_j cos(theta_j)); one process."""
+    cos = torch.nn.functional.normalize(embeddings.float(), dim=1) @ torch.nn.functional.normalize(centres.float(),
+                                                                                                   dim=1).T
+    own = cos.gather(1, labels.view(-1, 1)).squeeze(1).clamp(-1, 1)
+    others = cos.scatter(1, labels.view(-1, 1), -2.0).max(dim=1).values
+    return float((torch.cos(torch.acos(own) + m2) > others).float().mean())
 
 
 def neighbour_pairs(classes=20, dim=16, per_class=20, seed=0):

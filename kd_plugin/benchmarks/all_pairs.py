@@ -1,4 +1,4 @@
-"""Time and peak memory of all-pairs verification on N synthetic embeddings: `python -m kd_plugin.benchmarks.all_pairs`.
+"""Time and peak memory of all-pairs verification on N synthetic embeddings: `kd-plugin bench all_pairs`.
 
 Prints one JSON object (last stdout line): n, pairs, seconds, peak resident memory, and the size the full N x N
 float32 score matrix would have needed."""
@@ -15,14 +15,14 @@ import numpy as np
 from kd_plugin.evaluation import pair_score_blocks, roc_summary
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     """Run the benchmark from the command line."""
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="kd-plugin bench all_pairs", description=__doc__)
     parser.add_argument("--n", type=int, default=100_000, help="number of images (embeddings)")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--images-per-identity", type=int, default=20)
     parser.add_argument("--block", type=int, default=4096)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     labels = np.arange(args.n) // args.images_per_identity
     centres = rng.normal(size=(labels[-1] + 1, args.dim)).astype(np.float32)
@@ -35,7 +35,8 @@ def main() -> None:
                       "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
                       "rss_before_gib": round(rss_before, 2),
                       "full_matrix_gib": round(4 * args.n ** 2 / 2**30, 1), "tpr_at_fpr": result["tpr_at_fpr"]}))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -47,10 +47,6 @@ def _attributes(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _const_floats(value, dtype) -> torch.Tensor:
-    return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
-
-
 def _binary(fn):
     def run(node, attrs, a, b):
         if isinstance(a, _Shape) or isinstance(b, _Shape):
