@@ -80,13 +80,13 @@ def build_teacher(cfg, dataset, device: torch.device) -> TeacherFeed | None:
     if plan.own_teacher:
         return TeacherFeed(methods()[plan.own_teacher[0]].teacher(kd, norm, device, amp))
     embedder = load_embedder(kd.teacher, norm, device=str(device), batch_size=kd.teacher_batch_size, amp_dtype=amp)
-    if hasattr(embedder, "check"):  # an ONNX teacher converted to torch: compared with onnxruntime now, not in a step
-        embedder.check(torch.stack([dataset[i][0] for i in range(min(CHECK_IMAGES, len(dataset)))]))
+    # an ONNX teacher converted to torch compares itself with onnxruntime now, not in a step
+    embedder.check(lambda: torch.stack([dataset[i][0] for i in range(min(CHECK_IMAGES, len(dataset)))]))
     if not kd.views.enabled or not kd.views.cache:
         return TeacherFeed(embedder)
     width = embedding_width(embedder, dataset)
     views = agree_or_raise(lambda: open_view_cache(kd.views.cache, dataset, kd.teacher,
-                                                   getattr(embedder, "normalization", norm),
+                                                   embedder.normalization or norm,
                                                    ViewSettings.from_config(kd.views).as_dict(), width))
     return TeacherFeed(embedder, views=views)
 

@@ -16,7 +16,7 @@ from kd_plugin.teachers.view_cache import ViewCache
 
 
 class TeacherFeed:
-    """`embedder` (anything with `embed(uint8 batch)`) or `cache` (a TeacherCache, which then serves every batch);
+    """`embedder` (an Embedder, kd_plugin.teachers.formats) or `cache` (a TeacherCache, which then serves every batch);
     `views`: a ViewCache, with the embedder, for runs on consistent views."""
 
     def __init__(self, embedder=None, cache: TeacherCache | None = None, views: ViewCache | None = None) -> None:
@@ -30,8 +30,7 @@ class TeacherFeed:
     def set_epoch(self, epoch: int) -> str | None:
         """Multi-step KD switches the teacher per student epoch: the newly loaded teacher's spec, else None. Call it on
         every rank."""
-        switch = getattr(self.embedder, "set_epoch", None)
-        if self.cache is None and switch is not None and switch(epoch):
+        if self.cache is None and self.embedder.set_epoch(epoch):
             return self.embedder.spec
         return None
 

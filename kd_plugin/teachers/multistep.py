@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from kd_plugin.errors import KDPluginError
+from kd_plugin.teachers.formats import Embedder
 
 
 class MultiStepTeacherSchedule:
@@ -46,7 +47,7 @@ class MultiStepTeacherSchedule:
         return f"{self.network}:{self.checkpoint_for_epoch(epoch)}"
 
 
-class MultiStepTeacher:
+class MultiStepTeacher(Embedder):
     """The teacher of multi-step KD as an embedder: `set_epoch(e)` loads the checkpoint of student epoch `e` (once per
     epoch), `embed` uses the current one. Every KD term sees this teacher."""
 

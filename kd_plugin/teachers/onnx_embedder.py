@@ -11,6 +11,7 @@ import torch
 
 from kd_plugin.errors import KDPluginError
 from kd_plugin.normalization import InputNormalization
+from kd_plugin.teachers.formats import Embedder
 from kd_plugin.teachers.torch_embedder import TorchEmbedder
 
 CHECK_IMAGES = 4  # real images compared with onnxruntime, once per file and process
@@ -18,7 +19,7 @@ CHECK_TOLERANCE = 1e-4  # max |torch - onnxruntime| / max |onnxruntime|, in fp32
 _CHECKED: set = set()  # (path, size, mtime) of the files whose torch module matched onnxruntime in this process
 
 
-class OnnxEmbedder:
+class OnnxEmbedder(Embedder):
     """`embed(uint8 (N,3,H,W) RGB) -> float32 (N, d)` for an ONNX face network; fixed-batch files are looped."""
 
     def __init__(self, path: str, normalization: InputNormalization | None = None, batch_size: int = 64,
@@ -91,11 +92,12 @@ class CheckedOnnxModule(TorchEmbedder):
         return super().embed(images)
 
     def check(self, images) -> None:
-        """Compare the module with onnxruntime on the first CHECK_IMAGES of `images` (uint8 RGB), unless this file
-        was checked before in this process; the run builds its teacher with this call, so no step runs it."""
+        """Compare the module with onnxruntime on the first CHECK_IMAGES of `images` (uint8 RGB, or a function that
+        returns them), unless this file was checked before in this process; the run builds its teacher with this call,
+        so no step runs it."""
         if self._key in _CHECKED:
             return
-        images = images[:CHECK_IMAGES]
+        images = (images() if callable(images) else images)[:CHECK_IMAGES]
         reference = OnnxEmbedder(self.path, self.normalization, batch_size=CHECK_IMAGES)
         sample = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
         expected = reference.embed(sample)

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from kd_plugin.normalization import InputNormalization
+from kd_plugin.teachers.formats import Embedder
 
 
-class TorchEmbedder:
+class TorchEmbedder(Embedder):
     """`embed(uint8 (N,3,H,W) RGB) -> float32 (N, d)`; numpy in gives numpy out, a tensor gives a tensor on its device.
 
     `freeze=True` (a teacher): the module is moved to `device`, put in eval mode and its parameters frozen for good.
