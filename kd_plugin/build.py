@@ -5,30 +5,24 @@ registry's builders."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from kd_plugin.centres import DERIVED_CENTRES
+from kd_plugin.centres.derived import derived_centres
 from kd_plugin.data.batches import BatchReader, as_is
-from kd_plugin.data.datasets import dataset_fingerprint, open_training_data
+from kd_plugin.data.datasets import open_training_data
 from kd_plugin.data.sampler import IdentityBalancedBatchSampler
 from kd_plugin.data.views import EpochItems, ViewDataset, ViewSettings
-from kd_plugin.distributed import get_rank, get_world_size
 from kd_plugin.embeddings import embedding_width
-from kd_plugin.errors import KDPluginError
-from kd_plugin.job_files import agree, agree_or_raise, require_shared_folder
-from kd_plugin.heads import PartialFCHead, head_arguments, trainable_head
+from kd_plugin.heads import PartialFCHead, trainable_head
+from kd_plugin.job_files import agree_or_raise, require_shared_folder
 from kd_plugin.methods import methods
 from kd_plugin.normalization import given_normalization
 from kd_plugin.objective import KDObjective
-from kd_plugin.teachers import build_cache, load_cache, load_embedder
-from kd_plugin.teachers.centres import DERIVED_CENTRES, centres_from_cache, estimate_class_slice
-from kd_plugin.centre_fit import fit_class_slice
-from kd_plugin.teachers.classifier import save_class_slices, saved_class_slice
+from kd_plugin.teachers import load_cache, load_embedder
 from kd_plugin.teachers.feed import TeacherFeed
 from kd_plugin.teachers.onnx_embedder import CHECK_IMAGES
 from kd_plugin.teachers.view_cache import open_view_cache
-from kd_plugin.training_log import LOG
 
 
 def build_dataset(cfg):
@@ -89,54 +83,6 @@ def build_teacher(cfg, dataset, device: torch.device) -> TeacherFeed | None:
                                                    embedder.normalization or norm,
                                                    ViewSettings.from_config(kd.views).as_dict(), width))
     return TeacherFeed(embedder, views=views)
-
-
-def derived_centres(cfg, dataset, feed: TeacherFeed):
-    """ProxylessKD's centres derived from the teacher, this rank's class range: `centres="estimate"` (the class means
-    of the cached or online teacher embeddings) or `centres="fit"` (a margin-softmax classifier fitted over the cached
-    embeddings, starting from those means; without kd.cache the teacher's embeddings are cached first, in
-    `<output>/teacher_cache`). Each rank saves its part as `<output>/teacher_centres/rank_{r}_softmax_weight.pt` (+ its
-    .json); a resumed run (`resume=True`) reads its own part back instead of running the teacher over the dataset
-    again, when every rank finds its part (the output folder may be node-local)."""
-    folder = os.path.join(cfg.output, "teacher_centres")
-    fingerprint = dataset_fingerprint(dataset)
-    meta = {"kind": "estimated_centres", "teacher": cfg.kd.teacher, "num_classes": int(cfg.num_classes),
-            "num_images": fingerprint["num_images"], "labels_sha1": fingerprint["labels_sha1"],
-            "images_sha1": fingerprint["images_sha1"], "world_size": get_world_size()}
-    if cfg.kd.centres == "fit":  # what the fit depends on: a saved fit of other settings is not reused
-        meta.update(kind="fitted_centres", margin_list=list(cfg.margin_list), seed=int(cfg.seed), **cfg.kd.centre_fit)
-    # one decision for the job (estimation is collective): reuse only if every rank finds its own saved part
-    mine = saved_class_slice(folder, get_rank(), meta) if cfg.resume else None
-    if agree(mine is not None):
-        if get_rank() == 0:
-            LOG.info(f"resume: ProxylessKD reuses the centres derived before ({cfg.kd.centres}), {folder}")
-        return mine
-    if cfg.kd.centres == "fit":
-        cache = feed.cache if feed.cache is not None else _cache_for_fit(cfg, dataset, feed)
-        part = fit_class_slice(cache, dataset.labels, cfg.num_classes, head_arguments(cfg)[0], seed=cfg.seed,
-                               **cfg.kd.centre_fit)
-    elif feed.cache is not None:
-        part = centres_from_cache(feed.cache, dataset.labels, cfg.num_classes)
-    else:
-        part = estimate_class_slice(feed.embedder, dataset, batch_size=cfg.kd.teacher_batch_size)
-    save_class_slices(part, folder, get_rank(), get_world_size(), meta)
-    return part
-
-
-def _cache_for_fit(cfg, dataset, feed: TeacherFeed):
-    """The teacher's embeddings of every training image and its flip, cached once for the fit (collective): reused
-    when every rank opens the cache of an earlier run, else built by all ranks."""
-    folder = os.path.join(cfg.output, "teacher_cache")
-    try:
-        cache = load_cache(folder, dataset, teacher=cfg.kd.teacher)
-    except KDPluginError:
-        cache = None
-    if agree(cache is not None):
-        return cache
-    if get_rank() == 0:
-        LOG.info(f"centres='fit': caching the teacher's embeddings of the training set in {folder}")
-    build_cache(feed.embedder, dataset, folder, cfg.kd.teacher, cfg.kd.teacher_batch_size)
-    return agree_or_raise(lambda: load_cache(folder, dataset, teacher=cfg.kd.teacher))
 
 
 def build_head(cfg, dataset, feed: TeacherFeed | None) -> PartialFCHead:

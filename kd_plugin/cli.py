@@ -152,7 +152,7 @@ def _training_data(args: argparse.Namespace):
 
 
 def _add_classifier(sub: argparse._SubParsersAction) -> None:
-    from kd_plugin.centre_fit import FIT_DEFAULTS
+    from kd_plugin.centres.fit import FIT_DEFAULTS
 
     p = sub.add_parser("classifier", help="the teacher's classifier as one (C, d) file: converted from any shard "
                                           "layout (--from), or fitted to its cached embeddings (--fit)")
@@ -192,8 +192,8 @@ def _fit_classifier(args: argparse.Namespace) -> int:
     from kd_plugin.distributed import get_rank, init_from_env
     from kd_plugin.heads import CombinedMarginLoss
     from kd_plugin.teachers import load_cache, save_classifier
-    from kd_plugin.teachers.centres import whole_matrix
-    from kd_plugin.centre_fit import fit_class_slice
+    from kd_plugin.centres.estimate import whole_matrix
+    from kd_plugin.centres.fit import fit_class_slice
 
     if not args.data:
         raise KDPluginError("kd-plugin classifier --fit: give --data, the training data the cache was made from")
@@ -217,7 +217,8 @@ def _fit_classifier(args: argparse.Namespace) -> int:
 
 
 def _run_centres(args: argparse.Namespace) -> int:
-    from kd_plugin.teachers import estimate_centres, save_classifier
+    from kd_plugin.centres.estimate import estimate_centres
+    from kd_plugin.teachers import save_classifier
 
     teacher, dataset, rank = _teacher_and_data(args)
     centres = estimate_centres(teacher, dataset, args.batch_size)

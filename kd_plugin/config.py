@@ -13,7 +13,7 @@ from easydict import EasyDict
 
 from kd_plugin.errors import KDPluginError
 from kd_plugin.plan import Plan, make_plan
-from kd_plugin.teachers.centres import DERIVED_CENTRES
+from kd_plugin.centres import DERIVED_CENTRES
 
 # arcface_torch's configs/base.py defaults (the keys this trainer reads), plus the job keys its configs always set
 BASE = {
@@ -82,7 +82,7 @@ def kd_defaults() -> dict:
                                 f"register it under another name")
         if method.defaults:
             out[name] = method.block()
-    from kd_plugin.centre_fit import FIT_DEFAULTS
+    from kd_plugin.centres.fit import FIT_DEFAULTS
 
     out["centre_fit"] = dict(FIT_DEFAULTS)  # centres="fit": epochs, global batch, lr of the fit
     return out

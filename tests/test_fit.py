@@ -10,8 +10,8 @@ import torch
 
 from distributed_helpers import run_ranks
 from kd_plugin.heads import CombinedMarginLoss
-from kd_plugin.teachers.centres import centres_from_cache
-from kd_plugin.centre_fit import fit_class_slice
+from kd_plugin.centres.estimate import centres_from_cache
+from kd_plugin.centres.fit import fit_class_slice
 from test_train import _registered_for_this_module  # noqa: F401  (test_tiny, for this module only)
 
 
@@ -89,7 +89,7 @@ def test_two_gloo_ranks_fit_what_one_process_fits():
 
 
 def test_training_with_fitted_centres_saves_and_resumes_them(tmp_path):
-    import kd_plugin.build
+    import kd_plugin.centres.derived
     from kd_plugin.config import resolve
     from kd_plugin.train import train
     from test_train import KD, _config, _losses, _teacher, ensure_registered, make_faces
@@ -108,11 +108,11 @@ def test_training_with_fitted_centres_saves_and_resumes_them(tmp_path):
 
     def no_fit(*args, **kwargs):
         raise AssertionError("fitted again")
-    kd_plugin.build.fit_class_slice, original = no_fit, kd_plugin.build.fit_class_slice
+    kd_plugin.centres.derived.fit_class_slice, original = no_fit, kd_plugin.centres.derived.fit_class_slice
     try:
         train(resolve(_config(data, tmp_path / "out", max_steps=3, resume=True, kd=kd)))
     finally:
-        kd_plugin.build.fit_class_slice = original
+        kd_plugin.centres.derived.fit_class_slice = original
     assert [e["step"] for e in _losses(tmp_path / "out")] == [1, 2, 3]
 
 

@@ -79,11 +79,12 @@ def test_a_torn_cache_is_refused_naming_the_part(tmp_path):
 def _fit_run(rank, world, data, teacher, output, blind_rank, cache=None):
     """A 'fit' run (or one on kd.cache) where `blind_rank` cannot open the teacher cache: returns what it built."""
     import kd_plugin.build
+    import kd_plugin.centres.derived
     from kd_plugin.teachers import cache as cache_module
 
     ensure_registered()
     built = []
-    original_build, original_load = kd_plugin.build.build_cache, cache_module.load_cache
+    original_build, original_load = kd_plugin.centres.derived.build_cache, cache_module.load_cache
 
     def counting_build(*args, **kwargs):
         built.append(rank)
@@ -93,7 +94,8 @@ def _fit_run(rank, world, data, teacher, output, blind_rank, cache=None):
         if rank == blind_rank and not built:
             raise KDPluginError(f"{directory}: no complete teacher cache here (meta.json missing)")
         return original_load(directory, *args, **kwargs)
-    kd_plugin.build.build_cache, kd_plugin.build.load_cache = counting_build, blind_load
+    kd_plugin.centres.derived.build_cache, kd_plugin.centres.derived.load_cache = counting_build, blind_load
+    kd_plugin.build.load_cache = blind_load  # kd.cache is opened where the teacher feed is built
     kd = dict(KD, teacher=teacher, centres="fit", centre_fit={"epochs": 1})
     if cache is not None:
         kd = dict(KD, teacher=teacher, cache=cache)

@@ -111,7 +111,7 @@ def test_class_range_centres_read_from_files_give_one_process_losses(tmp_path, l
 
 def _slices(rank, world, folder, cache_dir):
     from kd_plugin.teachers import load_cache
-    from kd_plugin.teachers.centres import centres_from_cache, estimate_class_slice
+    from kd_plugin.centres.estimate import centres_from_cache, estimate_class_slice
     from test_teachers import _tiny_teacher
     ds = open_dataset(folder)
     online = estimate_class_slice(_tiny_teacher(), ds, batch_size=2, progress=False)
@@ -121,7 +121,8 @@ def _slices(rank, world, folder, cache_dir):
 
 def test_each_rank_estimates_only_its_class_range_and_the_union_is_one_process(tmp_path):
     from kd_plugin.distributed import class_range
-    from kd_plugin.teachers import build_cache, estimate_centres
+    from kd_plugin.centres.estimate import estimate_centres
+    from kd_plugin.teachers import build_cache
     from test_teachers import _tiny_teacher
     from test_train import make_faces
     data = make_faces(tmp_path / "faces", identities=7, per_identity=3)  # 21 images: uneven rounds across ranks
@@ -137,7 +138,7 @@ def test_each_rank_estimates_only_its_class_range_and_the_union_is_one_process(t
 
 
 def test_a_resumed_run_reads_the_centres_it_estimated_instead_of_running_the_teacher_again(tmp_path, monkeypatch):
-    import kd_plugin.build
+    import kd_plugin.centres.derived
     import kd_plugin.train
     from kd_plugin.config import resolve
     from test_train import KD, _config, _losses, _teacher, make_faces
@@ -150,7 +151,7 @@ def test_a_resumed_run_reads_the_centres_it_estimated_instead_of_running_the_tea
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher ran over the dataset again")
-    monkeypatch.setattr(kd_plugin.build, "estimate_class_slice", no_teacher)
+    monkeypatch.setattr(kd_plugin.centres.derived, "estimate_class_slice", no_teacher)
     kd_plugin.train.train(resolve(_config(data, tmp_path / "out", max_steps=4, resume=True, kd=kd)))
     assert [e["step"] for e in _losses(tmp_path / "out")] == [1, 2, 3, 4]
     with pytest.raises(AssertionError, match="ran over the dataset again"):  # a fresh run estimates them anew

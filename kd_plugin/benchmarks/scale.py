@@ -109,7 +109,7 @@ def _task_adadistill(classes: int, path: str) -> tuple[int, int]:
 
 
 def _task_centres(classes: int, path: str, rows_per_class: int = 2, chunk: int = 1024) -> tuple[int, int]:
-    from kd_plugin.teachers.centres import ClassSums
+    from kd_plugin.centres.estimate import ClassSums
 
     rank, world = get_rank(), get_world_size()
     total = classes * rows_per_class
@@ -166,7 +166,7 @@ def _memory_job(task: str, classes: int, path: str) -> dict:
     import torch.distributed as dist
 
     import kd_plugin.heads  # noqa: F401
-    import kd_plugin.teachers.centres  # noqa: F401
+    import kd_plugin.centres.estimate  # noqa: F401
     dist.barrier()
     base = rss_bytes()
     reset_peak_rss()

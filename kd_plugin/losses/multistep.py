@@ -6,7 +6,7 @@ from __future__ import annotations
 from kd_plugin.errors import KDPluginError
 from kd_plugin.losses.embedding import L2Loss
 from kd_plugin.registry import register_term
-from kd_plugin.teachers.centres import DERIVED_CENTRES
+from kd_plugin.centres import DERIVED_CENTRES
 from kd_plugin.teachers.multistep import MultiStepTeacher, MultiStepTeacherSchedule
 
 

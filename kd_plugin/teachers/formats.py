@@ -125,9 +125,7 @@ def unregister_teacher_format(name: str) -> None:
 
 
 def teacher_formats() -> dict[str, TeacherFormat]:
-    """Every registered format by name (kd_plugin's own first)."""
-    import kd_plugin.teachers.spec  # noqa: F401  (declares the built-in formats)
-
+    """Every registered format by name (kd_plugin's own first: importing kd_plugin.teachers declares them)."""
     return dict(_FORMATS)
 
 

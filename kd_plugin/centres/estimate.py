@@ -31,8 +31,6 @@ from kd_plugin.errors import KDPluginError
 from kd_plugin.teachers.classifier import ClassSlice
 
 
-DERIVED_CENTRES = ("estimate", "fit")  # kd.centres values that derive the centres from the teacher's embeddings
-
 
 class ClassSums:
     """Float32 sums and counts of unit embeddings for this rank's class range. `add` is collective under torchrun
