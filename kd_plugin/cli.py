@@ -9,7 +9,7 @@ import sys
 from typing import Sequence
 
 from kd_plugin.errors import KDPluginError
-from kd_plugin.fprs import DEFAULT_FPRS
+from kd_plugin.evaluation.fprs import DEFAULT_FPRS
 from kd_plugin.normalization import given_normalization
 
 
@@ -64,7 +64,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         if gallery is not None:
             raise KDPluginError("--ijb with --gallery-model: cross-model IJB evaluation is not implemented; drop "
                                 "--gallery-model")
-        from kd_plugin.ijb import evaluate_ijb
+        from kd_plugin.evaluation.ijb import evaluate_ijb
         result = evaluate_ijb(args.ijb, model, args.target or "IJBC", fprs, batch_size=args.batch_size)
     elif args.bin:
         result = evaluate_bin(args.bin, model, gallery, fprs)
@@ -190,7 +190,7 @@ def _run_classifier(args: argparse.Namespace) -> int:
 
 def _fit_classifier(args: argparse.Namespace) -> int:
     from kd_plugin.distributed import get_rank, init_from_env
-    from kd_plugin.heads import CombinedMarginLoss
+    from kd_plugin.methods.heads import CombinedMarginLoss
     from kd_plugin.teachers import load_cache, save_classifier
     from kd_plugin.centres.estimate import whole_matrix
     from kd_plugin.centres.fit import fit_class_slice
@@ -267,7 +267,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from kd_plugin.train import train
+    from kd_plugin.run.train import train
 
     result = train(args.config)
     print(f"training stopped ({result['stopped']}) at step {result['global_step']}")

@@ -57,13 +57,13 @@ def _say(message: str) -> None:
 def run(out: str, identities: int = 60, per_identity: int = 20, val_identities: int = 30, teacher_epochs: int = 12,
         student_epochs: int = 8, batch_size: int = 64, seed: int = 0) -> dict:
     """The whole demo; returns the results table as a dict."""
-    from kd_plugin.config import resolve
+    from kd_plugin.run.config import resolve
     from kd_plugin.data import open_dataset
     from kd_plugin.data.pack import pack_dataset
     from kd_plugin.evaluation import evaluate_pairs
     from kd_plugin.methods import kd_block
     from kd_plugin.teachers import build_cache, load_embedder
-    from kd_plugin.train import train
+    from kd_plugin.run.train import train
 
     start = time.perf_counter()
     train_dir, val_dir, rec_dir = (os.path.join(out, "data", d) for d in ("train_images", "val", "train"))

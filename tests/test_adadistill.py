@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from distributed_helpers import run_ranks
-from kd_plugin.heads import AdaDistillHead, CombinedMarginLoss
+from kd_plugin.methods.heads import AdaDistillHead, CombinedMarginLoss
 
 
 def _manual_updates(weight, student, teacher, labels, weighted=True):
@@ -110,7 +110,7 @@ def test_adaptive_inherited_centres_start_as_the_teachers_and_follow_the_plain_r
 
 
 def test_proxyless_adaptive_is_a_head_with_the_teachers_centres_and_refuses_low_precision():
-    from kd_plugin.config import resolve
+    from kd_plugin.run.config import resolve
     from kd_plugin.errors import KDPluginError
 
     cfg = resolve({"rec": "x", "num_classes": 4, "kd": {"method": "proxyless_adaptive+ekd", "teacher": "t.onnx",
@@ -126,8 +126,8 @@ def test_proxyless_adaptive_is_a_head_with_the_teachers_centres_and_refuses_low_
 def test_proxyless_adaptive_with_ekd_resumes_mid_epoch_exactly(tmp_path):
     """The adaptive inherited centres and EKD's memory are in the checkpoint: 3 steps, then resumed to 6, give the
     losses of 6 straight steps (mid-epoch: 8 steps an epoch)."""
-    from kd_plugin.config import resolve
-    from kd_plugin.train import train
+    from kd_plugin.run.config import resolve
+    from kd_plugin.run.train import train
     from test_train import _config, _losses, _teacher, ensure_registered, make_faces
 
     ensure_registered()

@@ -11,12 +11,12 @@ import torch
 
 from conftest import jpeg_bytes
 from distributed_helpers import run_ranks
-from kd_plugin import registry
-from kd_plugin.config import resolve
+from kd_plugin.methods import registry
+from kd_plugin.run.config import resolve
 from kd_plugin.data.datasets import UNLABELED, open_training_data
 from kd_plugin.data.sampler import IdentityBalancedBatchSampler
 from kd_plugin.errors import KDPluginError
-from kd_plugin.registry import register_term
+from kd_plugin.methods.registry import register_term
 from test_train import _config, _losses, _registered_for_this_module, _teacher, make_faces  # noqa: F401
 
 
@@ -117,7 +117,7 @@ def _mixed_config(sets, teacher, output, **overrides):
 
 def test_only_label_free_terms_see_the_unlabeled_images_and_a_resume_mid_epoch_is_exact(sets, tmp_path,
                                                                                             row_counters):
-    from kd_plugin.train import train
+    from kd_plugin.run.train import train
 
     teacher = _teacher(tmp_path)
     train(resolve(_mixed_config(sets, teacher, tmp_path / "straight", max_steps=6)))
@@ -134,7 +134,7 @@ def test_only_label_free_terms_see_the_unlabeled_images_and_a_resume_mid_epoch_i
 
 @pytest.mark.parametrize("term, rows, lowest", [("rows_label_free", 8.0, -1.0), ("rows_labelled", 6.0, 0.0)])
 def test_what_each_kind_of_term_is_given(sets, tmp_path, row_counters, term, rows, lowest):
-    from kd_plugin.train import train
+    from kd_plugin.run.train import train
 
     config = _mixed_config(sets, _teacher(tmp_path), tmp_path / term, max_steps=3)
     config["kd"]["method"] = f"proxyless+rows_label_free+{term}" if term == "rows_labelled" else "proxyless+" + term
@@ -145,7 +145,7 @@ def test_what_each_kind_of_term_is_given(sets, tmp_path, row_counters, term, row
 
 
 def _two_rank_losses(rank, world, config):
-    from kd_plugin.train import train
+    from kd_plugin.run.train import train
     from test_train import ensure_registered
 
     ensure_registered()

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kd_plugin.config import resolve
+from kd_plugin.run.config import resolve
 from kd_plugin.errors import KDPluginError
-from kd_plugin.losses import EKDLoss
+from kd_plugin.methods.losses import EKDLoss
 
 
 def _batch(step, n=24, dim=12):

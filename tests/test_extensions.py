@@ -10,8 +10,8 @@ import os
 import pytest
 import torch
 
-from kd_plugin.config import resolve
-from kd_plugin.registry import restored
+from kd_plugin.run.config import resolve
+from kd_plugin.methods.registry import restored
 from test_train import TinyStudent, _config, _registered_for_this_module, make_faces  # noqa: F401
 
 
@@ -22,7 +22,7 @@ def _losses(output):
 
 def test_a_head_in_its_own_module_trains_from_config_kd_and_sees_the_teacher(tmp_path):
     from kd_plugin.methods import methods
-    from kd_plugin.train import Trainer
+    from kd_plugin.run.train import Trainer
 
     torch.manual_seed(7)
     torch.save(TinyStudent(16).state_dict(), tmp_path / "teacher.pth")
@@ -47,7 +47,7 @@ def test_a_head_in_its_own_module_trains_from_config_kd_and_sees_the_teacher(tmp
 def test_a_teacher_format_in_its_own_module_serves_every_spec_consumer(tmp_path):
     from kd_plugin.teachers import load_embedder, parse_model_spec
     from kd_plugin.teachers.formats import teacher_formats, unregister_teacher_format
-    from kd_plugin.train import Trainer
+    from kd_plugin.run.train import Trainer
 
     folder = tmp_path / "teacher"
     folder.mkdir()

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from distributed_helpers import run_ranks
-from kd_plugin.heads import CombinedMarginLoss
+from kd_plugin.methods.heads import CombinedMarginLoss
 from kd_plugin.centres.estimate import centres_from_cache
 from kd_plugin.centres.fit import fit_class_slice
 from test_train import _registered_for_this_module  # noqa: F401  (test_tiny, for this module only)
@@ -90,8 +90,8 @@ def test_two_gloo_ranks_fit_what_one_process_fits():
 
 def test_training_with_fitted_centres_saves_and_resumes_them(tmp_path):
     import kd_plugin.centres.derived
-    from kd_plugin.config import resolve
-    from kd_plugin.train import train
+    from kd_plugin.run.config import resolve
+    from kd_plugin.run.train import train
     from test_train import KD, _config, _losses, _teacher, ensure_registered, make_faces
 
     ensure_registered()

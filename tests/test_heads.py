@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from distributed_helpers import run_ranks
 from kd_plugin.distributed import class_range
 from kd_plugin.errors import KDPluginError
-from kd_plugin.heads import CombinedMarginLoss, PartialFCHead, class_draw
+from kd_plugin.methods.heads import CombinedMarginLoss, PartialFCHead, class_draw
 
 MARGINS = {"arcface": (1.0, 0.5, 0.0), "cosface": (1.0, 0.0, 0.4), "combined": (0.9, 0.4, 0.15)}
 
@@ -223,7 +223,7 @@ def test_float16_centres_give_the_float32_embedding_gradient_at_scale():
     assert error < 2e-3, error
     # late in training a negative class's probability is 1e-8 and below: its gradient through the fp16 centres keeps
     # fp32 precision (cast down to fp16 it would be a subnormal, rounded to a multiple of 6e-8, or zero)
-    from kd_plugin.heads import _FrozenCosine
+    from kd_plugin.methods.heads import _FrozenCosine
     tiny = torch.rand(n, classes, generator=torch.Generator().manual_seed(5)) * 2e-8
     through = []
     for dtype in (torch.float32, torch.float16):

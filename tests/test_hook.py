@@ -32,7 +32,7 @@ def test_outside_train_v2_it_fills_config_kd_and_warns_that_distillation_is_not_
 def test_a_config_kd_plugin_reads_itself_fills_config_kd_without_a_warning(tmp_path):
     import warnings
 
-    from kd_plugin.config import load_config
+    from kd_plugin.run.config import load_config
 
     job = tmp_path / "job.py"
     job.write_text("from easydict import EasyDict\nfrom kd_plugin import distill\n"

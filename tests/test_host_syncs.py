@@ -32,9 +32,9 @@ def _count_trainer_steps(rank, world, configs):
 
 
 def _count_one_run(config):
-    from kd_plugin.config import resolve
+    from kd_plugin.run.config import resolve
     from kd_plugin.host_syncs import count_host_syncs
-    from kd_plugin.train import Trainer
+    from kd_plugin.run.train import Trainer
 
     ensure_registered()
     trainer = Trainer(resolve(config))
@@ -135,11 +135,11 @@ def _cached(tmp_path, data, teacher):
 def test_cached_teacher_rows_come_from_the_loader_workers_with_the_same_losses(tmp_path, monkeypatch):
     """kd.cache: the rows are read by the DataLoader's worker (never by the training process during a step), the step
     makes no host sync, and the losses are those of reading the cache in the step."""
-    from kd_plugin.build import build_loader
-    from kd_plugin.config import resolve
+    from kd_plugin.run.build import build_loader
+    from kd_plugin.run.config import resolve
     from kd_plugin.host_syncs import count_host_syncs
     from kd_plugin.teachers.cache import TeacherCache
-    from kd_plugin.train import Trainer
+    from kd_plugin.run.train import Trainer
 
     ensure_registered()
     data = make_faces(tmp_path / "faces", identities=8, per_identity=6)

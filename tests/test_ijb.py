@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import shared
 from kd_plugin.cli import main
-from kd_plugin.ijb import (ARCFACE_LANDMARKS, align, image_features, pair_scores, read_protocol, similarity_transform,
+from kd_plugin.evaluation.ijb import (ARCFACE_LANDMARKS, align, image_features, pair_scores, read_protocol, similarity_transform,
                            template_features)
 from kd_plugin.normalization import InputNormalization
 from kd_plugin.teachers import load_embedder

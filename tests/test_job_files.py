@@ -18,8 +18,8 @@ GROUP_TIMEOUT = 60  # seconds: a rank left waiting in a collective fails the tes
 
 
 def _trainer_or_error(config):
-    from kd_plugin.config import resolve
-    from kd_plugin.train import Trainer
+    from kd_plugin.run.config import resolve
+    from kd_plugin.run.train import Trainer
 
     ensure_registered()
     try:
@@ -78,7 +78,7 @@ def test_a_torn_cache_is_refused_naming_the_part(tmp_path):
 
 def _fit_run(rank, world, data, teacher, output, blind_rank, cache=None):
     """A 'fit' run (or one on kd.cache) where `blind_rank` cannot open the teacher cache: returns what it built."""
-    import kd_plugin.build
+    import kd_plugin.run.build
     import kd_plugin.centres.derived
     from kd_plugin.teachers import cache as cache_module
 
@@ -95,7 +95,7 @@ def _fit_run(rank, world, data, teacher, output, blind_rank, cache=None):
             raise KDPluginError(f"{directory}: no complete teacher cache here (meta.json missing)")
         return original_load(directory, *args, **kwargs)
     kd_plugin.centres.derived.build_cache, kd_plugin.centres.derived.load_cache = counting_build, blind_load
-    kd_plugin.build.load_cache = blind_load  # kd.cache is opened where the teacher feed is built
+    kd_plugin.run.build.load_cache = blind_load  # kd.cache is opened where the teacher feed is built
     kd = dict(KD, teacher=teacher, centres="fit", centre_fit={"epochs": 1})
     if cache is not None:
         kd = dict(KD, teacher=teacher, cache=cache)

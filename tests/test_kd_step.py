@@ -14,7 +14,7 @@ import torch
 from easydict import EasyDict
 
 from kd_plugin import distill
-from kd_plugin.config import resolve
+from kd_plugin.run.config import resolve
 from test_train import TinyStudent, ensure_registered, make_faces
 
 STEPS = 3
@@ -49,7 +49,7 @@ def _settings(tmp_path, method):
 
 def _hook_head(monkeypatch, tmp_path, top, method, kd):
     """The hook's loader and head as train_v2 gets them (the loader on this CPU instead of cuda:local_rank)."""
-    from kd_plugin.hook import HookLoader
+    from kd_plugin.run.hook import HookLoader
 
     names = {}
     fake = types.ModuleType("__main__")
@@ -69,7 +69,7 @@ def _hook_head(monkeypatch, tmp_path, top, method, kd):
 
 @pytest.mark.parametrize("method", ["ekd", "proxyless+ekd", "cosine (cached)", "proxyless+l2"])
 def test_one_method_through_both_ways_in_gives_the_same_first_steps(monkeypatch, tmp_path, method):
-    from kd_plugin.train import Trainer
+    from kd_plugin.run.train import Trainer
 
     top, name, kd = _settings(tmp_path, method)
     trainer = Trainer(resolve({**top, "network": "test_tiny", "num_epoch": 1, "warmup_epoch": 0,

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from distributed_helpers import run_ranks
 from kd_plugin.distributed import gather_no_grad
 from kd_plugin.errors import KDPluginError
-from kd_plugin.heads import CombinedMarginLoss, PartialFCHead
-from kd_plugin.losses import logit as logit_module
-from kd_plugin.losses.logit import LogitKDLoss, _BlockedLogitKL
+from kd_plugin.methods.heads import CombinedMarginLoss, PartialFCHead
+from kd_plugin.methods.losses import logit as logit_module
+from kd_plugin.methods.losses.logit import LogitKDLoss, _BlockedLogitKL
 from kd_plugin.teachers.multistep import MultiStepTeacherSchedule
 
 

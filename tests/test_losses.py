@@ -10,8 +10,8 @@ import torch
 
 from distributed_helpers import run_ranks
 from kd_plugin.distributed import gather_no_grad, gather_with_grad, replicated_loss
-from kd_plugin.losses import CCKDLoss, CosineLoss, EKDLoss, L2Loss, RKDLoss, SPLoss
-from kd_plugin.losses.ekd import soft_rank
+from kd_plugin.methods.losses import CCKDLoss, CosineLoss, EKDLoss, L2Loss, RKDLoss, SPLoss
+from kd_plugin.methods.losses.ekd import soft_rank
 
 
 def test_hand_computed_embedding_terms():
@@ -158,7 +158,7 @@ def _kthvalue_thresholds(values, fprs):
 def test_ekd_thresholds_from_one_topk_equal_the_kthvalue_of_each_fpr(n, labels_mod, memory):
     """The anchors after one step (momentum 1: the batch's thresholds) equal torch.kthvalue's per FPR, for batches
     that resolve some FPRs and not others, with and without remembered rows."""
-    from kd_plugin.fprs import DEFAULT_FPRS
+    from kd_plugin.evaluation.fprs import DEFAULT_FPRS
 
     torch.manual_seed(n)
     ekd = EKDLoss(momentum=1.0, memory=memory, top_k=30)

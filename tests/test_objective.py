@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from distributed_helpers import run_ranks
-from kd_plugin.heads import AdaDistillHead, CombinedMarginLoss, PartialFCHead
-from kd_plugin.losses import CCKDLoss, EKDLoss, L2Loss, LogitKDLoss
-from kd_plugin.objective import KDObjective
+from kd_plugin.methods.heads import AdaDistillHead, CombinedMarginLoss, PartialFCHead
+from kd_plugin.methods.losses import CCKDLoss, EKDLoss, L2Loss, LogitKDLoss
+from kd_plugin.methods.objective import KDObjective
 
 SIZES = (8, 8)
 

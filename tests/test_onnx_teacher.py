@@ -191,8 +191,8 @@ def test_centre_estimation_and_three_training_steps_with_the_onnx_teacher_online
         monkeypatch, tmp_path):
     from test_train import make_faces
 
-    from kd_plugin.config import resolve
-    from kd_plugin.train import train
+    from kd_plugin.run.config import resolve
+    from kd_plugin.run.train import train
 
     # the batch-1 file (the worst case for onnxruntime), under a path new to this process
     teacher = str(shutil.copy(shared("teachers", "mobilefacenet_ms1m", "mobilefacenet_b1.onnx"), tmp_path / "b1.onnx"))

@@ -1,4 +1,4 @@
-"""One plan per run (kd_plugin.plan): `config.resolve` reads the registry once, and the config checks, the builders,
+"""One plan per run (kd_plugin.methods.plan): `config.resolve` reads the registry once, and the config checks, the builders,
 the objective and the train_v2 hook read the plan."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch
 from easydict import EasyDict
 
 import kd_plugin
-from kd_plugin.config import resolve
-from kd_plugin.hook import distill
+from kd_plugin.run.config import resolve
+from kd_plugin.run.hook import distill
 from test_hook import _fake_train_v2
 from test_train import TinyStudent, _registered_for_this_module, make_faces  # noqa: F401 (autouse: test_tiny)
 
@@ -38,15 +38,15 @@ def test_resolve_attaches_the_plan_of_the_chosen_methods():
 def test_only_the_registry_and_the_plan_read_what_a_method_needs():
     readers = sorted(str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
                      if re.search(r"\.needs\b", path.read_text(encoding="utf-8")))
-    assert readers == ["plan.py", "registry.py"]
+    assert readers == ["methods/plan.py", "methods/registry.py"]
 
 
 def test_the_hook_resolves_its_config_once(monkeypatch, tmp_path):
-    import kd_plugin.config
+    import kd_plugin.run.config
 
     calls = []
-    real = kd_plugin.config.resolve
-    monkeypatch.setattr(kd_plugin.config, "resolve", lambda config: (calls.append(1), real(config))[1])
+    real = kd_plugin.run.config.resolve
+    monkeypatch.setattr(kd_plugin.run.config, "resolve", lambda config: (calls.append(1), real(config))[1])
     fake = _fake_train_v2(monkeypatch, tmp_path / "train_v2.py")
     torch.save(TinyStudent(16).state_dict(), tmp_path / "teacher.pth")
     config = EasyDict(rec=str(make_faces(tmp_path / "faces")), num_classes=8, embedding_size=16, batch_size=6,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kd_plugin.config import load_config
+from kd_plugin.run.config import load_config
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.py"))
 

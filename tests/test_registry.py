@@ -9,10 +9,10 @@ import os
 import pytest
 import torch
 
-from kd_plugin import registry
-from kd_plugin.config import load_config, resolve
+from kd_plugin.methods import registry
+from kd_plugin.run.config import load_config, resolve
 from kd_plugin.errors import KDPluginError
-from kd_plugin.registry import register_term
+from kd_plugin.methods.registry import register_term
 from test_train import _config, _registered_for_this_module, _teacher, ensure_registered, make_faces  # noqa: F401
 
 USER_CONFIG = '''
@@ -63,7 +63,7 @@ def _write_user_config(tmp_path) -> str:
 
 
 def test_a_term_registered_in_a_config_file_trains_two_steps_by_name(tmp_path):
-    from kd_plugin.train import train
+    from kd_plugin.run.train import train
 
     path = _write_user_config(tmp_path)
     cfg = load_config(path)
@@ -130,7 +130,7 @@ def test_the_registry_refuses_declarations_it_could_not_honour():
 def test_a_built_in_never_silently_replaces_a_users_term_of_its_name():
     """A config may register before the built-ins are imported: the built-in's registration then stops, naming the
     user's term, instead of replacing it."""
-    from kd_plugin.losses.embedding import L2Loss
+    from kd_plugin.methods.losses.embedding import L2Loss
 
     class Mine(torch.nn.Module):
         pass
@@ -142,7 +142,7 @@ def test_a_built_in_never_silently_replaces_a_users_term_of_its_name():
 
 
 def test_a_term_without_the_teacher_trains_without_one_and_equal_dims_is_enforced_for_every_term(tmp_path):
-    from kd_plugin.train import Trainer
+    from kd_plugin.run.train import Trainer
 
     @register_term("spread", weight=0.5, needs=())
     class Spread(torch.nn.Module):
@@ -173,7 +173,7 @@ def test_a_term_without_the_teacher_trains_without_one_and_equal_dims_is_enforce
 def test_config_cli_benchmark_and_demo_read_the_registry(capsys):
     from kd_plugin.benchmarks import celeba_rows
     from kd_plugin.cli import main
-    from kd_plugin.config import kd_defaults
+    from kd_plugin.run.config import kd_defaults
     from kd_plugin.demo import demo_methods
     from kd_plugin.methods import kd_block, methods
 

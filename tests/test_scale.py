@@ -14,7 +14,7 @@ from distributed_helpers import run_ranks
 from kd_plugin.benchmarks.scale import write_synthetic_rec
 from kd_plugin.data import open_dataset
 from kd_plugin.data.recordio import RecordIOReader
-from kd_plugin.heads import AdaDistillHead, CombinedMarginLoss, _sharding_free_normal
+from kd_plugin.methods.heads import AdaDistillHead, CombinedMarginLoss, _sharding_free_normal
 from test_train import _registered_for_this_module  # noqa: F401 (autouse: the test_tiny network, this module only)
 
 
@@ -75,7 +75,7 @@ def test_adadistill_ranks_draw_only_their_rows_of_the_same_matrix(classes, dim, 
 
 def _mapped_head_step(rank, world, path, dtype_name):
     """One step of a head whose centres are read from `path` for this rank's class range only."""
-    from kd_plugin.heads import PartialFCHead
+    from kd_plugin.methods.heads import PartialFCHead
     torch.manual_seed(0)
     emb, labels = torch.randn(12, 32), torch.randint(0, 500, (12,))
     rows = torch.arange(12).chunk(world)[rank]
@@ -139,29 +139,29 @@ def test_each_rank_estimates_only_its_class_range_and_the_union_is_one_process(t
 
 def test_a_resumed_run_reads_the_centres_it_estimated_instead_of_running_the_teacher_again(tmp_path, monkeypatch):
     import kd_plugin.centres.derived
-    import kd_plugin.train
-    from kd_plugin.config import resolve
+    import kd_plugin.run.train
+    from kd_plugin.run.config import resolve
     from test_train import KD, _config, _losses, _teacher, make_faces
 
     data = make_faces(tmp_path / "faces")
     kd = dict(KD, teacher=_teacher(tmp_path))
-    kd_plugin.train.train(resolve(_config(data, tmp_path / "out", max_steps=2, kd=kd)))
+    kd_plugin.run.train.train(resolve(_config(data, tmp_path / "out", max_steps=2, kd=kd)))
     saved = tmp_path / "out" / "teacher_centres"
     assert sorted(p.name for p in saved.iterdir()) == ["rank_0_softmax_weight.json", "rank_0_softmax_weight.pt"]
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher ran over the dataset again")
     monkeypatch.setattr(kd_plugin.centres.derived, "estimate_class_slice", no_teacher)
-    kd_plugin.train.train(resolve(_config(data, tmp_path / "out", max_steps=4, resume=True, kd=kd)))
+    kd_plugin.run.train.train(resolve(_config(data, tmp_path / "out", max_steps=4, resume=True, kd=kd)))
     assert [e["step"] for e in _losses(tmp_path / "out")] == [1, 2, 3, 4]
     with pytest.raises(AssertionError, match="ran over the dataset again"):  # a fresh run estimates them anew
-        kd_plugin.train.train(resolve(_config(data, tmp_path / "fresh", max_steps=1, kd=kd)))
+        kd_plugin.run.train.train(resolve(_config(data, tmp_path / "fresh", max_steps=1, kd=kd)))
 
 
 def test_centre_dtype_and_teacher_autocast_are_reachable_from_a_config(tmp_path):
-    from kd_plugin.config import resolve
+    from kd_plugin.run.config import resolve
     from kd_plugin.errors import KDPluginError
-    from kd_plugin.train import Trainer
+    from kd_plugin.run.train import Trainer
     from test_train import KD, _config, _teacher, make_faces
 
     data = make_faces(tmp_path / "faces")

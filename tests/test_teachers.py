@@ -14,7 +14,7 @@ from kd_plugin.data import open_dataset
 from kd_plugin.data.datasets import FaceDataset
 from kd_plugin.distributed import class_range
 from kd_plugin.errors import KDPluginError, UnsafePickleError
-from kd_plugin.heads import CombinedMarginLoss, PartialFCHead
+from kd_plugin.methods.heads import CombinedMarginLoss, PartialFCHead
 from kd_plugin.normalization import IMAGENET_MEAN, IMAGENET_STD, InputNormalization
 from kd_plugin.centres.estimate import estimate_centres
 from kd_plugin.teachers import build_cache, load_cache, load_embedder, read_classifier, save_classifier

@@ -15,7 +15,7 @@ from torch import nn
 
 from conftest import jpeg_bytes
 from distributed_helpers import run_ranks
-from kd_plugin.config import resolve
+from kd_plugin.run.config import resolve
 from kd_plugin.errors import KDPluginError
 from kd_plugin.networks import network_names, register_network, unregister_network
 
@@ -78,7 +78,7 @@ def _losses(output):
 
 
 def _train_in_group(rank, world, config):
-    from kd_plugin.train import train
+    from kd_plugin.run.train import train
     ensure_registered()
     return train(resolve(config))
 
@@ -134,7 +134,7 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path, kill):
     data = make_faces(tmp_path / "faces", identities=8, per_identity=10)
     kd = dict(KD, teacher=_teacher(tmp_path))
     base = _config(data, tmp_path / "full", batch_size=8, num_epoch=2, checkpoint_every=3, kd=kd)
-    from kd_plugin.train import train
+    from kd_plugin.run.train import train
     train(resolve(base))
     full = _losses(tmp_path / "full")
     assert len(full) == 28  # 2 epochs x ceil(80 images / 6 random samples per step)
@@ -171,7 +171,7 @@ def test_verification_every_verbose_steps_and_model_pt(tmp_path):
     for i in range(8):
         pairs += [jpeg_bytes(i * 100 + 2), jpeg_bytes((i + 1) % 8 * 100 + 3)]
     (tmp_path / "val.bin").write_bytes(pickle.dumps((pairs, [True] * 8 + [False] * 8)))
-    from kd_plugin.train import train
+    from kd_plugin.run.train import train
     train(resolve(_config(data, tmp_path / "out", max_steps=4, verbose=2,
                           val_targets=[str(tmp_path / "val.bin"), str(data)])))
     checks = [e["verification"] for e in _log(tmp_path / "out") if "verification" in e]
@@ -183,7 +183,7 @@ def test_verification_every_verbose_steps_and_model_pt(tmp_path):
 def test_multistep_switches_to_the_teacher_of_each_epoch(tmp_path):
     """PocketNet's multi-step KD: epoch e learns from the teacher after its epoch e + 1. With checkpoints [A, A] and
     [A, B] the first epoch is identical and the second differs; the switch is logged."""
-    from kd_plugin.train import train
+    from kd_plugin.run.train import train
 
     data = make_faces(tmp_path / "faces")
     torch.manual_seed(1)
@@ -206,7 +206,7 @@ def test_multistep_switches_to_the_teacher_of_each_epoch(tmp_path):
 
 
 def test_multistep_stops_at_a_missing_teacher_epoch_with_a_checkpoint_kept(tmp_path):
-    from kd_plugin.train import train
+    from kd_plugin.run.train import train
 
     data = make_faces(tmp_path / "faces")
     a = tmp_path / "teacher_e1.pth"

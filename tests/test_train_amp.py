@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kd_plugin.config import resolve
+from kd_plugin.run.config import resolve
 from kd_plugin.errors import KDPluginError
 from test_train import KD, _config, _losses, _registered_for_this_module, _teacher, make_faces  # noqa: F401 (autouse: test_tiny)
 
 
 def _trainer(config):
-    from kd_plugin.train import Trainer
+    from kd_plugin.run.train import Trainer
     return Trainer(resolve(config))
 
 
@@ -96,8 +96,8 @@ def test_bf16_autocast_without_a_scaler(tmp_path):
 
 
 def _weights_after(tmp_path, name, monkeypatch, **overrides):
-    import kd_plugin.train
-    monkeypatch.setattr(kd_plugin.train, "poly_warmup_factor", lambda step, warmup, total: 1.0)  # constant LR
+    import kd_plugin.run.train
+    monkeypatch.setattr(kd_plugin.run.train, "poly_warmup_factor", lambda step, warmup, total: 1.0)  # constant LR
     data = tmp_path / "faces"
     if not data.exists():
         make_faces(data)

@@ -11,7 +11,7 @@ import torch
 
 from distributed_helpers import run_ranks
 from kd_plugin.distributed import class_range
-from kd_plugin.heads import CombinedMarginLoss, PartialFCHead
+from kd_plugin.methods.heads import CombinedMarginLoss, PartialFCHead
 
 ROOT = os.environ.get("ARCFACE_TORCH_ROOT", "")  # tests/conftest.py fills it in from `.ci/upstream-env`
 

@@ -13,7 +13,7 @@ import torch
 
 from conftest import assert_within_one_float16_unit
 from distributed_helpers import run_ranks
-from kd_plugin.config import check_hook_keys, resolve
+from kd_plugin.run.config import check_hook_keys, resolve
 from kd_plugin.data.datasets import UNLABELED, open_dataset
 from kd_plugin.data.views import ViewSettings, draw_view, render_view
 from kd_plugin.errors import KDPluginError
@@ -49,7 +49,7 @@ def test_a_view_is_a_function_of_its_seed_epoch_and_sample():
 
 
 def test_the_student_and_the_teacher_are_given_the_same_view(faces, tmp_path):
-    from kd_plugin.train import Trainer
+    from kd_plugin.run.train import Trainer
 
     trainer = Trainer(resolve(_views_config(faces, _teacher(tmp_path), tmp_path / "run", max_steps=2)))
     seen = {}
@@ -76,7 +76,7 @@ def test_the_student_and_the_teacher_are_given_the_same_view(faces, tmp_path):
 
 
 def test_a_batch_of_mixed_images_only_trains_the_label_free_terms(faces, tmp_path):
-    from kd_plugin.train import Trainer
+    from kd_plugin.run.train import Trainer
 
     config = _views_config(faces, _teacher(tmp_path), tmp_path / "run", kd={"method": "proxyless+ekd+l2"})
     trainer = Trainer(resolve(config))
@@ -89,7 +89,7 @@ def test_a_batch_of_mixed_images_only_trains_the_label_free_terms(faces, tmp_pat
 
 
 def _run(config):
-    from kd_plugin.train import Trainer
+    from kd_plugin.run.train import Trainer
 
     trainer = Trainer(resolve(config))
     trainer.run()
@@ -234,9 +234,9 @@ class _Rows(torch.nn.Module):
 def test_the_lambda_weighted_head_loss_equals_the_hand_computed_mix():
     import torch.nn.functional as F
 
-    from kd_plugin.heads import CombinedMarginLoss, PartialFCHead
+    from kd_plugin.methods.heads import CombinedMarginLoss, PartialFCHead
     from kd_plugin.host_syncs import count_host_syncs
-    from kd_plugin.objective import KDObjective
+    from kd_plugin.methods.objective import KDObjective
 
     torch.manual_seed(0)
     classes, dim, s, m = 6, 8, 64.0, 0.5

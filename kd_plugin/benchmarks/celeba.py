@@ -4,7 +4,7 @@ Training data: `celeba/train` (249 identities) plus `celeba_extra` (1,855 more, 
 marked `@utk` also draw `unlabeled/utkface` faces (no identity labels) for their label-free terms. Teacher: the shared
 MobileFaceNet ONNX (128-d, ImageNet normalisation); its embeddings of every training image and its flip are cached once
 per training set (`<out>/teacher_cache*`) and shared by every row and seed. Students: the same network, trained from
-scratch by `kd_plugin.train` with the same budget for every row (image presentations: epochs x steps x batch, the
+scratch by `kd_plugin.run.train` with the same budget for every row (image presentations: epochs x steps x batch, the
 identity-balanced batches, learning rate, schedule), one run per row and seed. Each student is evaluated as
 arcface_torch evaluates (embedding + flipped embedding, cosine): `celeba_val.bin` 10-fold accuracy, all-pairs TPR@FPR
 on `celeba/val.rec`, and the cross-model TPR (student queries against the teacher's gallery); against the student alone
@@ -40,7 +40,7 @@ from kd_plugin.benchmarks.budget import parse_budgets
 from kd_plugin.benchmarks.celeba_report import bootstrap_intervals, markdown_table, number, plot, summarise
 from kd_plugin.benchmarks.celeba_rows import (FULL, QUICK, VARIANTS, method_plan, parse_row, registry_rows, run_folder,
                                               seeded_rows)
-from kd_plugin.config import KD_SETTINGS
+from kd_plugin.run.config import KD_SETTINGS
 from kd_plugin.errors import KDPluginError
 from kd_plugin.evaluation import all_pairs_tpr, bin_accuracy, embed_images, fpr_key
 from kd_plugin.normalization import IMAGENET_MEAN, IMAGENET_STD
@@ -173,9 +173,9 @@ def _row_weights(args, row: str) -> dict[str, float]:
 
 def _train_one(args, paths, row, seed, caches, data, teacher_emb, num_classes, root: str | None = None) -> dict:
     """Train (or reuse) one student, its run folder under `root` (default --out); returns its result record."""
-    from kd_plugin.config import resolve
+    from kd_plugin.run.config import resolve
     from kd_plugin.export import export_onnx
-    from kd_plugin.train import Trainer
+    from kd_plugin.run.train import Trainer
 
     folder = run_folder(root or args.out, row, seed)
     record_path = os.path.join(folder, "result.json")

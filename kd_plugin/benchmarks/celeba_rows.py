@@ -1,6 +1,6 @@
 """The rows of `kd-plugin bench celeba`: a row is a method of the registry ('ekd', 'proxyless+ekd', ...; 'student' =
 none) with optional settings, each after an '@' ('proxyless+ekd@fit@memory'), read against the method's plan
-(kd_plugin.plan). Which rows run by default, which get every seed, and the folder of each run.
+(kd_plugin.methods.plan). Which rows run by default, which get every seed, and the folder of each run.
 
 The settings: `fit` (centres="fit"), `memory` (EKD's cross-batch memory of 4096 rows and first-batch anchors), `utk`
 (the unlabelled faces, half of each batch's random part), `views` (consistent views, kd_plugin.data.views: student and
@@ -13,7 +13,7 @@ import os
 from kd_plugin.errors import KDPluginError
 
 # settings a row may add after '@': name -> (its config.kd overrides, what the row's method must have, a test of that
-# on the method's plan, kd_plugin.plan)
+# on the method's plan, kd_plugin.methods.plan)
 VARIANTS = {
     "fit": ({"centres": "fit"}, "centres", lambda plan: plan.centres),
     "memory": ({"ekd": {"memory": 4096, "anchor_init": "first"}}, "ekd", lambda plan: "ekd" in plan.names),
@@ -42,7 +42,7 @@ def registry_rows() -> tuple[str, ...]:
 
 
 def method_plan(method: str):
-    """The plan (kd_plugin.plan) of a row's method; the student's is method 'none'."""
+    """The plan (kd_plugin.methods.plan) of a row's method; the student's is method 'none'."""
     from kd_plugin.methods import plan_of
 
     return plan_of("none" if method == "student" else method)

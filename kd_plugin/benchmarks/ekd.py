@@ -64,8 +64,8 @@ def step_bytes(n: int, student: nn.Module, ekd_bytes_per_pair: float) -> float:
 
 def time_steps(n: int, student_name: str, dim: int, steps: int, device: str) -> dict:
     """Median plain and EKD step times at global batch `n` on one device."""
-    from kd_plugin.heads import CombinedMarginLoss, PartialFCHead
-    from kd_plugin.losses import EKDLoss
+    from kd_plugin.methods.heads import CombinedMarginLoss, PartialFCHead
+    from kd_plugin.methods.losses import EKDLoss
 
     torch.manual_seed(0)
     student = _student(student_name, dim, device)
@@ -106,7 +106,7 @@ def time_steps(n: int, student_name: str, dim: int, steps: int, device: str) -> 
 
 def ekd_peak_bytes(n: int, dim: int, device: str) -> int:
     """Peak memory of EKD's forward + backward alone at global batch `n`."""
-    from kd_plugin.losses import EKDLoss
+    from kd_plugin.methods.losses import EKDLoss
 
     torch.manual_seed(0)
     student = torch.randn(n, dim, device=device, requires_grad=True)

@@ -27,7 +27,7 @@ def run_one(mode: str, classes: int, storage: str, sample_rate: float, dim: int,
     """Measure one configuration in this process."""
     import torch
 
-    from kd_plugin.heads import CombinedMarginLoss, PartialFCHead
+    from kd_plugin.methods.heads import CombinedMarginLoss, PartialFCHead
 
     torch.manual_seed(0)
     baseline = rss_bytes()

@@ -87,7 +87,7 @@ def _write_classifier(path: str, classes: int, dim: int) -> None:
 
 
 def _task_classifier(classes: int, path: str) -> tuple[int, int]:
-    from kd_plugin.heads import CombinedMarginLoss, PartialFCHead
+    from kd_plugin.methods.heads import CombinedMarginLoss, PartialFCHead
 
     head = PartialFCHead(CombinedMarginLoss(), DIM, classes, centres=path, centre_dtype=torch.float16)
     return head.weight.numel(), head.weight.element_size()
@@ -96,7 +96,7 @@ def _task_classifier(classes: int, path: str) -> tuple[int, int]:
 def _task_adadistill(classes: int, path: str) -> tuple[int, int]:
     """AdaDistill's centres created, then one update from a gathered global batch of 128 per rank (the margin loss
     that follows costs B x C/W logits, as with any partial-FC head, and is not counted here)."""
-    from kd_plugin.heads import AdaDistillHead, CombinedMarginLoss
+    from kd_plugin.methods.heads import AdaDistillHead, CombinedMarginLoss
     from kd_plugin.distributed import gather_no_grad
 
     head = AdaDistillHead(CombinedMarginLoss(), DIM, classes, seed=0)
@@ -165,7 +165,7 @@ def _memory_job(task: str, classes: int, path: str) -> dict:
     """One rank's peak added memory and time while running `task` (imports outside the measured span)."""
     import torch.distributed as dist
 
-    import kd_plugin.heads  # noqa: F401
+    import kd_plugin.methods.heads  # noqa: F401
     import kd_plugin.centres.estimate  # noqa: F401
     dist.barrier()
     base = rss_bytes()

@@ -106,9 +106,9 @@ def _config(name: str, made: dict, out: str, args) -> dict:
 
 
 def run(args) -> dict:
-    from kd_plugin.config import resolve
+    from kd_plugin.run.config import resolve
     from kd_plugin.host_syncs import count_host_syncs
-    from kd_plugin.train import Trainer
+    from kd_plugin.run.train import Trainer
 
     device = torch.device(args.device)
     if device.type == "cuda":

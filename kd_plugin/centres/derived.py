@@ -10,7 +10,7 @@ from kd_plugin.centres.fit import fit_class_slice
 from kd_plugin.data.datasets import dataset_fingerprint
 from kd_plugin.distributed import get_rank, get_world_size
 from kd_plugin.errors import KDPluginError
-from kd_plugin.heads import head_arguments
+from kd_plugin.methods.heads import head_arguments
 from kd_plugin.job_files import agree, agree_or_raise
 from kd_plugin.teachers import build_cache, load_cache
 from kd_plugin.teachers.classifier import save_class_slices, saved_class_slice

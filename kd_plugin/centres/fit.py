@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kd_plugin.distributed import collective_device, gather_no_grad, gather_sizes, get_rank, get_world_size
-from kd_plugin.heads import CombinedMarginLoss, PartialFCHead
+from kd_plugin.methods.heads import CombinedMarginLoss, PartialFCHead
 from kd_plugin.progress import Progress
 from kd_plugin.centres.estimate import centres_from_cache
 from kd_plugin.teachers.classifier import ClassSlice

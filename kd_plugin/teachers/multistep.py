@@ -2,7 +2,7 @@
 (0-based) the teacher checkpoint saved after the teacher's own epoch e + 1. The teacher run must have kept a
 checkpoint per epoch (arcface_torch overwrites model.pt: save them, e.g. as `{step}backbone.pth` like PocketNet, or one
 folder per epoch). The schedule and the teacher that follows it live here; the term is declared in
-kd_plugin.losses.multistep."""
+kd_plugin.methods.losses.multistep."""
 
 from __future__ import annotations
 

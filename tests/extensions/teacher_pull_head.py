@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from kd_plugin.heads import PartialFCHead, head_arguments
-from kd_plugin.registry import register_head
+from kd_plugin.methods.heads import PartialFCHead, head_arguments
+from kd_plugin.methods.registry import register_head
 
 
 class TeacherPullHead(PartialFCHead):

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_plugin.distributed import all_reduce_, sharded_exp_sum
-from kd_plugin.heads import centre_products, centre_products_grad
-from kd_plugin.registry import register_term
+from kd_plugin.methods.heads import centre_products, centre_products_grad
+from kd_plugin.methods.registry import register_term
 
 LOGIT_BLOCK_ELEMENTS = 1 << 24  # logits per model and block: 64 MB in fp32
 

@@ -22,9 +22,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kd_plugin.errors import SettingError
-from kd_plugin.fprs import DEFAULT_FPRS
-from kd_plugin.losses.precision import at_least_fp32
-from kd_plugin.registry import register_term
+from kd_plugin.evaluation.fprs import DEFAULT_FPRS
+from kd_plugin.methods.losses.precision import at_least_fp32
+from kd_plugin.methods.registry import register_term
 
 UNRESOLVABLE = ("reference", "hold")
 ANCHOR_INITS = ("zero", "first")

@@ -59,7 +59,7 @@ class _Shared:
         """The job config over arcface_torch's base defaults, resolved and checked once per process (its plan read by
         every patched function)."""
         if self._cfg is None:
-            from kd_plugin.config import check_hook_keys, resolve
+            from kd_plugin.run.config import check_hook_keys, resolve
             cfg = resolve(self.config)
             check_hook_keys(cfg)
             self._cfg = cfg
@@ -68,14 +68,14 @@ class _Shared:
     def dataset(self):
         """The training set, opened once per process."""
         if self._dataset is None:
-            from kd_plugin.build import build_dataset
+            from kd_plugin.run.build import build_dataset
             self._dataset = build_dataset(self.resolved())
         return self._dataset
 
     def sampler(self):
         """The batch sampler of this rank (one per process: train_v2 builds one loader)."""
         if self._sampler is None:
-            from kd_plugin.build import build_sampler
+            from kd_plugin.run.build import build_sampler
             self._sampler = build_sampler(self.resolved(), self.dataset().labels)
         return self._sampler
 
@@ -85,7 +85,7 @@ class HookLoader(torch.utils.data.DataLoader):
     `(images, labels)` to the training device, as arcface_torch's DataLoaderX does."""
 
     def __init__(self, shared: _Shared, device: torch.device, num_workers: int) -> None:
-        from kd_plugin.build import batch_reader
+        from kd_plugin.run.build import batch_reader
         from kd_plugin.data.batches import as_is
 
         # the workers normalise as arcface_torch's dataset does: (x - 127.5) / 127.5
@@ -106,9 +106,9 @@ class HookHead(nn.Module):
 
     def __init__(self, cfg, shared: _Shared) -> None:
         super().__init__()
-        from kd_plugin.build import build_objective, build_teacher
+        from kd_plugin.run.build import build_objective, build_teacher
         from kd_plugin.distributed import get_rank, training_device
-        from kd_plugin.kd_step import KDStep
+        from kd_plugin.run.kd_step import KDStep
         from kd_plugin.training_log import RunLog
 
         self.shared, self.cfg, self.rank = shared, cfg, get_rank()
@@ -150,7 +150,7 @@ class HookHead(nn.Module):
 def _align_epoch_length(config, shared: _Shared) -> None:
     """train_v2 derives its LR schedule from num_image // (batch_size * W) steps per epoch; kd_plugin's sampler takes
     ceil(N / (W * R)) steps (R = the random part of each rank's batch), so num_image is set to match."""
-    from kd_plugin.config import check_num_image
+    from kd_plugin.run.config import check_num_image
     from kd_plugin.distributed import get_world_size
 
     cfg, dataset = shared.resolved(), shared.dataset()
@@ -182,7 +182,7 @@ def distill(config, teacher: str | None = None, method: str = "proxyless", **kd)
     if teacher is not None:
         block["teacher"] = teacher
     config.kd = block
-    from kd_plugin.config import read_by_kd_plugin
+    from kd_plugin.run.config import read_by_kd_plugin
 
     if read_by_kd_plugin():
         return  # kd-plugin train (or another kd_plugin command) reads config.kd itself

@@ -12,8 +12,8 @@ from typing import Any
 from easydict import EasyDict
 
 from kd_plugin.errors import KDPluginError
-from kd_plugin.plan import Plan, make_plan
-from kd_plugin.centres import DERIVED_CENTRES
+from kd_plugin.methods.plan import Plan, make_plan
+from kd_plugin.methods.heads import DERIVED_CENTRES
 
 # arcface_torch's configs/base.py defaults (the keys this trainer reads), plus the job keys its configs always set
 BASE = {
@@ -234,7 +234,7 @@ def _check_plan(kd: dict, plan: Plan) -> None:
 
 
 def resolve(config: dict) -> EasyDict:
-    """Defaults filled in and everything checked; `cfg.kd.plan` (kd_plugin.plan): what the run does and needs, with
+    """Defaults filled in and everything checked; `cfg.kd.plan` (kd_plugin.methods.plan): what the run does and needs, with
     `cfg.kd.terms` = {term: weight} and `cfg.kd.head` (the head method or "trainable") spelled out from it."""
     cfg = EasyDict(copy.deepcopy(BASE))
     cfg.update({k: v for k, v in dict(config).items() if k != "kd"})

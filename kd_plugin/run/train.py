@@ -5,7 +5,7 @@ consistent view of the epoch, kd_plugin.data.views) -> the student's own normali
 autocast with `fp16`: float16 by default, `amp_dtype="bfloat16"` as an option); teacher embeddings from the cache (by
 index and flip, read with the images by the loader's workers), the teacher-view cache (by index and epoch) or the
 frozen teacher; the KD objective (head + weighted terms, exact one-process gradients); the student's embedding
-gradient times W for DDP's averaging (those three: kd_plugin.kd_step, the same under the hook); as arcface_torch:
+gradient times W for DDP's averaging (those three: kd_plugin.run.kd_step, the same under the hook); as arcface_torch:
 backward of the GradScaler-scaled loss (fp16), and every `gradient_acc` steps unscale, clip 5, SGD/AdamW step; arcface_torch's linear
 warm-up then linear decay, stepped every step. Rank 0 logs as arcface_torch does (`<output>/training.log` and the
 console: its speed line every `frequent` steps, with every loss term and EKD diagnostic) and writes `train_log.jsonl`
@@ -25,13 +25,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from kd_plugin.atomic import save_torch
-from kd_plugin.build import build_dataset, build_loader, build_objective, build_sampler, build_teacher
-from kd_plugin.config import check_num_image, check_trainer_keys, load_config
+from kd_plugin.run.build import build_dataset, build_loader, build_objective, build_sampler, build_teacher
+from kd_plugin.run.config import check_num_image, check_trainer_keys, load_config
 from kd_plugin.data.batches import Batch
 from kd_plugin.distributed import (get_rank, get_world_size, init_from_env, is_distributed, scale_grad,
                                    training_device)
 from kd_plugin.errors import KDPluginError
-from kd_plugin.kd_step import KDStep
+from kd_plugin.run.kd_step import KDStep
 from kd_plugin.normalization import InputNormalization
 from kd_plugin.teachers import build_network
 from kd_plugin.teachers.torch_embedder import TorchEmbedder
@@ -154,7 +154,7 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------------------------------------
     def step(self, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """One training step as arcface_torch takes it: forward under autocast (fp16), the KD step (kd_plugin.kd_step,
+        """One training step as arcface_torch takes it: forward under autocast (fp16), the KD step (kd_plugin.run.kd_step,
         the same as under the hook), backward of the scaled loss; every `gradient_acc` steps the summed gradients are
         unscaled, clipped to norm 5 and applied. Returns the step's scalars and its loss, on the device: nothing here
         waits for the device (see kd_plugin.host_syncs; with fp16, GradScaler.step reads its overflow flag, as in

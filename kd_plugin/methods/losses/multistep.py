@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 from kd_plugin.errors import KDPluginError
-from kd_plugin.losses.embedding import L2Loss
-from kd_plugin.registry import register_term
-from kd_plugin.centres import DERIVED_CENTRES
+from kd_plugin.methods.losses.embedding import L2Loss
+from kd_plugin.methods.registry import register_term
+from kd_plugin.methods.heads import DERIVED_CENTRES
 from kd_plugin.teachers.multistep import MultiStepTeacher, MultiStepTeacherSchedule
 
 

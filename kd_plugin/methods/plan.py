@@ -1,7 +1,7 @@
 """One plan per run: what a resolved `config.kd` runs and what the run needs, read from the method registry once.
 
 `config.resolve` makes it (`cfg.kd.plan`) from the chosen methods; the config checks, the builders
-(kd_plugin.build), the objective and the train_v2 hook read the plan and never ask the registry what a method needs
+(kd_plugin.run.build), the objective and the train_v2 hook read the plan and never ask the registry what a method needs
 again. A plan holds names and flags only (no modules, no functions), so it travels with the config wherever the config
 goes: a copy, a pickle, another process.
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kd_plugin.registry import Method
+from kd_plugin.methods.registry import Method
 
 
 @dataclass(frozen=True)

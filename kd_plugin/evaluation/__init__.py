@@ -17,7 +17,7 @@ import torch
 
 from kd_plugin.data.datasets import FaceDataset, open_dataset
 from kd_plugin.data.verification_bin import load_bin
-from kd_plugin.fprs import DEFAULT_FPRS
+from kd_plugin.evaluation.fprs import DEFAULT_FPRS
 from kd_plugin.progress import Progress
 
 HISTOGRAM_BINS = 1 << 20  # negative scores are histogrammed over [-1, 1]; thresholds are then refined exactly

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_plugin.embeddings import check_same_dims
-from kd_plugin.losses.precision import at_least_fp32
-from kd_plugin.registry import register_term
+from kd_plugin.methods.losses.precision import at_least_fp32
+from kd_plugin.methods.registry import register_term
 
 
 @register_term("l2", weight=100.0, title="L2", needs=("teacher", "equal_dims"),

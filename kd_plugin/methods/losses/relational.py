@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_plugin.losses.precision import at_least_fp32
-from kd_plugin.registry import register_term
+from kd_plugin.methods.losses.precision import at_least_fp32
+from kd_plugin.methods.registry import register_term
 
 
 @register_term("cckd", title="CCKD", needs=("teacher",), summary="correlation congruence: the Taylor-expanded Gaussian-RBF correlations "

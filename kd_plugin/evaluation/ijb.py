@@ -22,7 +22,7 @@ import numpy as np
 from kd_plugin.data.images import decode_image
 from kd_plugin.errors import DataFormatError
 from kd_plugin.evaluation import embed_with_flip, l2_normalize, roc_summary
-from kd_plugin.fprs import DEFAULT_FPRS
+from kd_plugin.evaluation.fprs import DEFAULT_FPRS
 from kd_plugin.progress import Progress
 
 ARCFACE_LANDMARKS = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],

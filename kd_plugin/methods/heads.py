@@ -28,7 +28,7 @@ from kd_plugin.distributed import (all_reduce_, class_range, gather_no_grad, gat
                                    get_world_size, sharded_exp_sum)
 from kd_plugin.errors import KDPluginError
 from kd_plugin.embeddings import check_same_dims
-from kd_plugin.registry import register_head
+from kd_plugin.methods.registry import register_head
 from kd_plugin.teachers.classifier import ClassSlice, copy_rows, read_classifier_rows
 
 _SIN_FLOOR = 1e-6  # below this sin(theta) the margin's derivative is capped; only cos = +-1 exactly reaches it
@@ -251,7 +251,7 @@ class PartialFCHead(nn.Module):
             self.register_buffer("weight", local)
         self.register_buffer("sample_step", torch.zeros((), dtype=torch.int64))
 
-    # What the KD objective asks of a head (kd_plugin.objective), so that no code outside this module asks which head
+    # What the KD objective asks of a head (kd_plugin.methods.objective), so that no code outside this module asks which head
     # it holds: whether it reads the teacher's embeddings of each batch, and `observe`, called each step with the
     # global batch's labelled, unmixed rows before the loss (a head whose centres follow the teacher updates them)
     reads_teacher = False
@@ -333,7 +333,7 @@ class PartialFCHead(nn.Module):
     def global_loss(self, embeddings: torch.Tensor, global_labels: torch.Tensor,
                     weights: torch.Tensor | None = None) -> torch.Tensor:
         """The loss of an already gathered global batch (global class ids); the same value on every rank. `weights`:
-        one per row, for the weighted mean (mixup's lam and 1 - lam, kd_plugin.objective)."""
+        one per row, for the weighted mean (mixup's lam and 1 - lam, kd_plugin.methods.objective)."""
         labels = global_labels - self.class_start
         owned = (labels >= 0) & (labels < self.num_local)
         labels[~owned] = -1
@@ -431,6 +431,9 @@ class AdaDistillHead(PartialFCHead):
             lam = F.cosine_similarity(centre, t_unit[r], dim=1).clamp(1e-6, 1.0)
             alpha = (agreement[r] * lam).clamp(1e-6, 1.0) if self.weighted_alpha else agreement[r].clamp(0.0, 1.0)
             self.weight[cls] = (alpha[:, None] * centre + (1 - alpha[:, None]) * t_unit[r]).to(self.weight.dtype)
+
+
+DERIVED_CENTRES = ("estimate", "fit")  # kd.centres values that derive ProxylessKD's centres from the teacher's embeddings
 
 
 def head_arguments(cfg) -> tuple:

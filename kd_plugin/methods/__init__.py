@@ -1,21 +1,22 @@
-"""The catalogue of distillation methods. Importing it registers the built-in ones, each declared next to its code:
-ProxylessKD and AdaDistill in kd_plugin.heads; EKD, the baseline terms and PocketNet's multi-step KD in the modules of
-kd_plugin.losses (every module there is imported, so a new term is one new file).
-A user's own term joins with `kd_plugin.register_term` (see kd_plugin.registry)."""
+"""The distillation methods and their catalogue. Importing it registers the built-in ones, each declared next to its
+code: ProxylessKD and AdaDistill in kd_plugin.methods.heads; EKD, the baseline terms and PocketNet's multi-step KD in
+the modules of kd_plugin.methods.losses (every module there is imported, so a new term is one new file). Beside them:
+the registry (registry.py), the plan of a run (plan.py) and the KD objective (objective.py).
+A user's own term joins with `kd_plugin.register_term` (see kd_plugin.methods.registry)."""
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
 
-import kd_plugin.heads  # noqa: F401  (registers proxyless, adadistill)
-import kd_plugin.losses
+import kd_plugin.methods.heads  # noqa: F401  (registers proxyless, adadistill)
 from kd_plugin.errors import KDPluginError
-from kd_plugin.plan import Plan, make_plan
-from kd_plugin.registry import NEEDS, Method, registered
+from kd_plugin.methods.plan import Plan, make_plan
+from kd_plugin.methods.registry import NEEDS, Method, registered
 
-for _module in pkgutil.iter_modules(kd_plugin.losses.__path__):  # the terms declared in kd_plugin/losses/*.py
-    importlib.import_module(f"kd_plugin.losses.{_module.name}")
+_losses = importlib.import_module("kd_plugin.methods.losses")
+for _module in pkgutil.iter_modules(_losses.__path__):  # the terms declared in kd_plugin/methods/losses/*.py
+    importlib.import_module(f"kd_plugin.methods.losses.{_module.name}")
 
 
 def methods() -> dict[str, Method]:

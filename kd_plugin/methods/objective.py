@@ -14,7 +14,7 @@ from torch import nn
 from kd_plugin.data.sampler import random_part_rows
 from kd_plugin.distributed import gather_no_grad, gather_sizes, replicated_loss
 from kd_plugin.embeddings import check_same_dims
-from kd_plugin.heads import PartialFCHead
+from kd_plugin.methods.heads import PartialFCHead
 
 
 class KDObjective(nn.Module):

@@ -1,24 +1,24 @@
 """The one place that turns a resolved config into a run's objects: the batch sampler, the teacher feed, the
 classifier head, the distillation terms and the KD objective. `kd-plugin train`, the train_v2 hook and the benchmarks
-all build through here, from the run's plan (`cfg.kd.plan`, kd_plugin.plan: what it runs and needs) and the method
+all build through here, from the run's plan (`cfg.kd.plan`, kd_plugin.methods.plan: what it runs and needs) and the method
 registry's builders."""
 
 from __future__ import annotations
 
 import torch
 
-from kd_plugin.centres import DERIVED_CENTRES
+from kd_plugin.methods.heads import DERIVED_CENTRES
 from kd_plugin.centres.derived import derived_centres
 from kd_plugin.data.batches import BatchReader, as_is
 from kd_plugin.data.datasets import open_training_data
 from kd_plugin.data.sampler import IdentityBalancedBatchSampler
 from kd_plugin.data.views import EpochItems, ViewDataset, ViewSettings
 from kd_plugin.embeddings import embedding_width
-from kd_plugin.heads import PartialFCHead, trainable_head
+from kd_plugin.methods.heads import PartialFCHead, trainable_head
 from kd_plugin.job_files import agree_or_raise, require_shared_folder
 from kd_plugin.methods import methods
 from kd_plugin.normalization import given_normalization
-from kd_plugin.objective import KDObjective
+from kd_plugin.methods.objective import KDObjective
 from kd_plugin.teachers import load_cache, load_embedder
 from kd_plugin.teachers.feed import TeacherFeed
 from kd_plugin.teachers.onnx_embedder import CHECK_IMAGES
