@@ -152,7 +152,7 @@ def _training_data(args: argparse.Namespace):
 
 
 def _add_classifier(sub: argparse._SubParsersAction) -> None:
-    from kd_plugin.centres.fit import FIT_DEFAULTS
+    from kd_plugin.methods.heads import CENTRE_FIT
 
     p = sub.add_parser("classifier", help="the teacher's classifier as one (C, d) file: converted from any shard "
                                           "layout (--from), or fitted to its cached embeddings (--fit)")
@@ -171,9 +171,9 @@ def _add_classifier(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--unlabeled", nargs="+", help="with --fit: the unlabelled sets the cache was made with")
     p.add_argument("--margin", default="1.0,0.5,0.0", help="with --fit: arcface_torch margin_list m1,m2,m3 (default "
                                                            "ArcFace 0.5)")
-    for key, value in FIT_DEFAULTS.items():
+    for key, value in CENTRE_FIT.items():
         p.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value,
-                       help=f"with --fit: {key} of the fit (default {value}; config.kd.centre_fit)")
+                       help=f"with --fit: {key} of the fit (default {value}; config.kd.proxyless.fit)")
     p.set_defaults(func=_run_classifier)
 
 

@@ -26,5 +26,5 @@ config.output = "work_dirs/celeba_mfn_to_r18_proxyless_ekd"
 config.kd = dict(method="proxyless+ekd",
                  teacher="../shared/data/teachers/mobilefacenet_ms1m/mobilefacenet_dynamic.onnx",
                  teacher_mean="123.675,116.28,103.53", teacher_std="58.395,57.12,57.375",
-                 cache="work_dirs/celeba_mfn_cache", centres="estimate",
+                 cache="work_dirs/celeba_mfn_cache", proxyless=dict(centres="estimate"),
                  sampler=dict(identities_per_batch=8, images_per_identity=4))

@@ -24,4 +24,4 @@ config.num_epoch = 20
 config.warmup_epoch = 0
 config.val_targets = ["lfw", "cfp_fp", "agedb_30"]
 config.output = "work_dirs/glint360k_r100_to_r18_pfc01"
-config.kd = dict(method="proxyless", centres="work_dirs/glint360k_r100/centres.pt")
+config.kd = dict(method="proxyless", proxyless=dict(centres="work_dirs/glint360k_r100/centres.pt"))

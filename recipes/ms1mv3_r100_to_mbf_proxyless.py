@@ -23,4 +23,4 @@ config.num_epoch = 40
 config.warmup_epoch = 0
 config.val_targets = ["lfw", "cfp_fp", "agedb_30"]
 config.output = "work_dirs/ms1mv3_r100_to_mbf_proxyless"
-config.kd = dict(method="proxyless", centres="work_dirs/ms1mv3_r100/")
+config.kd = dict(method="proxyless", proxyless=dict(centres="work_dirs/ms1mv3_r100/"))

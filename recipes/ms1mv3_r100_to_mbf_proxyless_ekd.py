@@ -25,5 +25,5 @@ config.warmup_epoch = 0
 config.val_targets = ["lfw", "cfp_fp", "agedb_30"]
 config.output = "work_dirs/ms1mv3_r100_to_mbf_proxyless_ekd"
 config.kd = dict(method="proxyless+ekd", teacher="r100:work_dirs/ms1mv3_r100/model.pt",
-                 centres="work_dirs/ms1mv3_r100/", cache=None,
+                 proxyless=dict(centres="work_dirs/ms1mv3_r100/"), cache=None,
                  sampler=dict(identities_per_batch=8, images_per_identity=4))

@@ -24,4 +24,4 @@ config.num_epoch = 20
 config.warmup_epoch = 2
 config.val_targets = ["lfw", "cfp_fp", "agedb_30"]
 config.output = "work_dirs/wf42m_r100_to_r50_proxyless_pfc02"
-config.kd = dict(method="proxyless", centres="work_dirs/wf42m_r100/centres.pt")
+config.kd = dict(method="proxyless", proxyless=dict(centres="work_dirs/wf42m_r100/centres.pt"))

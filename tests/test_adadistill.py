@@ -114,13 +114,15 @@ def test_proxyless_adaptive_is_a_head_with_the_teachers_centres_and_refuses_low_
     from kd_plugin.errors import KDPluginError
 
     cfg = resolve({"rec": "x", "num_classes": 4, "kd": {"method": "proxyless_adaptive+ekd", "teacher": "t.onnx",
-                                                        "centres": "estimate", "ekd": {"memory": 64}}})
+                                                        "proxyless_adaptive": {"centres": "estimate"},
+                                                        "ekd": {"memory": 64}}})
     assert cfg.kd.head == "proxyless_adaptive" and cfg.kd.terms == {"ekd": 1.0}
-    with pytest.raises(KDPluginError, match="kd.centres"):
+    with pytest.raises(KDPluginError, match="kd.proxyless_adaptive.centres"):
         resolve({"rec": "x", "num_classes": 4, "kd": {"method": "proxyless_adaptive", "teacher": "t.onnx"}})
-    with pytest.raises(KDPluginError, match="centre_dtype = 'float16': proxyless_adaptive updates"):
+    with pytest.raises(KDPluginError, match="kd.proxyless_adaptive.dtype = 'float16': unknown key"):
         resolve({"rec": "x", "num_classes": 4, "kd": {"method": "proxyless_adaptive", "teacher": "t.onnx",
-                                                      "centres": "estimate", "centre_dtype": "float16"}})
+                                                      "proxyless_adaptive": {"centres": "estimate",
+                                                                             "dtype": "float16"}}})
 
 
 def test_proxyless_adaptive_with_ekd_resumes_mid_epoch_exactly(tmp_path):
@@ -133,7 +135,8 @@ def test_proxyless_adaptive_with_ekd_resumes_mid_epoch_exactly(tmp_path):
     ensure_registered()
     try:
         data = make_faces(tmp_path / "faces", identities=8, per_identity=8)
-        kd = {"method": "proxyless_adaptive+ekd", "teacher": _teacher(tmp_path), "centres": "estimate",
+        kd = {"method": "proxyless_adaptive+ekd", "teacher": _teacher(tmp_path),
+              "proxyless_adaptive": {"centres": "estimate"},
               "ekd": {"memory": 32, "anchor_init": "first"},
               "sampler": {"identities_per_batch": 1, "images_per_identity": 2}}
         train(resolve(_config(data, tmp_path / "straight", max_steps=6, kd=kd)))

@@ -83,7 +83,7 @@ def test_unlabeled_settings_that_would_feed_nothing_are_refused(sets):
     base = {"rec": list(sets[:2]), "num_classes": 13}
     with pytest.raises(KDPluginError, match=r"kd.unlabeled = .*feed only the terms that need no labels, and method "
                                             r"'proxyless\+ekd' has none"):
-        resolve(dict(base, kd={"method": "proxyless+ekd", "teacher": "t.onnx", "centres": "c.pt",
+        resolve(dict(base, kd={"method": "proxyless+ekd", "teacher": "t.onnx", "proxyless": {"centres": "c.pt"},
                                "unlabeled": {"data": sets[2], "per_batch": 2}}))
     with pytest.raises(KDPluginError, match="give both data .* and per_batch"):
         resolve(dict(base, kd={"method": "l2", "teacher": "t.onnx", "unlabeled": {"data": sets[2]}}))
@@ -109,7 +109,7 @@ def row_counters():
 
 
 def _mixed_config(sets, teacher, output, **overrides):
-    kd = {"method": "proxyless+rows_label_free+rows_labelled", "teacher": teacher, "centres": "estimate",
+    kd = {"method": "proxyless+rows_label_free+rows_labelled", "teacher": teacher, "proxyless": {"centres": "estimate"},
           "sampler": {"identities_per_batch": 1, "images_per_identity": 2, "balanced": True},
           "unlabeled": {"data": sets[2], "per_batch": 2}}
     return _config(sets[0], output, rec=list(sets[:2]), num_classes=13, batch_size=8, kd=kd, **overrides)
@@ -155,7 +155,7 @@ def _two_rank_losses(rank, world, config):
 
 def test_two_gloo_ranks_train_on_mixed_batches_like_one_process(sets, tmp_path):
     teacher = _teacher(tmp_path)
-    kd = {"method": "proxyless+l2", "teacher": teacher, "centres": "estimate",
+    kd = {"method": "proxyless+l2", "teacher": teacher, "proxyless": {"centres": "estimate"},
           "sampler": {"identities_per_batch": 1, "images_per_identity": 2, "balanced": True},
           "unlabeled": {"data": sets[2], "per_batch": 2}}
     one = _config(sets[0], tmp_path / "one", rec=list(sets[:2]), num_classes=13, batch_size=16, max_steps=4,

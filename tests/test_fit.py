@@ -96,7 +96,8 @@ def test_training_with_fitted_centres_saves_and_resumes_them(tmp_path):
 
     ensure_registered()
     data = make_faces(tmp_path / "faces")
-    kd = dict(KD, teacher=_teacher(tmp_path), centres="fit", centre_fit={"epochs": 2, "batch_size": 16})
+    kd = dict(KD, teacher=_teacher(tmp_path),
+              proxyless={"centres": "fit", "fit": {"epochs": 2, "batch_size": 16, "lr": 0.1}})
     train(resolve(_config(data, tmp_path / "out", max_steps=2, kd=kd)))
     folder = tmp_path / "out" / "teacher_centres"
     meta = json.loads((folder / "rank_0_softmax_weight.json").read_text())

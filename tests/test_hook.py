@@ -26,7 +26,7 @@ def test_outside_train_v2_it_fills_config_kd_and_warns_that_distillation_is_not_
     with pytest.warns(UserWarning, match=r"distillation is NOT active: .* defines none of get_dataloader, get_model, "
                                          r"PartialFC_V2"):
         distill(config, teacher="r100:t.pth", method="proxyless+ekd", centres="estimate")
-    assert config.kd == {"method": "proxyless+ekd", "teacher": "r100:t.pth", "centres": "estimate"}
+    assert config.kd == {"method": "proxyless+ekd", "teacher": "r100:t.pth", "proxyless": {"centres": "estimate"}}
 
 
 def test_a_config_kd_plugin_reads_itself_fills_config_kd_without_a_warning(tmp_path):
@@ -61,6 +61,19 @@ def test_train_v2_is_recognised_by_the_names_it_patches_whatever_the_file_is_cal
     config = EasyDict(rec=str(make_faces(tmp_path / "faces")), num_classes=8, num_image=0, output=str(tmp_path / "o"))
     distill(config, teacher="t.onnx", method="ekd")
     assert all(new is not old for new, old in zip((fake.get_model, fake.get_dataloader, fake.PartialFC_V2), originals))
+
+
+def test_the_hook_checks_the_config_against_the_data_as_kd_plugin_train_does(monkeypatch, tmp_path):
+    from test_train import make_faces
+
+    _fake_train_v2(monkeypatch, tmp_path / "train_v2.py")
+    faces = str(make_faces(tmp_path / "faces"))  # 8 identities
+    with pytest.raises(KDPluginError, match=r"config.num_classes = 9 but .* has 8 classes; set num_classes to match"):
+        distill(EasyDict(rec=faces, num_classes=9, num_image=0, output=str(tmp_path / "a")), teacher="t.onnx",
+                method="ekd")
+    with pytest.raises(KDPluginError, match=r"config.num_image = 5 but .* has \d+ images"):
+        distill(EasyDict(rec=faces, num_classes=8, num_image=5, output=str(tmp_path / "b")), teacher="t.onnx",
+                method="ekd")
 
 
 def test_a_train_v2_without_the_names_it_patches_stops_clearly(monkeypatch, tmp_path):

@@ -22,7 +22,7 @@ def _tiny_network_for_this_module():
         unregister_network("test_tiny")
 
 
-KD_EKD_LOGIT = {"method": "proxyless+ekd+logit", "centres": "estimate", "ekd": {"memory": 32},
+KD_EKD_LOGIT = {"method": "proxyless+ekd+logit", "proxyless": {"centres": "estimate"}, "ekd": {"memory": 32},
                 "sampler": {"identities_per_batch": 1, "images_per_identity": 2}}
 KD_ADADISTILL = {"method": "adadistill", "sampler": {"identities_per_batch": 1, "images_per_identity": 2}}
 
@@ -106,7 +106,7 @@ def test_the_hook_keeps_the_host_sync_budget_at_every_world_size(tmp_path, world
     data = make_faces(tmp_path / "faces", identities=8, per_identity=8)
     teacher = _teacher(tmp_path)
     sampler = "sampler=dict(identities_per_batch=1, images_per_identity=2)"
-    for method, extra, waves in (("proxyless+ekd+logit", "centres='estimate', ekd=dict(memory=32), ", 0),
+    for method, extra, waves in (("proxyless+ekd+logit", "proxyless=dict(centres='estimate'), ekd=dict(memory=32), ", 0),
                                  ("adadistill", "", 1)):
         out = tmp_path / f"{method}_{world}"
         job = _job(tmp_path / f"job_{world}.py", data, out,

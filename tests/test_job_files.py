@@ -31,7 +31,7 @@ def _trainer_or_error(config):
 
 def _rank_private_output(rank, world, data, teacher, root):
     os.environ["KD_PLUGIN_SHARED_WAIT"] = "1"
-    kd = dict(KD, teacher=teacher, centres="fit", centre_fit={"epochs": 1})
+    kd = dict(KD, teacher=teacher, proxyless={"centres": "fit", "fit": {"epochs": 1, "batch_size": 256, "lr": 0.1}})
     result = _trainer_or_error(_config(data, os.path.join(root, f"node{rank}"), batch_size=4, kd=kd))
     return result if isinstance(result, str) else "trained"
 
@@ -96,7 +96,7 @@ def _fit_run(rank, world, data, teacher, output, blind_rank, cache=None):
         return original_load(directory, *args, **kwargs)
     kd_plugin.centres.derived.build_cache, kd_plugin.centres.derived.load_cache = counting_build, blind_load
     kd_plugin.run.build.load_cache = blind_load  # kd.cache is opened where the teacher feed is built
-    kd = dict(KD, teacher=teacher, centres="fit", centre_fit={"epochs": 1})
+    kd = dict(KD, teacher=teacher, proxyless={"centres": "fit", "fit": {"epochs": 1, "batch_size": 256, "lr": 0.1}})
     if cache is not None:
         kd = dict(KD, teacher=teacher, cache=cache)
     result = _trainer_or_error(_config(data, output, batch_size=4, kd=kd))

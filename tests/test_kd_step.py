@@ -38,7 +38,7 @@ def _settings(tmp_path, method):
     if method == "cosine (cached)":
         method, kd["cache"] = "cosine", _cache(tmp_path, faces, teacher)
     if method.startswith("proxyless"):
-        kd["centres"] = "estimate"
+        kd["proxyless"] = {"centres": "estimate"}
     # lr 0: the student stays as it was, so each step's loss depends on the KD step alone (the objective's own
     # state, EKD's thresholds and memory, moves on in both)
     top = {"rec": str(faces), "num_classes": 8, "embedding_size": 16, "batch_size": 6, "lr": 0.0, "frequent": 2,

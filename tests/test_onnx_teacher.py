@@ -200,7 +200,7 @@ def test_centre_estimation_and_three_training_steps_with_the_onnx_teacher_online
     calls = _Calls(monkeypatch)
     config = {"rec": str(data), "num_classes": 4, "network": "mbf", "embedding_size": 128, "batch_size": 8,
               "lr": 0.1, "num_epoch": 1, "warmup_epoch": 0, "num_workers": 0, "output": str(tmp_path / "out"),
-              "frequent": 1, "max_steps": 3, "kd": {"method": "proxyless", "teacher": teacher, "centres": "estimate",
+              "frequent": 1, "max_steps": 3, "kd": {"method": "proxyless", "teacher": teacher, "proxyless": {"centres": "estimate"},
                                                     "teacher_mean": "123.675,116.28,103.53",
                                                     "teacher_std": "58.395,57.12,57.375"}}
     train(resolve(config))

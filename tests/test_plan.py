@@ -21,7 +21,8 @@ PACKAGE = pathlib.Path(kd_plugin.__file__).parent
 
 def test_resolve_attaches_the_plan_of_the_chosen_methods():
     cfg = resolve({"rec": "x", "num_classes": 5, "embedding_size": 128,
-                   "kd": {"method": "proxyless_adaptive+ekd+logit+cosine", "teacher": "t.onnx", "centres": "estimate",
+                   "kd": {"method": "proxyless_adaptive+ekd+logit+cosine", "teacher": "t.onnx",
+                          "proxyless_adaptive": {"centres": "estimate"},
                           "weights": {"cosine": 3.0}}})
     plan = cfg.kd.plan
     assert plan.head == "proxyless_adaptive" and plan.terms == (("ekd", 1.0), ("logit", 1.0), ("cosine", 3.0))

@@ -38,7 +38,7 @@ class PowerCosine(torch.nn.Module):
 
 config = EasyDict({config!r})
 config.max_steps = 2
-config.kd = {{"method": "proxyless+power_cosine", "teacher": {teacher!r}, "centres": "estimate",
+config.kd = {{"method": "proxyless+power_cosine", "teacher": {teacher!r}, "proxyless": {{"centres": "estimate"}},
              "power_cosine": {{"power": 3.0}}}}
 '''
 
@@ -183,7 +183,8 @@ def test_config_cli_benchmark_and_demo_read_the_registry(capsys):
     assert demo_methods() == ("none", "proxyless", "ekd", "proxyless+ekd")
     assert set(celeba_rows.registry_rows()) == {"student", "proxyless+ekd"} | {
         n for n, m in catalogue.items() if "logits" not in m.needs and m.teacher is None}
-    assert kd_block("proxyless+ekd", teacher="t") == {"method": "proxyless+ekd", "teacher": "t", "centres": "estimate"}
+    assert kd_block("proxyless+ekd", teacher="t") == {"method": "proxyless+ekd", "teacher": "t",
+                                                    "proxyless": {"centres": "estimate"}}
     assert main(["methods"]) == 0
     listing = capsys.readouterr().out
     assert all(f"\n{name} " in "\n" + listing for name in catalogue)

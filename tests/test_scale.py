@@ -165,15 +165,17 @@ def test_centre_dtype_and_teacher_autocast_are_reachable_from_a_config(tmp_path)
     from test_train import KD, _config, _teacher, make_faces
 
     data = make_faces(tmp_path / "faces")
-    kd = dict(KD, teacher=_teacher(tmp_path), centre_dtype="float16", teacher_amp="bfloat16")
+    kd = dict(KD, teacher=_teacher(tmp_path), proxyless=dict(KD["proxyless"], dtype="float16"), teacher_amp="bfloat16")
     trainer = Trainer(resolve(_config(data, tmp_path / "out", max_steps=1, kd=kd)))
     assert trainer.objective.head.weight.dtype == torch.float16
     seen = []
     trainer.teacher.embedder.module.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
     trainer.run()
     assert seen == [torch.bfloat16]  # the teacher's forward ran under bf16 autocast (its output is cast to fp32 after)
-    for bad, message in (({"centre_dtype": "float8"}, r"kd.centre_dtype = 'float8': allowed"),
-                         ({"method": "ekd", "centre_dtype": "float16"}, r"only ProxylessKD's frozen inherited")):
+    for bad, message in (({"proxyless": {"centres": "estimate", "dtype": "float8"}},
+                          r"kd.proxyless.dtype = 'float8': the inherited centres are held in one of float32, float16"),
+                         ({"method": "ekd"}, r"config.kd.proxyless = .*the settings of ProxylessKD, and method 'ekd' "
+                                             r"does not run it")):
         with pytest.raises(KDPluginError, match=message):
             resolve({"rec": "x", "num_classes": 2, "kd": dict(kd, **bad)})
 

@@ -83,7 +83,7 @@ def _train_in_group(rank, world, config):
     return train(resolve(config))
 
 
-KD = {"method": "proxyless+ekd", "centres": "estimate", "sampler": {"identities_per_batch": 1, "images_per_identity": 2}}
+KD = {"method": "proxyless+ekd", "proxyless": {"centres": "estimate"}, "sampler": {"identities_per_batch": 1, "images_per_identity": 2}}
 
 
 def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
@@ -106,14 +106,14 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
 def test_config_validation_names_key_value_and_allowed():
     with pytest.raises(KDPluginError, match=r"config.kd.method = 'ekd\+foo': unknown \['foo'\]"):
         resolve({"rec": "x", "num_classes": 2, "kd": {"method": "ekd+foo"}})
-    with pytest.raises(KDPluginError, match="config.kd.centres = None: ProxylessKD needs"):
+    with pytest.raises(KDPluginError, match="config.kd.proxyless.centres = None: ProxylessKD needs"):
         resolve({"rec": "x", "num_classes": 2, "kd": {"method": "proxyless"}})
     with pytest.raises(KDPluginError, match="config.kd.teacher = None: method 'l2' needs the teacher"):
         resolve({"rec": "x", "num_classes": 2, "kd": {"method": "l2"}})
     with pytest.raises(KDPluginError, match="config.kd.sampler.image_per_identity"):
         resolve({"rec": "x", "num_classes": 2, "kd": {"sampler": {"image_per_identity": 4}}})
     cfg = resolve({"rec": "x", "num_classes": 2, "kd": {"method": "proxyless+ekd+l2", "teacher": "t.onnx",
-                                                        "centres": "c.pt", "weights": {"l2": 10}}})
+                                                        "proxyless": {"centres": "c.pt"}, "weights": {"l2": 10}}})
     assert cfg.kd.terms == {"ekd": 1.0, "l2": 10.0} and cfg.kd.head == "proxyless" and cfg.kd.sampler.balanced
 
 

@@ -137,7 +137,7 @@ def test_resume_in_the_middle_of_an_accumulation_is_exact(tmp_path, monkeypatch)
     ({"amp_dtype": "bfloat16"}, r"config.amp_dtype = 'bfloat16': applies only with fp16 = True"),
     ({"kd": {"method": "ekd", "teacher": "t.onnx", "weights": {"ekdd": 2.0}}},
      r"config.kd.weights.ekdd = 2.0: no term 'ekdd' in method 'ekd' \(its terms: ekd;"),
-    ({"kd": {"method": "proxyless", "centres": "c.pt", "weights": {"ekd": 2.0}}},
+    ({"kd": {"method": "proxyless", "proxyless": {"centres": "c.pt"}, "weights": {"ekd": 2.0}}},
      r"config.kd.weights.ekd = 2.0: no term 'ekd' in method 'proxyless'"),
     ({"kd": {"method": "logit", "teacher": "t.onnx"}},
      r"config.kd.method = 'logit': logit KD compares .* inherited class centres: add proxyless"),

@@ -104,7 +104,8 @@ def _config(args, paths: dict, row: str, seed: int, output: str, caches: dict, n
 
     method, variants = parse_row(row)
     utk = "utk" in variants
-    kd = kd_block("none" if method == "student" else method, teacher=paths["teacher"],
+    kd = kd_block("none" if method == "student" else method, centres="fit" if "fit" in variants else None,
+                  teacher=paths["teacher"],
                   teacher_mean=",".join(map(str, IMAGENET_MEAN)), teacher_std=",".join(map(str, IMAGENET_STD)),
                   cache=caches[utk], weights=_row_weights(args, row),
                   sampler={"identities_per_batch": args.identities, "images_per_identity": args.images_per_identity,

@@ -15,7 +15,7 @@ from kd_plugin.errors import KDPluginError
 # settings a row may add after '@': name -> (its config.kd overrides, what the row's method must have, a test of that
 # on the method's plan, kd_plugin.methods.plan)
 VARIANTS = {
-    "fit": ({"centres": "fit"}, "centres", lambda plan: plan.centres),
+    "fit": ({}, "centres", lambda plan: plan.centres),  # the head's centres: "fit" (kd_block's centres)
     "memory": ({"ekd": {"memory": 4096, "anchor_init": "first"}}, "ekd", lambda plan: "ekd" in plan.names),
     # kd.unlabeled: the unlabelled faces (set per run: the data path and the batch share)
     "utk": ({}, "label-free", lambda plan: bool(plan.label_free)),

@@ -17,17 +17,15 @@ import torch
 import torch.nn.functional as F
 
 from kd_plugin.distributed import collective_device, gather_no_grad, gather_sizes, get_rank, get_world_size
-from kd_plugin.methods.heads import CombinedMarginLoss, PartialFCHead
+from kd_plugin.methods.heads import CENTRE_FIT, CombinedMarginLoss, PartialFCHead
 from kd_plugin.progress import Progress
 from kd_plugin.centres.estimate import centres_from_cache
 from kd_plugin.teachers.classifier import ClassSlice
 
-FIT_DEFAULTS = {"epochs": 20, "batch_size": 256, "lr": 0.1}  # config.kd.centre_fit
-
 
 def fit_class_slice(cache, labels: np.ndarray, num_classes: int, margin: CombinedMarginLoss,
-                    epochs: int = FIT_DEFAULTS["epochs"], batch_size: int = FIT_DEFAULTS["batch_size"],
-                    lr: float = FIT_DEFAULTS["lr"], seed: int = 0, progress: bool = True
+                    epochs: int = CENTRE_FIT["epochs"], batch_size: int = CENTRE_FIT["batch_size"],
+                    lr: float = CENTRE_FIT["lr"], seed: int = 0, progress: bool = True
                     ) -> ClassSlice:
     """This rank's rows of the fitted (num_classes, d) unit-norm classifier; call it on every rank.
 

@@ -59,12 +59,26 @@ def plan_of(method: str) -> Plan:
     return make_plan(method, picked, {name: m.weight for name, m in picked.items() if m.kind == "term"})
 
 
-def kd_block(method: str, **settings) -> dict:
+def with_centres(block: dict, method: str, centres) -> dict:
+    """config.kd `block` with `centres` (shards, a file, 'estimate' or 'fit') in the block of `method`'s head that
+    inherits the teacher's centres (config.kd.<head>.centres); refused when the method has no such head."""
+    plan = plan_of(method)
+    if not plan.centres:
+        raise KDPluginError(f"centres = {centres!r}: method {method!r} has no head that inherits the teacher's class "
+                            f"centres ({', '.join(n for n, m in methods().items() if m.inherits_centres)}): "
+                            f"remove centres or add such a head")
+    return dict(block, **{plan.head: dict(block.get(plan.head) or {}, centres=centres)})
+
+
+def kd_block(method: str, centres=None, **settings) -> dict:
     """A config.kd block running `method` ('none', 'ekd', 'proxyless+ekd', ...) with `settings` (teacher, cache,
-    sampler, ...): the inherited centres are estimated from the teacher when the method needs centres."""
+    sampler, ...): when the method's head inherits the teacher's centres, `centres` (default 'estimate': from the
+    teacher) goes into that head's block."""
     block = dict(settings, method=method)
     if plan_of(method).centres:
-        block.setdefault("centres", "estimate")
+        block = with_centres(block, method, centres or "estimate")
+    elif centres is not None:
+        block = with_centres(block, method, centres)  # refused, with the reason
     return block
 
 

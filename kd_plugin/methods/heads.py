@@ -433,7 +433,27 @@ class AdaDistillHead(PartialFCHead):
             self.weight[cls] = (alpha[:, None] * centre + (1 - alpha[:, None]) * t_unit[r]).to(self.weight.dtype)
 
 
-DERIVED_CENTRES = ("estimate", "fit")  # kd.centres values that derive ProxylessKD's centres from the teacher's embeddings
+DERIVED_CENTRES = ("estimate", "fit")  # centres values that derive the inherited centres from the teacher's embeddings
+CENTRE_DTYPES = ("float32", "float16", "bfloat16")
+# centres = "fit": the fit's passes over the cached embeddings, global batch and learning rate (kd_plugin.centres.fit)
+CENTRE_FIT = {"epochs": 20, "batch_size": 256, "lr": 0.1}
+# The block of each head that inherits the teacher's class centres (needs "centres"): config.kd.<head>.centres is the
+# teacher's checkpoint_gpu_*.pt / rank_*_softmax_weight.pt folder, one classifier file, "estimate" or "fit", and
+# config.kd.<head>.fit the fit's settings. The run's builders read them through `centre_settings`.
+CENTRE_BLOCK = {"centres": None, "fit": CENTRE_FIT}
+
+
+def centre_settings(kd) -> dict | None:
+    """The block of the run's head when it inherits the teacher's centres (its `centres` and `fit`), else None;
+    `kd`: a resolved config.kd (its plan names the head)."""
+    plan = kd["plan"]
+    return kd[plan.head] if plan.centres else None
+
+
+def derives_centres(kd) -> bool:
+    """Whether the run's inherited centres are derived from its teacher's embeddings ("estimate" or "fit")."""
+    block = centre_settings(kd)
+    return block is not None and block["centres"] in DERIVED_CENTRES
 
 
 def head_arguments(cfg) -> tuple:
@@ -449,7 +469,7 @@ def trainable_head(cfg) -> PartialFCHead:
 
 
 def _proxyless_head(cfg, centres) -> PartialFCHead:
-    return PartialFCHead(*head_arguments(cfg), centres=centres, centre_dtype=getattr(torch, cfg.kd.centre_dtype),
+    return PartialFCHead(*head_arguments(cfg), centres=centres, centre_dtype=getattr(torch, cfg.kd.proxyless.dtype),
                          seed=cfg.seed)
 
 
@@ -462,20 +482,22 @@ def _adaptive_proxyless_head(cfg, centres) -> AdaDistillHead:
                           centres=centres)
 
 
-def _check_adaptive(kd: dict) -> None:
-    if kd["centre_dtype"] != "float32":
-        raise KDPluginError(f"config.kd.centre_dtype = {kd['centre_dtype']!r}: proxyless_adaptive updates its centres "
-                            f"every step, so they stay float32; remove kd.centre_dtype or use 'proxyless'")
+def _check_proxyless(kd: dict) -> None:
+    dtype = kd["proxyless"]["dtype"]
+    if dtype not in CENTRE_DTYPES:
+        raise KDPluginError(f"config.kd.proxyless.dtype = {dtype!r}: the inherited centres are held in one of "
+                            f"{', '.join(CENTRE_DTYPES)}")
 
 
 register_head("proxyless", _proxyless_head, title="ProxylessKD", needs=("centres", "labels"), baseline=False,
+              defaults={**CENTRE_BLOCK, "dtype": "float32"}, check=_check_proxyless,
               summary="the student trains with the margin softmax against the teacher's frozen class centres",
               _builtin=True)
 register_head("adadistill", _adadistill_head, title="AdaDistill", defaults={"weighted_alpha": True},
               needs=("teacher", "labels", "equal_dims"),
               summary="class centres moved towards the teacher's embeddings every step (ECCV 2024)", _builtin=True)
 register_head("proxyless_adaptive", _adaptive_proxyless_head, title="ProxylessKD, adaptive centres",
-              defaults={"weighted_alpha": True}, needs=("centres", "teacher", "labels", "equal_dims"), baseline=False,
-              check=_check_adaptive,
-              summary="kd_plugin's extension: ProxylessKD's inherited centres (kd.centres) then follow the teacher's "
-                      "embeddings of each batch as AdaDistill's do", _builtin=True)
+              defaults={**CENTRE_BLOCK, "weighted_alpha": True}, needs=("centres", "teacher", "labels", "equal_dims"),
+              baseline=False,
+              summary="kd_plugin's extension: ProxylessKD's inherited centres (kd.proxyless_adaptive.centres) then "
+                      "follow the teacher's embeddings of each batch as AdaDistill's do", _builtin=True)

@@ -25,7 +25,7 @@ class Plan:
     terms: tuple[tuple[str, float], ...]
     titles: tuple[tuple[str, str], ...]  # (name, title) of every chosen method, for messages
     teacher: bool  # some method reads the teacher's embeddings of each batch
-    centres: bool  # the head inherits the teacher's class centres (kd.centres)
+    centres: bool  # the head inherits the teacher's class centres (kd.<head>.centres)
     logits: tuple[str, ...]  # terms over the logits of the inherited centres (they need a head that inherits them)
     balanced: bool  # some method wants identity-balanced batches (kd.sampler.balanced's default)
     equal_dims: tuple[str, ...]  # methods that compare student and teacher embeddings directly

@@ -32,7 +32,8 @@ from kd_plugin.errors import KDPluginError
 # what a method may need, and what the config must then provide
 NEEDS = {
     "teacher": "the teacher's embeddings of every batch (kd.teacher, or kd.cache)",
-    "centres": "the teacher's class centres, inherited by the classifier (kd.centres: shards, a file or 'estimate')",
+    "centres": "the teacher's class centres, inherited by the classifier (kd.<head>.centres: its shards, a file, "
+               "'estimate' or 'fit')",
     "logits": "the logits over the inherited class centres: a head that inherits them (proxyless) and `head` passed "
               "to forward (the term is sharded across ranks like the head)",
     "labels": "identity labels: a term without this need is label-free and also sees the images without identity "
@@ -46,7 +47,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 @dataclass(frozen=True)
 class Method:
     """One registered method. `build`: a term's `build(**block) -> nn.Module`; a head's `build(cfg, centres) -> head`
-    (`centres`: what kd.centres resolved to when the method needs them, else None)."""
+    (`centres`: what kd.<head>.centres resolved to when the method needs them, else None)."""
 
     name: str
     kind: str  # "term" or "head"
@@ -66,6 +67,11 @@ class Method:
     def label_free(self) -> bool:
         """A term that reads no labels: it also sees the rows without identity (unlabelled images, mixed views)."""
         return self.kind == "term" and "labels" not in self.needs
+
+    @property
+    def inherits_centres(self) -> bool:
+        """A head that inherits the teacher's class centres: its block has `centres` and `fit`."""
+        return self.kind == "head" and "centres" in self.needs
 
     def needs_text(self) -> str:
         """What it needs, as `kd-plugin methods` lists it."""
@@ -162,7 +168,14 @@ def register_term(name: str, **declaration):
 def register_head(name: str, build: Callable[..., Any], *, defaults: Mapping[str, Any] | None = None, needs=(),
                   title: str | None = None, summary: str = "", baseline: bool = True,
                   check: Callable[[dict], None] | None = None, _builtin: bool = False) -> None:
-    """Declare a method that replaces the classifier: `build(cfg, centres) -> PartialFCHead`."""
+    """Declare a method that replaces the classifier: `build(cfg, centres) -> PartialFCHead`. A head that needs
+    "centres" inherits the teacher's class centres: its block then has `centres` (where they come from) and `fit` (the
+    settings of centres = "fit"), as ProxylessKD's (kd_plugin.methods.heads.CENTRE_BLOCK)."""
+    missing = [key for key in ("centres", "fit") if "centres" in needs and key not in (defaults or {})]
+    if missing:
+        raise KDPluginError(f"registering head {name!r} ({_origin(build)}): it needs 'centres', so its block "
+                            f"config.kd.{name} must have the keys {missing} (start from "
+                            f"kd_plugin.methods.heads.CENTRE_BLOCK)")
     _add(Method(name=name, kind="head", build=build, title=title or name, summary=summary or _first_line(build),
                 defaults=dict(defaults or {}), needs=frozenset(needs), baseline=baseline, check=check,
                 builtin=_builtin, origin=_origin(build)))

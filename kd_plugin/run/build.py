@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import torch
 
-from kd_plugin.methods.heads import DERIVED_CENTRES
 from kd_plugin.centres.derived import derived_centres
 from kd_plugin.data.batches import BatchReader, as_is
 from kd_plugin.data.datasets import open_training_data
 from kd_plugin.data.sampler import IdentityBalancedBatchSampler
 from kd_plugin.data.views import EpochItems, ViewDataset, ViewSettings
 from kd_plugin.embeddings import embedding_width
-from kd_plugin.methods.heads import PartialFCHead, trainable_head
+from kd_plugin.methods.heads import PartialFCHead, centre_settings, derives_centres, trainable_head
 from kd_plugin.job_files import agree_or_raise, require_shared_folder
 from kd_plugin.methods import methods
 from kd_plugin.normalization import given_normalization
@@ -62,8 +61,7 @@ def build_teacher(cfg, dataset, device: torch.device) -> TeacherFeed | None:
     """The teacher's embeddings for the run: its cache when configured, else the frozen teacher (a method's own,
     such as multi-step KD's schedule, or kd.teacher); None when no method needs the teacher."""
     kd, plan = cfg.kd, cfg.kd.plan
-    estimating = kd.centres in DERIVED_CENTRES and plan.centres
-    if not estimating and not plan.teacher:
+    if not derives_centres(kd) and not plan.teacher:
         return None
     if kd.cache:  # every rank opens it, or every rank stops with the message of one that could not
         return TeacherFeed(cache=agree_or_raise(lambda: load_cache(kd.cache, dataset, teacher=kd.teacher)))
@@ -92,7 +90,7 @@ def build_head(cfg, dataset, feed: TeacherFeed | None) -> PartialFCHead:
         return trainable_head(cfg)
     centres = None
     if plan.centres:
-        centres = derived_centres(cfg, dataset, feed) if kd.centres in DERIVED_CENTRES else kd.centres
+        centres = derived_centres(cfg, dataset, feed) if derives_centres(kd) else centre_settings(kd).centres
     return methods()[plan.head].build(cfg, centres)
 
 

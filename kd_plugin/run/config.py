@@ -7,13 +7,14 @@ import contextvars
 import copy
 import importlib.util
 import os
+import warnings
 from typing import Any
 
 from easydict import EasyDict
 
 from kd_plugin.errors import KDPluginError
 from kd_plugin.methods.plan import Plan, make_plan
-from kd_plugin.methods.heads import DERIVED_CENTRES
+from kd_plugin.methods.heads import CENTRE_FIT, DERIVED_CENTRES
 
 # arcface_torch's configs/base.py defaults (the keys this trainer reads), plus the job keys its configs always set
 BASE = {
@@ -38,7 +39,6 @@ KD_SETTINGS = {
     "weights": {},  # per-term weight overrides; otherwise each term's published default
     "teacher": None, "teacher_mean": None, "teacher_std": None, "teacher_bgr": False,
     "student_mean": 127.5, "student_std": 127.5,
-    "centres": None,  # ProxylessKD: teacher shards folder / one classifier file, "estimate" or "fit"
     "cache": None,  # folder written by `kd-plugin cache`
     # images without identity labels (a folder of images, any dataset layout, or a list): `per_batch` of each rank's
     # batch_size are drawn from them, and only the label-free terms see them
@@ -60,11 +60,12 @@ KD_SETTINGS = {
     "reference_gradient_scaling": False,
     "teacher_batch_size": 256,
     "teacher_amp": None,  # None (fp32), "float16" or "bfloat16": autocast for a torch teacher's forward
-    "centre_dtype": "float32",  # ProxylessKD's inherited centres in memory: "float32", "float16" or "bfloat16"
 }
-# what kd_defaults() and resolve() add to config.kd: the fit's settings, {term: weight} and the head method
-RESOLVED_KEYS = ("centre_fit", "terms", "head", "plan")
-CENTRE_DTYPES = ("float32", "float16", "bfloat16")
+# what resolve() adds to config.kd: {term: weight}, the head method and the plan
+RESOLVED_KEYS = ("terms", "head", "plan")
+# config.kd keys of kd_plugin <= 0.5 that moved into the block of the head that inherits the teacher's centres
+# (config.kd.proxyless, config.kd.proxyless_adaptive): old key -> its key there, and its old default
+MOVED_TO_HEAD = {"centres": ("centres", None), "centre_dtype": ("dtype", "float32"), "centre_fit": ("fit", CENTRE_FIT)}
 
 
 def _fail(key: str, value: Any, allowed: str) -> KDPluginError:
@@ -82,9 +83,46 @@ def kd_defaults() -> dict:
                                 f"register it under another name")
         if method.defaults:
             out[name] = method.block()
-    from kd_plugin.centres.fit import FIT_DEFAULTS
+    return out
 
-    out["centre_fit"] = dict(FIT_DEFAULTS)  # centres="fit": epochs, global batch, lr of the fit
+
+def _moved_keys(given: dict) -> dict:
+    """config.kd with the keys that moved into the inheriting head's block (MOVED_TO_HEAD) put there, each with a
+    FutureWarning that names its new key; refused where the method has no such head (unless left at its old
+    default), where the head has no such setting, or where the old and the new key are both set."""
+    old = [key for key in MOVED_TO_HEAD if key in given]
+    if not old:
+        return given
+    from kd_plugin.methods import methods
+
+    catalogue, out = methods(), dict(given)
+    head = next((n for n in parse_method(given.get("method", "none"))
+                 if catalogue[n].inherits_centres), None)
+    inheriting = ", ".join(n for n, m in catalogue.items() if m.inherits_centres)
+    for key in old:
+        new, default = MOVED_TO_HEAD[key]
+        value = out.pop(key)
+        if head is None:
+            if value != default:
+                raise _fail(f"kd.{key}", value, f"a setting of the head that inherits the teacher's class centres "
+                                                f"({inheriting}), and method {given.get('method')!r} has none: remove "
+                                                f"it")
+            warnings.warn(f"config.kd.{key} = {value!r} is kd_plugin 0.5's default and no longer a config.kd setting "
+                          f"(it moved into the block of the head that inherits the teacher's centres, "
+                          f"config.kd.<head>.{new}): remove it", FutureWarning, stacklevel=4)
+            continue
+        block = dict(out.get(head) or {})
+        if new not in catalogue[head].defaults:
+            raise _fail(f"kd.{key}", value, f"{catalogue[head].title} (config.kd.{head}) has no {new!r} setting (its "
+                                            f"settings: {', '.join(catalogue[head].defaults)}): remove it")
+        if new in block:
+            raise _fail(f"kd.{key}", value, f"config.kd.{head}.{new} = {block[new]!r} is set too: config.kd.{key} is "
+                                            f"its old name; keep config.kd.{head}.{new} only")
+        block[new] = value
+        out[head] = block
+        warnings.warn(f"config.kd.{key} is now config.kd.{head}.{new} (the settings of the head that inherits the "
+                      f"teacher's centres moved into its block): write {head}={{{new!r}: {value!r}}} in config.kd; "
+                      f"the old key will stop working in a later release", FutureWarning, stacklevel=4)
     return out
 
 
@@ -213,24 +251,45 @@ def _check_plan(kd: dict, plan: Plan) -> None:
         if not plan.centres:
             raise _fail("kd.method", kd["method"], f"{plan.title(name)} compares teacher and student logits over the "
                                                    f"inherited class centres: add proxyless (e.g. 'proxyless+{name}') "
-                                                   f"and set kd.centres")
+                                                   f"and set kd.proxyless.centres")
     if plan.teacher and not kd["teacher"] and not kd["cache"]:
         raise _fail("kd.teacher", kd["teacher"], f"method {kd['method']!r} needs the teacher's embeddings: set "
                                                  f"kd.teacher (a model spec) or kd.cache")
-    inheriting = [plan.title(plan.head)] if plan.centres else []
-    if inheriting and kd["centres"] in DERIVED_CENTRES and not kd["teacher"] and not kd["cache"]:
-        raise _fail("kd.teacher", kd["teacher"], f"centres = {kd['centres']!r} derives {inheriting[0]}'s centres from "
-                                                 f"the teacher's embeddings: set kd.teacher (a model spec) or kd.cache")
-    fit = kd["centre_fit"]
-    if kd["centres"] == "fit" and not (isinstance(fit["epochs"], int) and fit["epochs"] >= 1 and
-                                       isinstance(fit["batch_size"], int) and fit["batch_size"] >= 1 and
-                                       float(fit["lr"]) > 0):
-        raise _fail("kd.centre_fit", dict(fit), "expected epochs >= 1 and batch_size >= 1 (integers) and lr > 0")
-    if inheriting and not kd["centres"]:
-        raise _fail("kd.centres", kd["centres"], f"{inheriting[0]} needs the teacher's class centres: the folder of "
-                                                 f"its checkpoint_gpu_*.pt / rank_*_softmax_weight.pt shards, one "
-                                                 f"classifier file, 'estimate' (class means of the teacher's "
-                                                 f"embeddings) or 'fit' (a margin classifier fitted to them)")
+    if plan.centres:
+        _check_centres(kd, plan)
+
+
+def _check_unused_blocks(kd: dict, plan: Plan) -> None:
+    """A method's block (config.kd.<name>) changed from its defaults is refused when the method does not run."""
+    from kd_plugin.methods import methods
+
+    catalogue = methods()
+    unused = [name for name, m in catalogue.items()
+              if m.defaults and name not in plan.names and kd[name] != m.block()]
+    if unused:
+        raise _fail(f"kd.{unused[0]}", kd[unused[0]], f"the settings of {catalogue[unused[0]].title}, and method "
+                                                      f"{kd['method']!r} does not run it: remove them or add "
+                                                      f"{unused[0]} to kd.method")
+
+
+def _check_centres(kd: dict, plan: Plan) -> None:
+    """The inheriting head's `centres` and `fit` (every head that needs centres has them, kd_plugin.methods.heads)."""
+    head, title = plan.head, plan.title(plan.head)
+    centres, fit = kd[head]["centres"], kd[head]["fit"]
+    if not centres:
+        raise _fail(f"kd.{head}.centres", centres, f"{title} needs the teacher's class centres: the folder of its "
+                                                   f"checkpoint_gpu_*.pt / rank_*_softmax_weight.pt shards, one "
+                                                   f"classifier file, 'estimate' (class means of the teacher's "
+                                                   f"embeddings) or 'fit' (a margin classifier fitted to them)")
+    if centres in DERIVED_CENTRES and not kd["teacher"] and not kd["cache"]:
+        raise _fail("kd.teacher", kd["teacher"], f"kd.{head}.centres = {centres!r} derives {title}'s centres from the "
+                                                 f"teacher's embeddings: set kd.teacher (a model spec) or kd.cache")
+    if centres == "fit" and not (isinstance(fit, dict) and set(fit) == set(CENTRE_FIT) and
+                                 isinstance(fit["epochs"], int) and fit["epochs"] >= 1 and
+                                 isinstance(fit["batch_size"], int) and fit["batch_size"] >= 1 and
+                                 float(fit["lr"]) > 0):
+        raise _fail(f"kd.{head}.fit", fit, f"expected {{'epochs', 'batch_size', 'lr'}} with epochs >= 1 and "
+                                           f"batch_size >= 1 (integers) and lr > 0")
 
 
 def resolve(config: dict) -> EasyDict:
@@ -238,7 +297,7 @@ def resolve(config: dict) -> EasyDict:
     `cfg.kd.terms` = {term: weight} and `cfg.kd.head` (the head method or "trainable") spelled out from it."""
     cfg = EasyDict(copy.deepcopy(BASE))
     cfg.update({k: v for k, v in dict(config).items() if k != "kd"})
-    kd = _merge(kd_defaults(), dict(config.get("kd") or {}), "kd")
+    kd = _merge(kd_defaults(), _moved_keys(dict(config.get("kd") or {})), "kd")
     from kd_plugin.methods import methods as catalogue
 
     weights = parse_method(kd["method"])
@@ -254,15 +313,11 @@ def resolve(config: dict) -> EasyDict:
                     f"weights exist for {', '.join(n for n, m in catalogue().items() if m.kind == 'term')}): fix the "
                     f"name or add the term to kd.method")
     _check_plan(kd, plan)
-    if kd["centre_dtype"] not in CENTRE_DTYPES:
-        raise _fail("kd.centre_dtype", kd["centre_dtype"], f"allowed: {', '.join(CENTRE_DTYPES)}")
-    if kd["centre_dtype"] != "float32" and not plan.centres:
-        raise _fail("kd.centre_dtype", kd["centre_dtype"], "only ProxylessKD's frozen inherited centres can be held in "
-                                                           "lower precision: remove it or add proxyless to kd.method")
     if kd["teacher_amp"] not in (None,) + AMP_DTYPES:
         raise _fail("kd.teacher_amp", kd["teacher_amp"], f"allowed: None (float32), {', '.join(AMP_DTYPES)}")
     _check_unlabeled(kd, plan)
     _check_views(kd, plan)
+    _check_unused_blocks(kd, plan)
     sampler = kd["sampler"]
     balanced = sampler["balanced"] if sampler["balanced"] is not None else plan.balanced
     sampler["balanced"] = bool(balanced)
@@ -300,9 +355,13 @@ def resolve(config: dict) -> EasyDict:
     return cfg
 
 
-def check_num_image(cfg: EasyDict, num_images: int) -> None:
-    """A `num_image` that contradicts the data is refused (the epoch length comes from the data, in both ways in);
-    `num_images`: the labelled images."""
+def check_against_data(cfg: EasyDict, dataset) -> None:
+    """The settings read against the training data, in both ways in: `num_classes` must be the data's, and a
+    `num_image` that contradicts the data is refused (the epoch length comes from the data)."""
+    if dataset.num_classes != cfg.num_classes:
+        raise KDPluginError(f"config.num_classes = {cfg.num_classes} but {cfg.rec} has {dataset.num_classes} "
+                            f"classes; set num_classes to match the data")
+    num_images = dataset.num_labeled
     if cfg.num_image and int(cfg.num_image) != num_images:
         raise KDPluginError(f"config.num_image = {cfg.num_image} but {cfg.rec} has {num_images} images; set num_image "
                             f"to match the data, or leave it unset (0 or None): the epoch length comes from the data")

@@ -150,11 +150,11 @@ class HookHead(nn.Module):
 def _align_epoch_length(config, shared: _Shared) -> None:
     """train_v2 derives its LR schedule from num_image // (batch_size * W) steps per epoch; kd_plugin's sampler takes
     ceil(N / (W * R)) steps (R = the random part of each rank's batch), so num_image is set to match."""
-    from kd_plugin.run.config import check_num_image
+    from kd_plugin.run.config import check_against_data
     from kd_plugin.distributed import get_world_size
 
     cfg, dataset = shared.resolved(), shared.dataset()
-    check_num_image(cfg, dataset.num_labeled)
+    check_against_data(cfg, dataset)
     world = get_world_size() if torch.distributed.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     config.num_image = shared.sampler().steps_per_epoch * cfg.batch_size * world
 
@@ -175,12 +175,17 @@ def _upstream_output(job_module: str) -> str:
     return value if value is not None else os.path.join("work_dirs", job_module.rsplit(".", 1)[-1])
 
 
-def distill(config, teacher: str | None = None, method: str = "proxyless", **kd) -> None:
-    """Make the unchanged arcface_torch `train_v2.py` distil with `method` from `teacher` (see the module docstring)."""
+def distill(config, teacher: str | None = None, method: str = "proxyless", centres=None, **kd) -> None:
+    """Make the unchanged arcface_torch `train_v2.py` distil with `method` from `teacher` (see the module docstring);
+    `centres`: where the inheriting head's class centres come from (config.kd.<head>.centres)."""
     block = dict(config.get("kd") or {})
     block.update(kd, method=method)
     if teacher is not None:
         block["teacher"] = teacher
+    if centres is not None:
+        from kd_plugin.methods import with_centres
+
+        block = with_centres(block, method, centres)
     config.kd = block
     from kd_plugin.run.config import read_by_kd_plugin
 

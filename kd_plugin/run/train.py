@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kd_plugin.atomic import save_torch
 from kd_plugin.run.build import build_dataset, build_loader, build_objective, build_sampler, build_teacher
-from kd_plugin.run.config import check_num_image, check_trainer_keys, load_config
+from kd_plugin.run.config import check_against_data, check_trainer_keys, load_config
 from kd_plugin.data.batches import Batch
 from kd_plugin.distributed import (get_rank, get_world_size, init_from_env, is_distributed, scale_grad,
                                    training_device)
@@ -64,10 +64,7 @@ class Trainer:
         os.makedirs(cfg.output, exist_ok=True)
         torch.manual_seed(cfg.seed)
         self.dataset = build_dataset(cfg)
-        if self.dataset.num_classes != cfg.num_classes:
-            raise KDPluginError(f"config.num_classes = {cfg.num_classes} but {cfg.rec} has {self.dataset.num_classes} "
-                                f"classes; set num_classes to match the data")
-        check_num_image(cfg, self.dataset.num_labeled)
+        check_against_data(cfg, self.dataset)
         self._notes = [] if cfg.save_all_states else [
             "save_all_states = False, but kd-plugin train still writes checkpoint_gpu_{rank}.pt (its resume and crash "
             "safety need it)"]

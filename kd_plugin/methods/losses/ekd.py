@@ -1,4 +1,5 @@
-"""EKD, evaluation-oriented distillation (Huang et al., CVPR 2022), as a critical-pair miner plus a rank loss.
+"""EKD, evaluation-oriented distillation (Huang et al., CVPR 2022), as a critical-pair miner (ekd_miner.py) plus a
+rank loss (here).
 
 Per step, over the global batch's pairs i < j: each model reads thresholds at the FPRs (1e-1 ... 1e-6) from its own
 negative-pair similarities (the floor(L * FPR)-th largest of its L negatives, 0-based), smoothed by momentum 0.01 in
@@ -21,14 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kd_plugin.errors import SettingError
 from kd_plugin.evaluation.fprs import DEFAULT_FPRS
+from kd_plugin.methods.losses.ekd_miner import CriticalPairMiner, check_settings
 from kd_plugin.methods.losses.precision import at_least_fp32
+from kd_plugin.methods.memory import LEGACY_NAMES, CrossBatchMemory
 from kd_plugin.methods.registry import register_term
-
-UNRESOLVABLE = ("reference", "hold")
-ANCHOR_INITS = ("zero", "first")
-
 
 def soft_rank(values: torch.Tensor, anchors: torch.Tensor, tau: float,
               weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -54,134 +52,6 @@ def _sides_differ(s, t, a_s, a_t, weights) -> torch.Tensor:
 ROW_BLOCK_ELEMENTS = 1 << 24  # positive pairs are ranked in blocks of rows of at most this many (pair, anchor) values
 
 
-class CriticalPairMiner(nn.Module):
-    """Thresholds at several FPRs for both models (momentum-smoothed buffers) and the critical pairs of a batch.
-
-    `unresolvable`: what a threshold does when the batch has fewer negatives than 1/FPR — "reference" reads index
-    floor(L * FPR) = 0 (the hardest negative), as TFace does; "hold" leaves that anchor unchanged (the batch cannot
-    measure it), and an anchor no batch has resolved yet takes no part in the soft ranks.
-    `bias_correction`: divide the anchors by 1 - (1 - momentum)^steps (zero-initialised EMA made unbiased); off by
-    default, as the reference. `anchor_init`: "zero" (the reference: anchors start at 0 and move 1% per step) or
-    "first" (kd_plugin's option: an anchor's first update sets it to that batch's threshold — in "hold" mode the first
-    batch that resolves it — and the EMA continues from there)."""
-
-    def __init__(self, fprs=DEFAULT_FPRS, momentum: float = 0.01, top_k: int = 2000, unresolvable: str = "reference",
-                 bias_correction: bool = False, anchor_init: str = "zero") -> None:
-        super().__init__()
-        check_settings("", fprs=fprs, unresolvable=unresolvable, anchor_init=anchor_init,
-                       bias_correction=bias_correction)
-        self.anchor_init = anchor_init
-        self.inverse_fprs = [int(round(1.0 / f)) for f in fprs]  # integer division keeps floor(L / A) exact
-        self.register_buffer("_inverse", torch.tensor(self.inverse_fprs, dtype=torch.int64), persistent=False)
-        self.momentum, self.top_k = float(momentum), int(top_k)
-        self.unresolvable, self.bias_correction = unresolvable, bool(bias_correction)
-        self.register_buffer("student_anchors", torch.zeros(len(fprs)))
-        self.register_buffer("teacher_anchors", torch.zeros(len(fprs)))
-        self.register_buffer("anchor_updates", torch.zeros(len(fprs), dtype=torch.int64))
-        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
-
-    def _update(self, name: str, batch: torch.Tensor, resolved: torch.Tensor, first: torch.Tensor,
-                measured: torch.Tensor) -> None:
-        anchors = getattr(self, name)
-        new = (1 - self.momentum) * anchors + self.momentum * batch
-        if self.anchor_init == "first":  # an anchor's first update takes the batch's threshold, not 1% of it
-            new = torch.where(first, batch, new)
-        if self.unresolvable == "hold":
-            new = torch.where(resolved, new, anchors)
-        anchors.copy_(torch.where(measured, new, anchors))  # a batch without negatives changes nothing
-
-    def active(self) -> torch.Tensor:
-        """Which anchors take part in the soft ranks (all of them, except never-resolved ones in "hold" mode)."""
-        if self.unresolvable == "hold":
-            return self.anchor_updates > 0
-        return torch.ones_like(self.anchor_updates, dtype=torch.bool)
-
-    def anchors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (student, teacher) anchors the loss uses now."""
-        if not self.bias_correction:
-            return self.student_anchors, self.teacher_anchors
-        n = self.anchor_updates.clamp_min(1).float()
-        scale = 1.0 / (1.0 - (1.0 - self.momentum) ** n)
-        return self.student_anchors * scale, self.teacher_anchors * scale
-
-    def _thresholds(self, descending: torch.Tensor, negatives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per FPR, from one model's negatives sorted in descending order (at least the first L // min(A) + 1 of
-        them): the floor(L / A)-th largest (0-based) and whether the batch resolves it (L >= A). `negatives` (L) is a
-        device tensor: nothing is read on the host."""
-        index = negatives // self._inverse
-        picked = descending.gather(0, index.clamp(max=len(descending) - 1))
-        return picked, index >= 1
-
-    @torch.no_grad()
-    def forward(self, student_unit: torch.Tensor, teacher_unit: torch.Tensor, labels: torch.Tensor,
-                earlier: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> dict:
-        """Update the anchors from this batch and select its critical pairs.
-
-        The pairs are each row of the batch with every row before it, in the order [earlier rows; batch]: `earlier`
-        (student rows, teacher rows, labels; EKD's cross-batch memory) precede the batch, so without them the pairs
-        are the batch's i < j. Returns `positive` (the (P + N) x N mask of positive pairs), `negative_index` (the top_k
-        negatives by student similarity, as flat indices into that matrix; `negative_valid` marks the real ones when
-        there are fewer than top_k), `measured` (whether the batch has a negative pair at all: else the step is
-        skipped), the counts, and the batch thresholds for the diagnostics.
-
-        Without a host synchronisation: every count stays on the device and the shapes depend only on the batch size
-        and the memory. Memory: one (P + N) x N fp32 similarity matrix at a time (the student's, then the teacher's),
-        the pair masks, and one top-k of min(pairs, max(top_k, pairs // 10 + 1)) values and int64 indices per model —
-        at a global batch of 4096 without memory, 8.4M pairs: 67 MB per matrix and 10 MB per top-k."""
-        n = len(labels)
-        keys_l = labels if earlier is None else torch.cat([earlier[2], labels])
-        p = len(keys_l) - n
-        before = torch.ones(p + n, n, dtype=torch.bool, device=labels.device).triu_(1 - p)  # a < p + b
-        same = keys_l[:, None] == labels[None, :]
-        negative = before & ~same
-        count = negative.sum()  # L, on the device
-        measured = count > 0
-        pairs = (p + n) * n - n * (n + 1) // 2  # every pair a < p + b: known on the host from the shapes
-        needed = min(pairs, pairs // min(self.inverse_fprs) + 1)  # the deepest threshold position, +1
-        take = min(pairs, max(self.top_k, needed))
-        keys_s = student_unit if earlier is None else torch.cat([earlier[0], student_unit])
-        sim = (keys_s @ student_unit.T).masked_fill_(~negative, -float("inf")).view(-1)
-        values, flat = torch.topk(sim, take)  # one top-k gives every threshold and the selected negatives
-        student_batch, resolved = self._thresholds(values, count)
-        k = min(self.top_k, pairs)
-        negative_index, negative_valid = flat[:k], values[:k] > -float("inf")
-        del sim
-        keys_t = teacher_unit if earlier is None else torch.cat([earlier[1], teacher_unit])
-        sim = (keys_t @ teacher_unit.T).masked_fill_(~negative, -float("inf")).view(-1)
-        teacher_batch, _ = self._thresholds(torch.topk(sim, needed).values, count)
-        teacher_neg = sim[negative_index]  # the selected negatives' teacher similarities (-inf where not valid)
-        del sim
-        first = self.anchor_updates == 0  # before this update: anchors no batch has set yet
-        self._update("student_anchors", student_batch, resolved, first, measured)
-        self._update("teacher_anchors", teacher_batch, resolved, first, measured)
-        gained = (resolved & measured) if self.unresolvable == "hold" else measured.expand_as(resolved)
-        self.anchor_updates += gained.long()
-        self.steps += measured.long()
-        return {"positive": before & same, "negative_index": negative_index, "negative_valid": negative_valid,
-                "teacher_neg": teacher_neg, "student_batch": student_batch, "teacher_batch": teacher_batch,
-                "resolved": resolved, "negatives": count, "measured": measured}
-
-
-def check_settings(where: str, **settings) -> None:
-    """EKD's settings, checked in one place: at config time (`where` = "config.kd.ekd.", before anything is built)
-    and when EKDLoss / CriticalPairMiner are built directly (`where` = ""). Checks the settings given."""
-    def fail(key: str, expected: str) -> None:
-        raise SettingError(f"{where}{key} = {settings[key]!r}: {expected}")
-
-    if "fprs" in settings and not all(0 < f < 1 for f in settings["fprs"]):
-        fail("fprs", "EKD's FPRs must lie strictly between 0 and 1")
-    if "unresolvable" in settings and settings["unresolvable"] not in UNRESOLVABLE:
-        fail("unresolvable", f"allowed: {', '.join(repr(u) for u in UNRESOLVABLE)}")
-    if "anchor_init" in settings and settings["anchor_init"] not in ANCHOR_INITS:
-        fail("anchor_init", f"allowed: {', '.join(repr(a) for a in ANCHOR_INITS)}")
-    if settings.get("anchor_init") == "first" and settings.get("bias_correction"):
-        fail("bias_correction", "with anchor_init = 'first' the anchors start at a batch's thresholds, so there is no "
-                                "zero start to correct: remove one of the two")
-    if "memory" in settings and (isinstance(settings["memory"], bool) or not isinstance(settings["memory"], int)
-                                 or settings["memory"] < 0):
-        fail("memory", "expected a number of rows >= 0 (0: no cross-batch memory, the reference)")
-
-
 def _check_config(kd: dict) -> None:
     block = kd["ekd"]
     check_settings("config.kd.ekd.", **{key: block[key] for key in ("fprs", "unresolvable", "anchor_init",
@@ -196,12 +66,10 @@ class EKDLoss(nn.Module):
     Teacher and student dims may differ (only each model's own cosines are compared).
 
     `memory` (kd_plugin's extension, off by default as the reference): a cross-batch memory (XBM, Wang et al., CVPR
-    2020) of the last `memory` rows (student embedding, detached; teacher embedding; label), so the thresholds and the
-    critical pairs come from each batch row paired with the memory's rows as well as the batch's own: at a global
-    batch of 128 a memory of 4096 gives 532k pairs a step instead of 8,128. Rows enter after their step. Held in
-    buffers (in the checkpoint), the same on every rank — EKD is computed identically on each rank from the gathered
-    batch — so each rank holds memory x (student dim + teacher dim + 1) numbers: a fixed setting, not growing with the
-    dataset or the classes. `anchor_init`: see CriticalPairMiner."""
+    2020, kd_plugin.methods.memory) of the last `memory` rows (student embedding, detached; teacher embedding; label),
+    so the thresholds and the critical pairs come from each batch row paired with the memory's rows as well as the
+    batch's own: at a global batch of 128 a memory of 4096 gives 532k pairs a step instead of 8,128. Rows enter after
+    their step; the budget is the memory's (same on every rank, a fixed size). `anchor_init`: see CriticalPairMiner."""
 
     def __init__(self, fprs=DEFAULT_FPRS, momentum: float = 0.01, tau: float = 0.01, top_k: int = 2000,
                  positive_weight: float = 0.02, negative_weight: float = 0.01, unresolvable: str = "reference",
@@ -212,13 +80,8 @@ class EKDLoss(nn.Module):
         self.miner = CriticalPairMiner(fprs, momentum, top_k, unresolvable, bias_correction, anchor_init)
         self.tau, self.positive_weight, self.negative_weight = float(tau), float(positive_weight), float(negative_weight)
         self.memory = int(memory)
-        # shaped (memory, dim) at the first step, when the dims are known (a checkpoint brings its own shape back)
-        self.register_buffer("memory_student", torch.zeros(0, 0))
-        self.register_buffer("memory_teacher", torch.zeros(0, 0))
-        self.register_buffer("memory_labels", torch.zeros(0, dtype=torch.int64))
-        self.register_buffer("memory_rows", torch.zeros((), dtype=torch.int64))  # filled so far (at most `memory`)
-        self.register_buffer("memory_next", torch.zeros((), dtype=torch.int64))  # where the next row goes
-        self._filled, self._next = 0, 0  # the same two numbers on the host
+        # the ring of remembered rows (kd_plugin.methods.memory), holding EKD's form of a row: unit vectors in fp32
+        self.bank = CrossBatchMemory(self.memory) if self.memory else None
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor):
         """No host synchronisation: counts stay on the device, a batch without a negative pair gives a zero loss
@@ -282,41 +145,26 @@ class EKDLoss(nn.Module):
         return stats
 
     def _remembered(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        rows = self._filled
-        if not self.memory or rows == 0:
-            return None
-        return self.memory_student[:rows], self.memory_teacher[:rows], self.memory_labels[:rows]
+        return None if self.bank is None else self.bank.earlier()
 
-    @torch.no_grad()
     def _remember(self, s_unit: torch.Tensor, t_unit: torch.Tensor, labels: torch.Tensor) -> None:
-        """Put this step's rows into the memory (a ring: the oldest rows leave first)."""
-        if not self.memory:
-            return
-        if self.memory_student.shape != (self.memory, s_unit.shape[1]) or \
-                self.memory_teacher.shape != (self.memory, t_unit.shape[1]):
-            self.memory_student = s_unit.new_zeros(self.memory, s_unit.shape[1])
-            self.memory_teacher = t_unit.new_zeros(self.memory, t_unit.shape[1])
-            self.memory_labels = labels.new_zeros(self.memory)
-            self.memory_rows.zero_()
-            self.memory_next.zero_()
-            self._filled = self._next = 0
-        s_unit, t_unit, labels = s_unit[-self.memory:], t_unit[-self.memory:], labels[-self.memory:]
-        at = (self._next + torch.arange(len(labels), device=labels.device)) % self.memory
-        self.memory_student[at], self.memory_teacher[at], self.memory_labels[at] = s_unit, t_unit, labels
-        # the ring's position is kept on the host (it follows from the batch sizes alone) and mirrored in the
-        # buffers for the checkpoint: reading the buffers each step would stall the device
-        self._next = (self._next + len(labels)) % self.memory
-        self._filled = min(self._filled + len(labels), self.memory)
-        self.memory_next.fill_(self._next)
-        self.memory_rows.fill_(self._filled)
+        if self.bank is not None:
+            self.bank.add(s_unit, t_unit, labels)
+
+    # the ring as EKDLoss exposed it before it had its own module (what tests and diagnostics read)
+    memory_rows = property(lambda self: self._ring("rows"))
+    memory_next = property(lambda self: self._ring("next"))
+    memory_labels = property(lambda self: self._ring("labels"))
+
+    def _ring(self, name: str) -> torch.Tensor:
+        if self.bank is None:
+            return torch.zeros((), dtype=torch.int64) if name in ("rows", "next") else torch.zeros(0, dtype=torch.int64)
+        return getattr(self.bank, name)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("memory_student", "memory_teacher", "memory_labels"):  # sized at the first step: take the saved
-            saved = state_dict.get(prefix + name)
-            if saved is not None and saved.shape != getattr(self, name).shape:
-                setattr(self, name, torch.zeros_like(saved, device=getattr(self, name).device))
-        if self.memory == 0:  # a checkpoint from before the memory existed resumes: no memory is an empty memory
-            for name in ("memory_student", "memory_teacher", "memory_labels", "memory_rows", "memory_next"):
-                state_dict.setdefault(prefix + name, getattr(self, name))
+        for old, new in LEGACY_NAMES.items():  # a checkpoint of kd_plugin <= 0.5: the ring's buffers were EKD's own
+            if prefix + old in state_dict:
+                value = state_dict.pop(prefix + old)
+                if self.bank is not None:
+                    state_dict.setdefault(f"{prefix}bank.{new}", value)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._filled, self._next = int(self.memory_rows), int(self.memory_next)  # read once, at load

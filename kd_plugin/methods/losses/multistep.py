@@ -6,7 +6,7 @@ from __future__ import annotations
 from kd_plugin.errors import KDPluginError
 from kd_plugin.methods.losses.embedding import L2Loss
 from kd_plugin.methods.registry import register_term
-from kd_plugin.methods.heads import DERIVED_CENTRES
+from kd_plugin.methods.heads import derives_centres
 from kd_plugin.teachers.multistep import MultiStepTeacher, MultiStepTeacherSchedule
 
 
@@ -24,9 +24,10 @@ def _check_config(kd: dict) -> None:
     if kd["cache"]:
         raise KDPluginError(f"config.kd.cache = {kd['cache']!r}: a cache holds one fixed teacher; multi-step KD "
                             f"changes the teacher every epoch: remove kd.cache")
-    if kd["centres"] in DERIVED_CENTRES:
-        raise KDPluginError(f"config.kd.centres = {kd['centres']!r}: with multistep the teacher changes every epoch: "
-                            f"give a centres file or the teacher's classifier shards instead")
+    if derives_centres(kd):
+        head = kd["plan"].head
+        raise KDPluginError(f"config.kd.{head}.centres = {kd[head]['centres']!r}: with multistep the teacher changes "
+                            f"every epoch: give a centres file or the teacher's classifier shards instead")
     try:
         MultiStepTeacherSchedule(kd["teacher"], block["checkpoints"], block["steps_per_epoch"])
     except ValueError as exc:

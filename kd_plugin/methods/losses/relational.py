@@ -1,5 +1,7 @@
 """Relational baselines: CCKD (correlation congruence), SP (similarity preserving), RKD (distance + angle).
-They compare relations within each model, so teacher and student dims may differ."""
+They compare relations within each model, so teacher and student dims may differ. CCKD and SP relate each row of the
+batch to `earlier` rows too when given them (a cross-batch memory: kd_plugin.methods.memory.RememberingTerm); RKD's
+angle term is cubic in the rows, so it takes none."""
 
 from __future__ import annotations
 
@@ -27,10 +29,12 @@ class CCKDLoss(nn.Module):
             raise ValueError(f"cckd order must be >= 1, got {order}")
         self.gamma, self.order = float(gamma), int(order)
 
-    def correlation(self, emb: torch.Tensor) -> torch.Tensor:
-        """The N x N Taylor-approximated RBF correlation matrix of L2-normalised rows."""
+    def correlation(self, emb: torch.Tensor, earlier: torch.Tensor | None = None) -> torch.Tensor:
+        """The N x N Taylor-approximated RBF correlation matrix of L2-normalised rows; with `earlier` rows (E), the
+        N x (E + N) one of the batch against [earlier; batch]."""
         unit = F.normalize(at_least_fp32(emb), dim=1)
-        cos = unit @ unit.T
+        keys = unit if earlier is None else torch.cat([F.normalize(at_least_fp32(earlier), dim=1), unit])
+        cos = unit @ keys.T
         coeffs = [math.exp(-2 * self.gamma) * (2 * self.gamma) ** p / math.factorial(p) for p in range(self.order + 1)]
         out, power = torch.full_like(cos, coeffs[0]), torch.ones_like(cos)
         for p in range(1, self.order + 1):
@@ -38,25 +42,33 @@ class CCKDLoss(nn.Module):
             out = out + coeffs[p] * power
         return out
 
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None):
-        loss = F.mse_loss(self.correlation(student), self.correlation(teacher).detach())
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None,
+                earlier: tuple | None = None):
+        """`earlier`: (student rows, teacher rows, labels) that precede the batch, without gradient."""
+        s_keys, t_keys = (None, None) if earlier is None else earlier[:2]
+        loss = F.mse_loss(self.correlation(student, s_keys), self.correlation(teacher, t_keys).detach())
         return loss, {"cckd": loss.detach()}
 
 
 @register_term("sp", title="SP", needs=("teacher",), summary="similarity preserving: the row-normalised Gram matrix of the batch matched "
                                          "to the teacher's", _builtin=True)
 class SPLoss(nn.Module):
-    """Similarity preserving: row-normalised Gram matrices G = f f^T; loss = ||G_s - G_t||_F^2 / N^2."""
+    """Similarity preserving: row-normalised Gram matrices G = f f^T; loss = ||G_s - G_t||_F^2 / N^2 (with E earlier
+    rows: G = f [earlier; f]^T, over N x (E + N))."""
 
     @staticmethod
-    def gram(emb: torch.Tensor) -> torch.Tensor:
-        """Row-L2-normalised Gram matrix of the raw embeddings."""
+    def gram(emb: torch.Tensor, earlier: torch.Tensor | None = None) -> torch.Tensor:
+        """Row-L2-normalised Gram matrix of the raw embeddings (against [earlier; emb] when given)."""
         emb = at_least_fp32(emb)
-        return F.normalize(emb @ emb.T, dim=1)
+        keys = emb if earlier is None else torch.cat([at_least_fp32(earlier), emb])
+        return F.normalize(emb @ keys.T, dim=1)
 
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None):
-        n = student.shape[0]
-        loss = (self.gram(student) - self.gram(teacher).detach()).pow(2).sum() / (n * n)
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None,
+                earlier: tuple | None = None):
+        """`earlier`: (student rows, teacher rows, labels) that precede the batch, without gradient."""
+        s_keys, t_keys = (None, None) if earlier is None else earlier[:2]
+        g_s, g_t = self.gram(student, s_keys), self.gram(teacher, t_keys).detach()
+        loss = (g_s - g_t).pow(2).sum() / g_s.numel()
         return loss, {"sp": loss.detach()}
 
 
