@@ -4,8 +4,9 @@ Four configurations of `kd-plugin train`'s Trainer on the same synthetic faces, 
 turn (one step of each, round after round, so that they share the machine's state): the student alone (margin head,
 no teacher), a cached teacher (`kd.cache`), an online torch teacher (`mbf:backbone.pth`) and the same network
 exported to ONNX by `kd-plugin export` and run online. The teacher configurations add the cosine term. Each step is
-split into: loader wait, teacher, student forward, backward, head, each term, optimizer; `seconds` is the median
-wall time of a whole step (loader wait included) over `--steps` steps after `--warmup`. `host_syncs` counts the calls
+split into the parts the step marks (kd_plugin.run.parts): loader wait, teacher, student forward, backward, head, each
+term, optimizer; `seconds` is the median wall time of a whole step (loader wait included) over `--steps` steps after
+`--warmup`. `host_syncs` counts the calls
 that wait for the device (kd_plugin.host_syncs) per step, over the steps and one logging read.
 
 On a CPU the figures to read are the ratios (`cached/student`, `onnx_teacher/torch_teacher`): every part runs on the
@@ -25,52 +26,6 @@ from collections import defaultdict
 import torch
 
 CONFIGS = ("student", "cached", "torch_teacher", "onnx_teacher")
-
-
-class PartClock:
-    """Seconds spent in named calls during one step: perf_counter on a CPU, CUDA events on a GPU (read after the
-    step, outside the counted region)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.spans: list = []
-
-    def wrap(self, name: str, fn):
-        def timed(*args, **kwargs):
-            start = torch.cuda.Event(enable_timing=True) if self.cuda else time.perf_counter()
-            if self.cuda:
-                start.record()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                if self.cuda:
-                    end = torch.cuda.Event(enable_timing=True)
-                    end.record()
-                    self.spans.append((name, start, end))
-                else:
-                    self.spans.append((name, start, time.perf_counter()))
-        return timed
-
-    def take(self) -> dict[str, float]:
-        if self.cuda:
-            torch.cuda.synchronize()
-        parts: dict[str, float] = defaultdict(float)
-        for name, start, end in self.spans:
-            parts[name] += start.elapsed_time(end) / 1000 if self.cuda else end - start
-        self.spans = []
-        return dict(parts)
-
-
-def _instrument(trainer, clock: PartClock) -> None:
-    """Time the parts of `trainer.step` by wrapping the calls it makes (instance attributes only)."""
-    trainer.model.forward = clock.wrap("student_forward", trainer.model.forward)
-    if trainer.teacher is not None:
-        trainer.teacher.embeddings = clock.wrap("teacher", trainer.teacher.embeddings)
-    head = trainer.objective.head
-    head.global_loss = clock.wrap("head", head.global_loss)
-    for name, term in trainer.objective.terms.items():
-        term.forward = clock.wrap(f"term_{name}", term.forward)
-    trainer.opt.step = clock.wrap("optimizer", trainer.opt.step)
 
 
 def _prepare(folder: str, network: str, size: int, identities: int, per_identity: int) -> dict:
@@ -108,6 +63,7 @@ def _config(name: str, made: dict, out: str, args) -> dict:
 def run(args) -> dict:
     from kd_plugin.run.config import resolve
     from kd_plugin.host_syncs import count_host_syncs
+    from kd_plugin.run.parts import PartClock
     from kd_plugin.run.train import Trainer
 
     device = torch.device(args.device)
@@ -121,7 +77,7 @@ def run(args) -> dict:
         if trainer.device != device:
             raise SystemExit(f"kd-plugin bench step: --device {device} but the trainer picked {trainer.device}")
         clock = PartClock(device)
-        _instrument(trainer, clock)
+        trainer.time_parts(clock)  # the step's own part marks (kd_plugin.run.parts)
         trainer.sampler.set_epoch(0)
         runs[name] = {"trainer": trainer, "clock": clock, "batches": iter(trainer.loader),
                       "seconds": [], "parts": defaultdict(list), "syncs": 0}
@@ -129,21 +85,16 @@ def run(args) -> dict:
     if runs["student"]["trainer"].steps_per_epoch < total:
         raise SystemExit(f"kd-plugin bench step: {total} steps need more than one epoch of "
                          f"{runs['student']['trainer'].steps_per_epoch}; raise --per-identity or lower --batch-size")
-    real_backward = torch.Tensor.backward
     for step in range(total):
         for name, run_ in runs.items():
             trainer, clock = run_["trainer"], run_["clock"]
             start = time.perf_counter()
             batch = next(run_["batches"])
             waited = time.perf_counter() - start
-            torch.Tensor.backward = clock.wrap("backward", real_backward)
-            try:
-                with count_host_syncs() as seen:
-                    trainer.step(batch)  # its scalars are summed in trainer.kd.log, as in a training run
-                    if step == total - 1:
-                        trainer.kd.log.read(False)  # the logging step's read, once over the measured steps
-            finally:
-                torch.Tensor.backward = real_backward
+            with count_host_syncs() as seen:
+                trainer.step(batch)  # its scalars are summed in trainer.kd.log, as in a training run
+                if step == total - 1:
+                    trainer.kd.log.read(False)  # the logging step's read, once over the measured steps
             parts = clock.take()
             if device.type == "cuda":
                 torch.cuda.synchronize()

@@ -15,6 +15,7 @@ from kd_plugin.data.sampler import random_part_rows
 from kd_plugin.distributed import gather_no_grad, gather_sizes, replicated_loss
 from kd_plugin.embeddings import check_same_dims
 from kd_plugin.methods.heads import PartialFCHead
+from kd_plugin.run.parts import NO_PARTS
 
 
 class KDObjective(nn.Module):
@@ -41,6 +42,7 @@ class KDObjective(nn.Module):
         # kd.views.mixed_labels = "mix": forward takes `mix` (each row's partner label and lam) and the head's loss of
         # a mixed row is lam x its own identity's plus (1 - lam) x its partner's
         self.mixed_labels = bool(mixed_labels)
+        self.parts = NO_PARTS  # the step's parts a caller may time (kd_plugin.run.parts): "head", "term_<name>"
 
     def forward(self, local_student: torch.Tensor, local_labels: torch.Tensor,
                 local_teacher: torch.Tensor | None = None, sizes: list[int] | None = None,
@@ -71,33 +73,38 @@ class KDObjective(nn.Module):
         no_labels = len(labeled[2]) == 0
         if not no_labels:  # a head that learns from the teacher (AdaDistill) sees the unmixed labelled rows
             self.head.observe(labeled[0], labeled[1], labeled[2])
-        if head_rows is not None:
-            rows, head_labels, weights = head_rows
-            head_loss = (self.head.global_loss(student[rows], head_labels, weights) if len(rows)
-                         else student.sum() * 0.0)
-        elif no_labels:
-            head_loss = student.sum() * 0.0
-        elif self.margin_random_rows is not None:
-            rows = random_part_rows(sizes, self.margin_random_rows, student.device)
-            head_loss = self.head.global_loss(student[rows], labels[rows])  # the random part is always labelled
-        else:
-            head_loss = self.head.global_loss(labeled[0], labeled[2])
+        with self.parts.span("head"):
+            head_loss = self._head_loss(student, labels, labeled, head_rows, no_labels, sizes)
         total = head_loss
         stats = {"loss_head": head_loss.detach()}
         for name, term in self.terms.items():
             rows = everything if name in self.label_free else labeled
             if no_labels and name not in self.label_free:
                 continue
-            if getattr(term, "sharded", False):
-                loss, term_stats = term(*rows, self.head)
-            else:
-                loss, term_stats = term(*rows)
-                loss = replicated_loss(loss, self.reference_scaling)
+            with self.parts.span(f"term_{name}"):
+                if getattr(term, "sharded", False):
+                    loss, term_stats = term(*rows, self.head)
+                else:
+                    loss, term_stats = term(*rows)
+                    loss = replicated_loss(loss, self.reference_scaling)
             total = total + self.weights[name] * loss
             stats[f"loss_{name}"] = loss.detach()
             stats.update({k: v for k, v in term_stats.items()})
         stats["loss"] = total.detach()
         return total, stats
+
+    def _head_loss(self, student, labels, labeled, head_rows, no_labels: bool, sizes) -> torch.Tensor:
+        """The head's loss over the rows it trains on: the mixed rows' weighted labels, nothing (no labelled row),
+        the random part of each rank's batch (kd.margin_on_random_part) or every labelled row."""
+        if head_rows is not None:
+            rows, head_labels, weights = head_rows
+            return self.head.global_loss(student[rows], head_labels, weights) if len(rows) else student.sum() * 0.0
+        if no_labels:
+            return student.sum() * 0.0
+        if self.margin_random_rows is not None:
+            rows = random_part_rows(sizes, self.margin_random_rows, student.device)
+            return self.head.global_loss(student[rows], labels[rows])  # the random part is always labelled
+        return self.head.global_loss(labeled[0], labeled[2])
 
 
 def _mixed_rows(labels: torch.Tensor, partners: torch.Tensor,

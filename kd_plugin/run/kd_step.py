@@ -18,6 +18,7 @@ import torch
 
 from kd_plugin.data.batches import Batch
 from kd_plugin.distributed import get_world_size, scale_grad
+from kd_plugin.run.parts import NO_PARTS
 from kd_plugin.training_log import RunLog, StepLog
 
 
@@ -29,6 +30,7 @@ class KDStep:
         self.objective, self.teacher, self.records = objective, teacher, records
         self.world = get_world_size()
         self.log = StepLog(device)
+        self.parts = NO_PARTS  # the step's parts a caller may time (kd_plugin.run.parts): "teacher"
 
     def switch_teacher(self, epoch: int, step: int) -> None:
         """Multi-step KD: the teacher of `epoch`, loaded (on every rank) and logged (rank 0) when it changes."""
@@ -46,10 +48,11 @@ class KDStep:
         if not self.objective.needs_teacher:
             return None
         self.switch_teacher(epoch, step)
-        if batch is None:
-            return self.teacher.embeddings(None, None, images, device, epoch=epoch)
-        loaded = () if batch.rows is None else ((batch.rows,) if batch.known is None else (batch.rows, batch.known))
-        return self.teacher.embeddings(batch.indices, batch.flips, images, device, epoch=epoch, loaded=loaded)
+        with self.parts.span("teacher"):
+            if batch is None:
+                return self.teacher.embeddings(None, None, images, device, epoch=epoch)
+            loaded = () if batch.rows is None else ((batch.rows,) if batch.known is None else (batch.rows, batch.known))
+            return self.teacher.embeddings(batch.indices, batch.flips, images, device, epoch=epoch, loaded=loaded)
 
     def __call__(self, embeddings: torch.Tensor, labels: torch.Tensor, batch: Batch | None,
                  images: torch.Tensor | Callable[[], torch.Tensor], epoch: int,

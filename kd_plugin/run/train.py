@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kd_plugin.atomic import save_torch
 from kd_plugin.run.build import build_dataset, build_loader, build_objective, build_sampler, build_teacher
+from kd_plugin.run.parts import NO_PARTS
 from kd_plugin.run.config import check_against_data, check_trainer_keys, load_config
 from kd_plugin.data.batches import Batch
 from kd_plugin.distributed import (get_rank, get_world_size, init_from_env, is_distributed, scale_grad,
@@ -77,6 +78,7 @@ class Trainer:
         self.objective = build_objective(cfg, self.dataset, self.teacher, self.sampler).to(self.device)
         self._records = RunLog(cfg.output, self.rank, "train")
         self.kd = KDStep(self.objective, self.teacher, self._records, self.device)  # shared with the hook
+        self.parts = NO_PARTS  # the step's parts, timed only when a caller asks (time_parts)
         self.model = (DistributedDataParallel(self.student, device_ids=[self.device.index] if self.device.type == "cuda"
                                               else None) if is_distributed() else self.student)
         params = [{"params": self.student.parameters()}, {"params": self.objective.parameters()}]
@@ -158,20 +160,29 @@ class Trainer:
         arcface_torch)."""
         images = batch.images.to(self.device, non_blocking=True)
         labels = batch.labels.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=bool(self.cfg.fp16)):
+        with self.parts.span("student_forward"), \
+                torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=bool(self.cfg.fp16)):
             embeddings = self.model(self.student_norm.torch(images))
         loss, stats = self.kd(embeddings, labels, batch, images, self.epoch, self.global_step)
-        self.scaler.scale(loss).backward()
+        with self.parts.span("backward"):
+            self.scaler.scale(loss).backward()
         self.global_step += 1
         self.position += 1
         if self.global_step % self.cfg.gradient_acc == 0:
-            self.scaler.unscale_(self.opt)  # clip the true gradients, not the scaled ones
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), 5)
-            self.scaler.step(self.opt)  # skipped (and the scale lowered) when a gradient overflowed
-            self.scaler.update()
-            self.opt.zero_grad(set_to_none=True)
+            with self.parts.span("optimizer"):
+                self.scaler.unscale_(self.opt)  # clip the true gradients, not the scaled ones
+                torch.nn.utils.clip_grad_norm_(self.student.parameters(), 5)
+                self.scaler.step(self.opt)  # skipped (and the scale lowered) when a gradient overflowed
+                self.scaler.update()
+                self.opt.zero_grad(set_to_none=True)
         self.scheduler.step()
         return stats, loss
+
+    def time_parts(self, parts) -> None:
+        """Time the parts of every step with `parts` (a kd_plugin.run.parts.PartClock; NO_PARTS: not timed, the
+        default): the student's forward, backward and optimizer here, the teacher in the KD step, the head and each
+        term in the objective."""
+        self.parts = self.kd.parts = self.objective.parts = parts
 
     def _logging_step(self, speed: SpeedLine) -> bool:
         """Every `frequent` steps (and at the last): read the scalars, the stop request and the finite-loss check in
