@@ -96,9 +96,10 @@ class _Embeddings:
         return out
 
 
-def _config(args, paths: dict, row: str, seed: int, output: str, caches: dict, num_classes: int) -> dict:
-    """A row's training config: its method from the registry with its '@' settings; every row the same batches,
-    budget and schedule. An '@utk' row draws half of each batch's random part from the unlabelled faces and makes half
+def _config(args, paths: dict, row: str, seed: int, output: str, caches: dict, num_classes: int,
+            epochs: int) -> dict:
+    """A row's training config at a budget of `epochs`: its method from the registry with its '@' settings; every row
+    the same batches, budget and schedule. An '@utk' row draws half of each batch's random part from the unlabelled faces and makes half
     as many passes over the labelled images, so it takes as many steps of as many images as the others."""
     from kd_plugin.methods import kd_block
 
@@ -116,10 +117,10 @@ def _config(args, paths: dict, row: str, seed: int, output: str, caches: dict, n
     if "views" in variants:  # the teacher on each view (not the cache of plain images), its embeddings shared
         kd["cache"] = None
         kd["views"] = {"enabled": True, **_views(args), "cache": os.path.join(args.out, _views_folder(args, utk))}
-    epochs, warmup = args.epochs, 1
+    warmup = 1
     if utk:  # half as many epochs of twice the steps: the same steps, the same warm-up steps
         kd["unlabeled"] = {"data": paths["unlabeled"], "per_batch": _random_rows(args) // 2}
-        epochs, warmup = args.epochs // 2, 0.5
+        epochs, warmup = epochs // 2, 0.5
     rec, _ = _training_sets(paths, utk)
     return {"network": args.network, "embedding_size": 128, "rec": rec if len(rec) > 1 else rec[0],
             "num_classes": num_classes, "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
@@ -151,10 +152,13 @@ def _random_rows(args) -> int:
     return args.batch_size - args.identities * args.images_per_identity
 
 
-def _settings(args, paths: dict, row: str = "") -> dict:
+def _settings(args, paths: dict, row: str = "", epochs: int | None = None) -> dict:
+    """What a run's result depends on (a saved run is reused only when these match); `epochs`: its budget (default
+    --epochs)."""
     keys = ("network", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "margin", "identities",
             "images_per_identity")
     settings = {k: getattr(args, k) for k in keys}
+    settings["epochs"] = args.epochs if epochs is None else epochs
     settings["data"] = [os.path.basename(os.path.dirname(p)) for p in (paths["train"], paths["extra"]) if p]
     if row and "utk" in parse_row(row)[1]:
         settings["unlabeled"] = os.path.abspath(paths["unlabeled"])
@@ -172,42 +176,58 @@ def _row_weights(args, row: str) -> dict[str, float]:
     return {name: weight for name, weight in args.weight if name in terms}
 
 
-def _train_one(args, paths, row, seed, caches, data, teacher_emb, num_classes, root: str | None = None) -> dict:
-    """Train (or reuse) one student, its run folder under `root` (default --out); returns its result record."""
-    from kd_plugin.run.config import resolve
-    from kd_plugin.export import export_onnx
-    from kd_plugin.run.train import Trainer
+@dataclass
+class _Runner:
+    """What every training run of one benchmark shares: its settings (`args`, the parsed command line, never
+    changed), the files it reads, the teacher caches, the evaluation data, the teacher's embeddings of it and the
+    class count."""
 
-    folder = run_folder(root or args.out, row, seed)
-    record_path = os.path.join(folder, "result.json")
-    settings = _settings(args, paths, row)
-    if not args.fresh and os.path.isfile(record_path) and os.path.isfile(os.path.join(folder, "val_embeddings.npy")):
-        with open(record_path, encoding="utf-8") as f:
-            record = json.load(f)
-        if record.get("settings") == settings:
-            print(f"[bench celeba] {row} seed {seed}: reusing {record_path}", flush=True)
-            return record
-    shutil.rmtree(folder, ignore_errors=True)
-    cfg = resolve(_config(args, paths, row, seed, folder, caches, num_classes))
-    print(f"[bench celeba] training {row} seed {seed}: {cfg.network}, {cfg.num_epoch} epochs, batch "
-          f"{cfg.batch_size}, lr {cfg.lr}", flush=True)
-    trainer = Trainer(cfg)
-    start = time.perf_counter()
-    trainer.run()
-    train_seconds = time.perf_counter() - start
-    embeddings = _Embeddings.of(trainer.student_embedder(), data)
-    figures = embeddings.figures(data, teacher_emb)
-    np.save(os.path.join(folder, "val_embeddings.npy"), embeddings.val.astype(np.float32))
-    export_onnx(trainer.student.eval(), os.path.join(folder, "model.onnx"), trainer.student_norm)
-    record = {"method": row, "seed": seed, "settings": settings, "epoch_seconds": _mean_epoch_seconds(folder),
-              "steps": trainer.global_step, "images": trainer.global_step * cfg.batch_size,
-              "teacher_rows": 0 if trainer.teacher is None else trainer.teacher.teacher_rows,
-              "train_seconds": train_seconds, **figures}
-    write_json(record, record_path)
-    print(f"[bench celeba] {row} seed {seed}: accuracy {number(record['accuracy'])}, TPR@1e-3 "
-          f"{number(record['tpr@1e-3'])}, cross TPR@1e-3 {number(record['cross_tpr@1e-3'])}, "
-          f"{record['epoch_seconds']:.1f}s/epoch", flush=True)
-    return record
+    args: argparse.Namespace
+    paths: dict
+    caches: dict
+    data: dict
+    teacher: _Embeddings
+    num_classes: int
+
+    def train(self, row: str, seed: int, epochs: int | None = None, root: str | None = None) -> dict:
+        """Train (or reuse) one student of `row` at a budget of `epochs` (default --epochs), its run folder under
+        `root` (default --out); returns its result record."""
+        from kd_plugin.run.config import resolve
+        from kd_plugin.export import export_onnx
+        from kd_plugin.run.train import Trainer
+
+        args, epochs = self.args, self.args.epochs if epochs is None else epochs
+        folder = run_folder(root or args.out, row, seed)
+        record_path = os.path.join(folder, "result.json")
+        settings = _settings(args, self.paths, row, epochs)
+        if not args.fresh and os.path.isfile(record_path) and \
+                os.path.isfile(os.path.join(folder, "val_embeddings.npy")):
+            with open(record_path, encoding="utf-8") as f:
+                record = json.load(f)
+            if record.get("settings") == settings:
+                print(f"[bench celeba] {row} seed {seed}: reusing {record_path}", flush=True)
+                return record
+        shutil.rmtree(folder, ignore_errors=True)
+        cfg = resolve(_config(args, self.paths, row, seed, folder, self.caches, self.num_classes, epochs))
+        print(f"[bench celeba] training {row} seed {seed}: {cfg.network}, {cfg.num_epoch} epochs, batch "
+              f"{cfg.batch_size}, lr {cfg.lr}", flush=True)
+        trainer = Trainer(cfg)
+        start = time.perf_counter()
+        trainer.run()
+        train_seconds = time.perf_counter() - start
+        embeddings = _Embeddings.of(trainer.student_embedder(), self.data)
+        figures = embeddings.figures(self.data, self.teacher)
+        np.save(os.path.join(folder, "val_embeddings.npy"), embeddings.val.astype(np.float32))
+        export_onnx(trainer.student.eval(), os.path.join(folder, "model.onnx"), trainer.student_norm)
+        record = {"method": row, "seed": seed, "settings": settings, "epoch_seconds": _mean_epoch_seconds(folder),
+                  "steps": trainer.global_step, "images": trainer.global_step * cfg.batch_size,
+                  "teacher_rows": 0 if trainer.teacher is None else trainer.teacher.teacher_rows,
+                  "train_seconds": train_seconds, **figures}
+        write_json(record, record_path)
+        print(f"[bench celeba] {row} seed {seed}: accuracy {number(record['accuracy'])}, TPR@1e-3 "
+              f"{number(record['tpr@1e-3'])}, cross TPR@1e-3 {number(record['cross_tpr@1e-3'])}, "
+              f"{record['epoch_seconds']:.1f}s/epoch", flush=True)
+        return record
 
 
 def _mean_epoch_seconds(folder: str) -> float:
@@ -276,10 +296,8 @@ def run(args) -> dict:
     teacher_figures = teacher_emb.figures(data, None)
     print(f"[bench celeba] teacher: accuracy {number(teacher_figures['accuracy'])}, TPR@1e-2 "
           f"{number(teacher_figures['tpr@1e-2'])}, TPR@1e-3 {number(teacher_figures['tpr@1e-3'])}", flush=True)
-    def train(row, seed, at=args, root=None):
-        return _train_one(at, paths, row, seed, caches, data, teacher_emb, num_classes, root)
-
-    records = [train(row, 0) for row in rows]
+    runner = _Runner(args, paths, caches, data, teacher_emb, num_classes)
+    records = [runner.train(row, 0) for row in rows]
     if args.seeds > 1:
         again = seeded_rows(rows)
         others = [r for r in records if r["method"] not in again]
@@ -287,7 +305,7 @@ def run(args) -> dict:
             again.append(max(others, key=lambda r: r["tpr@1e-3"] or 0.0)["method"])
         print(f"[bench celeba] seeds 1..{args.seeds - 1} for {', '.join(again)}", flush=True)
         for seed in range(1, args.seeds):
-            records += [train(row, seed) for row in rows if row in again]
+            records += [runner.train(row, seed) for row in rows if row in again]
     intervals = bootstrap_intervals(args.out, records, data["val_labels"], args.resamples)
     summary = summarise(records, teacher_figures, rows, intervals)
     settings = _settings(args, paths)
@@ -300,20 +318,18 @@ def run(args) -> dict:
         f.write(markdown_table(summary, summary["settings"]))
     plot(records, teacher_figures, os.path.join(args.out, "tpr_fpr.png"))
     if args.budgets:
-        summary["budget"] = _budget_curve(args, rows, records, intervals, train, teacher_figures["tpr@1e-3"],
-                                          data["val_labels"])
+        summary["budget"] = _budget_curve(runner, rows, records, intervals, teacher_figures["tpr@1e-3"])
     return summary
 
 
-def _budget_curve(args, rows: list[str], records: list[dict], table_intervals: dict, train, teacher_tpr: float,
-                  val_labels: np.ndarray) -> dict:
+def _budget_curve(runner: _Runner, rows: list[str], records: list[dict], table_intervals: dict,
+                  teacher_tpr: float) -> dict:
     """The rows again at each budget of --budgets (seed 0; the table's own budget reuses its records and intervals,
     every seed), each budget's runs under `<out>/epochs<E>/` with their intervals against that budget's student;
     writes budget.json, budget.md and budget.png."""
-    import copy
-
     from kd_plugin.benchmarks import budget
 
+    args, val_labels = runner.args, runner.data["val_labels"]
     curve_rows = args.budget_methods or rows
     by_budget, intervals = {}, {}
     for epochs in args.budgets:
@@ -321,11 +337,9 @@ def _budget_curve(args, rows: list[str], records: list[dict], table_intervals: d
             by_budget[epochs] = [r for r in records if r["method"] in curve_rows]
             intervals[epochs] = table_intervals
             continue
-        at = copy.copy(args)
-        at.epochs = epochs
         print(f"[bench celeba] budget {epochs} epochs: {', '.join(curve_rows)}", flush=True)
         root = os.path.join(args.out, f"epochs{epochs}")
-        by_budget[epochs] = [train(row, 0, at, root) for row in curve_rows]
+        by_budget[epochs] = [runner.train(row, 0, epochs, root) for row in curve_rows]
         intervals[epochs] = bootstrap_intervals(root, by_budget[epochs], val_labels, args.resamples)
     result = budget.curve(by_budget, teacher_tpr, intervals)
     write_json(result, os.path.join(args.out, "budget.json"), indent=1)
