@@ -4,7 +4,7 @@ Four configurations of `kd-plugin train`'s Trainer on the same synthetic faces, 
 turn (one step of each, round after round, so that they share the machine's state): the student alone (margin head,
 no teacher), a cached teacher (`kd.cache`), an online torch teacher (`mbf:backbone.pth`) and the same network
 exported to ONNX by `kd-plugin export` and run online. The teacher configurations add the cosine term. Each step is
-split into the parts the step marks (kd_plugin.run.parts): loader wait, teacher, student forward, backward, head, each
+split into the parts the step marks (kd_plugin.step_parts): loader wait, teacher, student forward, backward, head, each
 term, optimizer; `seconds` is the median wall time of a whole step (loader wait included) over `--steps` steps after
 `--warmup`. `host_syncs` counts the calls
 that wait for the device (kd_plugin.host_syncs) per step, over the steps and one logging read.
@@ -63,7 +63,7 @@ def _config(name: str, made: dict, out: str, args) -> dict:
 def run(args) -> dict:
     from kd_plugin.run.config import resolve
     from kd_plugin.host_syncs import count_host_syncs
-    from kd_plugin.run.parts import PartClock
+    from kd_plugin.step_parts import PartClock
     from kd_plugin.run.train import Trainer
 
     device = torch.device(args.device)
@@ -77,7 +77,7 @@ def run(args) -> dict:
         if trainer.device != device:
             raise SystemExit(f"kd-plugin bench step: --device {device} but the trainer picked {trainer.device}")
         clock = PartClock(device)
-        trainer.time_parts(clock)  # the step's own part marks (kd_plugin.run.parts)
+        trainer.time_parts(clock)  # the step's own part marks (kd_plugin.step_parts)
         trainer.sampler.set_epoch(0)
         runs[name] = {"trainer": trainer, "clock": clock, "batches": iter(trainer.loader),
                       "seconds": [], "parts": defaultdict(list), "syncs": 0}

@@ -15,7 +15,7 @@ from kd_plugin.data.sampler import random_part_rows
 from kd_plugin.distributed import gather_no_grad, gather_sizes, replicated_loss
 from kd_plugin.embeddings import check_same_dims
 from kd_plugin.methods.heads import PartialFCHead
-from kd_plugin.run.parts import NO_PARTS
+from kd_plugin.step_parts import NO_PARTS
 
 
 class KDObjective(nn.Module):
@@ -42,7 +42,7 @@ class KDObjective(nn.Module):
         # kd.views.mixed_labels = "mix": forward takes `mix` (each row's partner label and lam) and the head's loss of
         # a mixed row is lam x its own identity's plus (1 - lam) x its partner's
         self.mixed_labels = bool(mixed_labels)
-        self.parts = NO_PARTS  # the step's parts a caller may time (kd_plugin.run.parts): "head", "term_<name>"
+        self.parts = NO_PARTS  # the step's parts a caller may time (kd_plugin.step_parts): "head", "term_<name>"
 
     def forward(self, local_student: torch.Tensor, local_labels: torch.Tensor,
                 local_teacher: torch.Tensor | None = None, sizes: list[int] | None = None,

@@ -18,7 +18,7 @@ import torch
 
 from kd_plugin.data.batches import Batch
 from kd_plugin.distributed import get_world_size, scale_grad
-from kd_plugin.run.parts import NO_PARTS
+from kd_plugin.step_parts import NO_PARTS
 from kd_plugin.training_log import RunLog, StepLog
 
 
@@ -30,7 +30,7 @@ class KDStep:
         self.objective, self.teacher, self.records = objective, teacher, records
         self.world = get_world_size()
         self.log = StepLog(device)
-        self.parts = NO_PARTS  # the step's parts a caller may time (kd_plugin.run.parts): "teacher"
+        self.parts = NO_PARTS  # the step's parts a caller may time (kd_plugin.step_parts): "teacher"
 
     def switch_teacher(self, epoch: int, step: int) -> None:
         """Multi-step KD: the teacher of `epoch`, loaded (on every rank) and logged (rank 0) when it changes."""

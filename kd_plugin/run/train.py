@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kd_plugin.atomic import save_torch
 from kd_plugin.run.build import build_dataset, build_loader, build_objective, build_sampler, build_teacher
-from kd_plugin.run.parts import NO_PARTS
+from kd_plugin.step_parts import NO_PARTS
 from kd_plugin.run.config import check_against_data, check_trainer_keys, load_config
 from kd_plugin.data.batches import Batch
 from kd_plugin.distributed import (get_rank, get_world_size, init_from_env, is_distributed, scale_grad,
@@ -179,7 +179,7 @@ class Trainer:
         return stats, loss
 
     def time_parts(self, parts) -> None:
-        """Time the parts of every step with `parts` (a kd_plugin.run.parts.PartClock; NO_PARTS: not timed, the
+        """Time the parts of every step with `parts` (a kd_plugin.step_parts.PartClock; NO_PARTS: not timed, the
         default): the student's forward, backward and optimizer here, the teacher in the KD step, the head and each
         term in the objective."""
         self.parts = self.kd.parts = self.objective.parts = parts
