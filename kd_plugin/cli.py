@@ -294,13 +294,13 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 def _run_export(args: argparse.Namespace) -> int:
     from kd_plugin.export import export_from_config, export_onnx
-    from kd_plugin.teachers import build_network, parse_model_spec
+    from kd_plugin.networks import build_network, network_family, parse_network_spec
 
     if args.model.endswith(".py"):
         result = export_from_config(args.model, args.out, args.checkpoint, args.opset, args.format)
     else:
-        spec = parse_model_spec(args.model)
-        if spec.kind == "onnx" or spec.checkpoint is None:
+        spec = parse_network_spec(args.model) if network_family(args.model) else None
+        if spec is None or spec.checkpoint is None:
             raise KDPluginError(f"kd-plugin export {args.model}: expected a training config (.py) or "
                                 f"NETWORK:CHECKPOINT, e.g. mbf:work_dirs/job/model.pt")
         if not args.out:

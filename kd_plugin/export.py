@@ -142,7 +142,7 @@ def export_from_config(config_path: str, out: str | None = None, checkpoint: str
                        opset: int = 17, input_format: str = "insightface") -> dict:
     """Export the student of a training config: its network, `<output>/model.pt` and its `kd.student_mean/std`."""
     from kd_plugin.run.config import load_config
-    from kd_plugin.teachers import build_network
+    from kd_plugin.networks import build_network
 
     cfg = load_config(config_path)
     checkpoint = checkpoint or os.path.join(cfg.output, "model.pt")

@@ -10,7 +10,8 @@ from conftest import shared
 from kd_plugin.errors import KDPluginError
 from kd_plugin.networks import create_network
 from kd_plugin.normalization import IMAGENET_MEAN, IMAGENET_STD, InputNormalization
-from kd_plugin.teachers import build_network, load_embedder, parse_model_spec
+from kd_plugin.networks import build_network
+from kd_plugin.teachers import load_embedder, parse_model_spec
 from kd_plugin.teachers.onnx_embedder import insightface_normalization
 
 
@@ -25,6 +26,19 @@ def test_parse_specs():
     assert str(parse_model_spec("timm:resnet18:x.pth")) == "timm:resnet18:x.pth"
     with pytest.raises(KDPluginError, match="unknown network 'r101'.*r18"):
         parse_model_spec("r101:x.pth")
+
+
+def test_students_are_built_by_networks_and_a_teacher_only_spec_is_refused():
+    from kd_plugin.networks import network_family, parse_network_spec
+
+    for text in ("r100:work_dirs/ms1mv3_r100/model.pt", "mbf", "timm:resnet18:x.pth"):
+        network, model = parse_network_spec(text), parse_model_spec(text)
+        assert str(network) == str(model) == text
+        assert (network.family, network.name, network.checkpoint) == (model.kind, model.name, model.checkpoint)
+    assert network_family("packs/buffalo_l/w600k_r50.onnx") is None and network_family("r101:x.pth") is None
+    with pytest.raises(KDPluginError, match="builds no network 'packs/w600k_r50.onnx'.*can teach a student but "
+                                            "cannot be trained"):
+        build_network("packs/w600k_r50.onnx")
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from kd_plugin.methods.heads import CombinedMarginLoss, PartialFCHead
 from kd_plugin.normalization import IMAGENET_MEAN, IMAGENET_STD, InputNormalization
 from kd_plugin.centres.estimate import estimate_centres
 from kd_plugin.teachers import build_cache, load_cache, load_embedder, read_classifier, save_classifier
-from kd_plugin.teachers.checkpoints import safe_torch_load
+from kd_plugin.checkpoints import safe_torch_load
 from kd_plugin.teachers.torch_embedder import TorchEmbedder
 
 

@@ -71,3 +71,9 @@ def load_upstream_get_model(root: str | None = None) -> Callable[..., nn.Module]
                           stacklevel=2)
             return None
     return getattr(module, "get_model", None)
+
+
+# isort: split
+from kd_plugin.networks.build import NetworkSpec, build_network, network_family, parse_network_spec  # noqa: E402
+
+__all__ += ["NetworkSpec", "build_network", "network_family", "parse_network_spec"]

@@ -34,7 +34,7 @@ from kd_plugin.distributed import (get_rank, get_world_size, init_from_env, is_d
 from kd_plugin.errors import KDPluginError
 from kd_plugin.run.kd_step import KDStep
 from kd_plugin.normalization import InputNormalization
-from kd_plugin.teachers import build_network
+from kd_plugin.networks import build_network
 from kd_plugin.teachers.torch_embedder import TorchEmbedder
 from kd_plugin.training_log import LOG, RunLog, SpeedLine, training_log
 

@@ -1,9 +1,10 @@
 """Teachers and other embedding models (Embedders, kd_plugin.teachers.formats): their formats, classifier shards and
-cached embeddings. Centres estimated or fitted from a teacher are in kd_plugin.centres."""
+cached embeddings. The networks students and torch teachers are built from are in kd_plugin.networks; centres
+estimated or fitted from a teacher in kd_plugin.centres."""
 
 from kd_plugin.teachers.cache import TeacherCache, build_cache, load_cache
 from kd_plugin.teachers.classifier import read_classifier, save_classifier
-from kd_plugin.teachers.spec import build_network, load_embedder, parse_model_spec
+from kd_plugin.teachers.spec import load_embedder, parse_model_spec
 
 __all__ = ["TeacherCache", "build_cache", "load_cache", "read_classifier",
-           "save_classifier", "build_network", "load_embedder", "parse_model_spec"]
+           "save_classifier", "load_embedder", "parse_model_spec"]

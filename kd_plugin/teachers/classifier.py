@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from kd_plugin.atomic import save_torch, write_json
 from kd_plugin.errors import KDPluginError
-from kd_plugin.teachers.checkpoints import mapped_torch_load, safe_torch_load
+from kd_plugin.checkpoints import mapped_torch_load, safe_torch_load
 
 
 class ClassSlice(NamedTuple):

@@ -76,16 +76,15 @@ def plain_text(spec: ModelSpec) -> str:
 class TeacherFormat:
     """One registered format. `claims(spec string)`: whether the string is this format's; `parse(spec string) ->
     ModelSpec`; `normalization(spec)`: the input convention of its models; `load(spec, normalization, *, device,
-    amp_dtype, batch_size, embedding_size, onnx_on_cpu) -> Embedder` (a frozen teacher); `network(spec,
-    embedding_size, fp16, dropout, own_definition) -> nn.Module` when its models can be built as trainable torch
-    modules (students), else None; `text(spec)`: the spec string back; `describe`: how errors name it."""
+    amp_dtype, batch_size, embedding_size, onnx_on_cpu) -> Embedder` (a frozen teacher); `text(spec)`: the spec
+    string back; `describe`: how errors name it. A format makes teachers only: the networks a student trains are
+    declared in kd_plugin.networks (`register_network`)."""
 
     name: str
     claims: Callable[[str], bool]
     parse: Callable[[str], ModelSpec]
     normalization: Callable[[ModelSpec], InputNormalization]
     load: Callable[..., Embedder]
-    network: Callable[..., torch.nn.Module] | None
     text: Callable[[ModelSpec], str]
     describe: str
     origin: str
@@ -97,7 +96,6 @@ _FORMATS: dict[str, TeacherFormat] = {}
 def register_teacher_format(name: str, *, claims: Callable[[str], bool], load: Callable[..., Embedder],
                             normalization: Callable[[ModelSpec], InputNormalization],
                             parse: Callable[[str], ModelSpec] | None = None,
-                            network: Callable[..., torch.nn.Module] | None = None,
                             text: Callable[[ModelSpec], str] | None = None, describe: str = "") -> None:
     """Declare a teacher format (see the module docstring). `parse` defaults to `<name>[:<checkpoint>]` after
     an optional `<format name>:` prefix; `text` to `<format name>:<name>[:<checkpoint>]`, which parses back."""
@@ -115,7 +113,7 @@ def register_teacher_format(name: str, *, claims: Callable[[str], bool], load: C
     def default_text(spec: ModelSpec) -> str:
         return f"{name}:{plain_text(spec)}"
 
-    _FORMATS[name] = TeacherFormat(name, claims, parse or default_parse, normalization, load, network,
+    _FORMATS[name] = TeacherFormat(name, claims, parse or default_parse, normalization, load,
                                    text or default_text, describe or f"'{name}:...'", origin)
 
 
