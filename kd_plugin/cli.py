@@ -274,6 +274,14 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check", add_help=False,
+                       help="the preflight before a long job: builds the run from its config, takes a few real steps "
+                            "and reports time, memory, host syncs, ETA and what fails (alone or under torchrun)")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="CONFIG and options (see kd-plugin check --help)")
+    p.set_defaults(func=lambda args: __import__("kd_plugin.check", fromlist=["main"]).main(args.rest))
+
+
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a student as ONNX for insightface's model_zoo (normalisation inside)")
     p.add_argument("model", help="a training config (.py: its network, <output>/model.pt, kd.student_mean/std) or a "
@@ -360,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "output folder (embeddings.npy + meta.json)", _run_cache)
     _add_methods(sub)
     _add_train(sub)
+    _add_check(sub)
     _add_export(sub)
     _add_demo(sub)
     _add_bench(sub)

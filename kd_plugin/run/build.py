@@ -83,13 +83,14 @@ def build_teacher(cfg, dataset, device: torch.device) -> TeacherFeed | None:
     return TeacherFeed(embedder, views=views)
 
 
-def build_head(cfg, dataset, feed: TeacherFeed | None) -> PartialFCHead:
-    """The classifier: the configured head method's (inherited centres, adaptive centres, ...) or trainable."""
+def build_head(cfg, dataset, feed: TeacherFeed | None, centres=None) -> PartialFCHead:
+    """The classifier: the configured head method's (inherited centres, adaptive centres, ...) or trainable.
+    `centres` (a ClassSlice of this rank's range): used instead of deriving them from the teacher (kd-plugin check's
+    stand-in, which measures the step without a teacher pass over the whole training set)."""
     kd, plan = cfg.kd, cfg.kd.plan
     if plan.head == "trainable":
         return trainable_head(cfg)
-    centres = None
-    if plan.centres:
+    if plan.centres and centres is None:
         centres = derived_centres(cfg, dataset, feed) if derives_centres(kd) else centre_settings(kd).centres
     return methods()[plan.head].build(cfg, centres)
 
@@ -100,12 +101,13 @@ def build_terms(cfg) -> dict:
             for name, weight in cfg.kd.plan.terms}
 
 
-def build_objective(cfg, dataset, feed: TeacherFeed | None, sampler: IdentityBalancedBatchSampler) -> KDObjective:
-    """The head plus the weighted terms; with `kd.margin_on_random_part`, the head's loss sees only the sampler's
-    random part of each rank's batch."""
+def build_objective(cfg, dataset, feed: TeacherFeed | None, sampler: IdentityBalancedBatchSampler,
+                    centres=None) -> KDObjective:
+    """The head (`centres`: see build_head) plus the weighted terms; with `kd.margin_on_random_part`, the head's loss
+    sees only the sampler's random part of each rank's batch."""
     random_rows = sampler.random_size if cfg.kd.margin_on_random_part else None
     plan = cfg.kd.plan
-    return KDObjective(build_head(cfg, dataset, feed), build_terms(cfg), cfg.kd.reference_gradient_scaling,
+    return KDObjective(build_head(cfg, dataset, feed, centres), build_terms(cfg), cfg.kd.reference_gradient_scaling,
                        random_rows, needs_teacher=plan.teacher, equal_dims=plan.equal_dims,
                        unlabeled_rows=cfg.kd.unlabeled.per_batch > 0 or (cfg.kd.views.enabled and
                                                                           cfg.kd.views.mixup > 0),

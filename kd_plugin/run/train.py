@@ -54,9 +54,10 @@ def poly_warmup_factor(step: int, warmup: int, total: int) -> float:
 
 
 class Trainer:
-    """Builds everything from a resolved config; `run()` trains."""
+    """Builds everything from a resolved config; `run()` trains. `centres`: inherited centres to use instead of
+    deriving them (kd_plugin.run.build.build_head; kd-plugin check's stand-in)."""
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, centres=None) -> None:
         check_trainer_keys(cfg)
         init_from_env()
         self.cfg, kd = cfg, cfg.kd
@@ -75,7 +76,7 @@ class Trainer:
         self.teacher = build_teacher(cfg, self.dataset, self.device)
         self.loader = build_loader(cfg, self.dataset, self.sampler, pin_memory=self.device.type == "cuda",
                                    feed=self.teacher)
-        self.objective = build_objective(cfg, self.dataset, self.teacher, self.sampler).to(self.device)
+        self.objective = build_objective(cfg, self.dataset, self.teacher, self.sampler, centres).to(self.device)
         self._records = RunLog(cfg.output, self.rank, "train")
         self.kd = KDStep(self.objective, self.teacher, self._records, self.device)  # shared with the hook
         self.parts = NO_PARTS  # the step's parts, timed only when a caller asks (time_parts)

@@ -39,6 +39,7 @@ class Embedder:
 
     spec: str = ""
     normalization: InputNormalization | None = None
+    check_error: float | None = None  # what `check` measured against its reference (relative), when it compares
 
     def embed(self, images):
         """Raw (not L2-normalised) float32 embeddings of uint8 RGB images: numpy in, numpy out; a tensor in, a tensor

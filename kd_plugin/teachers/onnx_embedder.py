@@ -16,7 +16,8 @@ from kd_plugin.teachers.torch_embedder import TorchEmbedder
 
 CHECK_IMAGES = 4  # real images compared with onnxruntime, once per file and process
 CHECK_TOLERANCE = 1e-4  # max |torch - onnxruntime| / max |onnxruntime|, in fp32
-_CHECKED: set = set()  # (path, size, mtime) of the files whose torch module matched onnxruntime in this process
+# (path, size, mtime) -> relative error, of the files whose torch module matched onnxruntime in this process
+_CHECKED: dict = {}
 
 
 class OnnxEmbedder(Embedder):
@@ -96,6 +97,7 @@ class CheckedOnnxModule(TorchEmbedder):
         returns them), unless this file was checked before in this process; the run builds its teacher with this call,
         so no step runs it."""
         if self._key in _CHECKED:
+            self.check_error = _CHECKED[self._key]
             return
         images = (images() if callable(images) else images)[:CHECK_IMAGES]
         reference = OnnxEmbedder(self.path, self.normalization, batch_size=CHECK_IMAGES)
@@ -112,7 +114,7 @@ class CheckedOnnxModule(TorchEmbedder):
                 f"{self.path}: converted to torch, it differs from onnxruntime by {error:.2e} (relative, on "
                 f"{len(sample)} of the run's images; allowed {CHECK_TOLERANCE:g}). Cache the teacher instead: "
                 f"`kd-plugin cache --teacher {self.path} ...` on the training machine, then config.kd.cache")
-        _CHECKED.add(self._key)
+        _CHECKED[self._key] = self.check_error = error  # kd-plugin check prints it
 
 
 def load_onnx_embedder(path: str, normalization: InputNormalization, device: str | torch.device = "cpu",

@@ -256,6 +256,16 @@ class OnnxGraphModule(nn.Module):
                     if name in self.slots:
                         self.host_values[name] = getattr(self, self.slots.pop(name))
         self.host_values = {name: _on_host(value) for name, value in self.host_values.items()}
+        # each value is dropped after the last step that reads it (an unread one right away): a forward holds the live
+        # values only, not every activation of the graph until it returns
+        last_read = {name: i for i, (_, _, names, _) in enumerate(self.steps) for name in names}
+        self.release: list[list[str]] = [[] for _ in self.steps]
+        for i, (_, _, _, outputs) in enumerate(self.steps):
+            if outputs[0] not in last_read and outputs[0] != self.output_name:
+                self.release[i].append(outputs[0])
+        for name, i in last_read.items():
+            if name != self.output_name:
+                self.release[i].append(name)
 
     def _run(self, node, attrs, values):
         while values and values[-1] is None:
@@ -273,7 +283,7 @@ class OnnxGraphModule(nn.Module):
         if x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         values = {self.input_name: x}
-        for node, attrs, names, outputs in self.steps:
+        for (node, attrs, names, outputs), release in zip(self.steps, self.release):
             args = []
             for name in names:
                 if name == "":
@@ -285,6 +295,8 @@ class OnnxGraphModule(nn.Module):
                 else:
                     args.append(self.host_values[name])
             values[outputs[0]] = self._run(node, attrs, args)
+            for name in release:
+                values.pop(name, None)
         return values[self.output_name]
 
 
