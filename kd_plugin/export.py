@@ -21,6 +21,7 @@ from torch import nn
 
 from kd_plugin.atomic import replacing
 from kd_plugin.errors import KDPluginError
+from kd_plugin.extras import import_extra
 from kd_plugin.normalization import InputNormalization
 
 INPUT_DOCS = {"uint8": "uint8 RGB images (N, 3, H, W), pixel values 0..255; the normalisation is inside the graph",
@@ -94,7 +95,8 @@ def export_onnx(network: nn.Module, path: str, normalization: InputNormalization
                 input_format: str = "insightface") -> dict:
     """Write `network` as ONNX to `path` (atomically) and check it against torch; returns what was written."""
     import onnx
-    import onnxruntime as ort
+
+    ort = import_extra("onnxruntime", "kd-plugin export (it checks the written file against torch)")
 
     if input_format not in FORMATS:
         raise KDPluginError(f"export format {input_format!r}: expected one of {', '.join(FORMATS)}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from kd_plugin.benchmarks.celeba_report import gap_closed, mean_of, number
+from kd_plugin.extras import import_extra
 
 
 def parse_budgets(text: str) -> list[int]:
@@ -78,8 +79,7 @@ def markdown(result: dict) -> str:
 
 def plot(result: dict, path: str) -> None:
     """Gap closed (left) and TPR@1e-3 (right) against image presentations, one line per row."""
-    import matplotlib
-
+    matplotlib = import_extra("matplotlib", "the benchmark's plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

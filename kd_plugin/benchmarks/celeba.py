@@ -42,6 +42,7 @@ from kd_plugin.benchmarks.celeba_rows import (FULL, QUICK, VARIANTS, method_plan
                                               seeded_rows)
 from kd_plugin.run.config import KD_SETTINGS
 from kd_plugin.errors import KDPluginError
+from kd_plugin.extras import import_extra
 from kd_plugin.evaluation import all_pairs_tpr, bin_accuracy, embed_images, fpr_key
 from kd_plugin.normalization import IMAGENET_MEAN, IMAGENET_STD
 
@@ -420,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import_extra("matplotlib", "kd-plugin bench celeba (its plots, drawn at the end)")  # before hours of training
     args.methods = args.methods or list(QUICK if args.quick else FULL)
     if "all" in args.methods:
         args.methods = [m for m in args.methods if m != "all"] + list(registry_rows())

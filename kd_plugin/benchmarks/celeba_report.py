@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 
 from kd_plugin.benchmarks.celeba_rows import run_folder
+from kd_plugin.extras import import_extra
 
 FIGURES = ("accuracy", "tpr@1e-2", "tpr@1e-3", "cross_tpr@1e-3", "epoch_seconds")
 
@@ -147,8 +148,7 @@ def _views_note(views: dict | None) -> str:
 
 def plot(records: list[dict], teacher: dict, path: str) -> None:
     """TPR against FPR (log scale) per method, the mean over seeds, with the teacher dashed."""
-    import matplotlib
-
+    matplotlib = import_extra("matplotlib", "the benchmark's plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from kd_plugin.errors import KDPluginError
+from kd_plugin.extras import import_extra
 from kd_plugin.normalization import InputNormalization
 from kd_plugin.teachers.formats import Embedder
 from kd_plugin.teachers.torch_embedder import TorchEmbedder
@@ -25,7 +26,7 @@ class OnnxEmbedder(Embedder):
 
     def __init__(self, path: str, normalization: InputNormalization | None = None, batch_size: int = 64,
                  threads: int | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> None:
-        import onnxruntime as ort  # imported here: only ONNX users pay for it
+        ort = import_extra("onnxruntime", f"the ONNX teacher {path}")  # imported here: only ONNX users pay
 
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
@@ -139,7 +140,7 @@ def load_onnx_embedder(path: str, normalization: InputNormalization, device: str
     if device.type == "cpu":
         warnings.warn(f"{reason}; the teacher runs with onnxruntime on the CPU", stacklevel=2)
         return OnnxEmbedder(path, normalization, batch_size=batch_size)
-    import onnxruntime as ort
+    ort = import_extra("onnxruntime", f"the ONNX teacher {path}")
     if "CUDAExecutionProvider" in ort.get_available_providers():
         warnings.warn(f"{reason}; the teacher runs with onnxruntime's CUDA provider (each batch crosses the host)",
                       stacklevel=2)
