@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import configparser
 import os
+import shutil
 import subprocess
 import sys
 
@@ -55,3 +56,48 @@ def test_each_path_that_needs_one_names_its_extra(monkeypatch, tmp_path):
     with pytest.raises(MissingExtra, match=r"kd-plugin bench celeba \(its plots, drawn at the end\) needs matplotlib"):
         celeba.main(["--out", str(tmp_path / "bench")])  # before any training
     assert not (tmp_path / "bench").exists()
+
+
+def _stand_in_torch_wheel(folder) -> str:
+    """A metadata-only `torch 2.5.0` wheel: what pip sees of a user's own (CUDA) torch that meets the floor."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {"torch/__init__.py": "__version__ = '2.5.0'\n",
+             "torch-2.5.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: torch\nVersion: 2.5.0\n",
+             "torch-2.5.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: kd_plugin tests\nRoot-Is-Purelib: true\n"
+                                            "Tag: py3-none-any\n"}
+
+    def digest(text: str) -> str:
+        return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+    path = os.path.join(folder, "torch-2.5.0-py3-none-any.whl")
+    with zipfile.ZipFile(path, "w") as wheel:
+        for name, text in files.items():
+            wheel.writestr(name, text)
+        wheel.writestr("torch-2.5.0.dist-info/RECORD", "".join(f"{n},{digest(t)},{len(t.encode())}\n"
+                                                               for n, t in files.items())
+                       + "torch-2.5.0.dist-info/RECORD,,\n")
+    return path
+
+
+def test_installing_kd_plugin_keeps_the_torch_already_there(tmp_path):
+    """pip's plan for `pip install .[onnx]` into a venv that holds another torch meeting the floor: torch is kept."""
+    import json
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "install", _stand_in_torch_wheel(str(tmp_path))], check=True, capture_output=True)
+    source = tmp_path / "source"  # a copy: building the metadata writes into the source folder
+    shutil.copytree(os.path.join(ROOT, "kd_plugin"), source / "kd_plugin",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(ROOT, name), source / name)
+    report = tmp_path / "plan.json"
+    out = subprocess.run([*pip, "install", "--dry-run", "--report", str(report), f"{source}[onnx]"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    planned = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
+    assert "kd_plugin" in planned or "kd-plugin" in planned
+    assert "torch" not in planned and "onnxruntime" in planned, sorted(planned)
