@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -346,3 +347,68 @@ def test_the_hook_sums_its_figures_on_the_heads_device(monkeypatch, tmp_path):
     head.kd.log.add({"on_cpu": torch.tensor(2.0), "elsewhere": torch.tensor(1.0, device="meta")},
                     torch.tensor(3.0, device="meta"))
     assert {v.device.type for v in head.kd.log.sums.values()} == {"meta"}
+
+
+@pytest.mark.parametrize("save_all_states", [None, False, True], ids=["unset", "off", "on"])
+def test_the_hook_says_at_its_first_call_when_save_all_states_is_off(monkeypatch, tmp_path, caplog, save_all_states):
+    """arcface_torch's base.py leaves it False: no shards, no KD state on resume. The note reaches training.log."""
+    from test_train import TinyStudent, make_faces
+
+    fake = _fake_train_v2(monkeypatch, tmp_path / "train_v2.py")
+    torch.save(TinyStudent(16).state_dict(), tmp_path / "teacher.pth")
+    config = EasyDict(rec=str(make_faces(tmp_path / "faces")), num_classes=8, embedding_size=16, batch_size=6,
+                      num_image=0, output=str(tmp_path / "out"))
+    if save_all_states is not None:
+        config.save_all_states = save_all_states
+    distill(config, teacher=f"test_tiny:{tmp_path / 'teacher.pth'}", method="ekd",
+            sampler=dict(identities_per_batch=1, images_per_identity=2))
+    with caplog.at_level("WARNING", logger="kd_plugin"):
+        fake.get_dataloader(config.rec, 0, 6, seed=2048)
+    noted = [r.getMessage() for r in caplog.records if "save_all_states is False" in r.getMessage()]
+    assert len(noted) == (0 if save_all_states else 1)
+    if noted:
+        assert "no checkpoint_gpu_{rank}.pt" in noted[0] and "Set config.save_all_states = True" in noted[0]
+
+
+def test_the_hook_puts_kd_plugins_verification_in_place_of_upstreams_when_asked(monkeypatch, tmp_path, caplog):
+    """Upstream's verification fails on current scipy; the hook says so at the first call, and with
+    verifier='kd_plugin' train_v2's CallBackVerification is kd_plugin's, logging as upstream's does."""
+    import shutil
+
+    from test_train import TinyStudent, make_faces
+
+    from kd_plugin.run.hook_verification import KDPluginVerification, upstream_verification_fails
+
+    faces = make_faces(tmp_path / "faces")
+    shutil.copy(shared("celeba", "celeba_val.bin"), faces / "celeba_val.bin")  # train_v2 reads <rec>/<name>.bin
+    torch.save(TinyStudent(16).state_dict(), tmp_path / "teacher.pth")
+    for verifier in (None, "kd_plugin"):
+        fake = _fake_train_v2(monkeypatch, tmp_path / "train_v2.py")
+        fake.CallBackVerification = upstream = object()
+        config = EasyDict(rec=str(faces), num_classes=8, embedding_size=16, batch_size=6, num_image=0,
+                          val_targets=["celeba_val", "absent"], save_all_states=True,
+                          output=str(tmp_path / f"out_{verifier}"))
+        distill(config, teacher=f"test_tiny:{tmp_path / 'teacher.pth'}", method="ekd", verifier=verifier,
+                sampler=dict(identities_per_batch=1, images_per_identity=2))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="kd_plugin"):
+            fake.get_dataloader(config.rec, 0, 6, seed=2048)
+        warned = any("upstream's verification will fail" in r.getMessage() for r in caplog.records)
+        if verifier is None:
+            assert fake.CallBackVerification is upstream and warned == upstream_verification_fails()
+        else:
+            assert fake.CallBackVerification is KDPluginVerification and not warned
+    callback = fake.CallBackVerification(val_targets=config.val_targets, rec_prefix=config.rec)
+    assert [name for name, _ in callback.targets] == ["celeba_val"]  # absent targets skipped, as upstream skips them
+    with caplog.at_level("INFO", logger="kd_plugin"):
+        callback(10, TinyStudent(16))
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(re.fullmatch(r"\[celeba_val\]\[10\]Accuracy-Flip: 0\.\d{5}\+-0\.\d{5}", line) for line in lines)
+    assert any(line.startswith("[celeba_val][10]Accuracy-Highest: ") for line in lines)
+
+
+def test_an_unknown_verifier_is_refused(monkeypatch, tmp_path):
+    from kd_plugin.run.config import resolve
+
+    with pytest.raises(KDPluginError, match=r"config.kd.verifier = 'upstream_fixed': allowed: None"):
+        resolve(EasyDict(rec="x", num_classes=3, kd=dict(method="ekd", teacher="t.onnx", verifier="upstream_fixed")))

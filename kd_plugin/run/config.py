@@ -60,6 +60,10 @@ KD_SETTINGS = {
     "reference_gradient_scaling": False,
     "teacher_batch_size": 256,
     "teacher_amp": None,  # None (fp32), "float16" or "bfloat16": autocast for a torch teacher's forward
+    # under train_v2: None keeps upstream's CallBackVerification; "kd_plugin" puts kd_plugin's .bin verification in its
+    # place (upstream's calls scipy's interp1d on FARs with repeats, which current scipy refuses). kd-plugin train
+    # always verifies with kd_plugin's.
+    "verifier": None,
 }
 # what resolve() adds to config.kd: {term: weight}, the head method and the plan
 RESOLVED_KEYS = ("terms", "head", "plan")
@@ -313,6 +317,9 @@ def resolve(config: dict) -> EasyDict:
                     f"weights exist for {', '.join(n for n, m in catalogue().items() if m.kind == 'term')}): fix the "
                     f"name or add the term to kd.method")
     _check_plan(kd, plan)
+    if kd["verifier"] not in (None, "kd_plugin"):
+        raise _fail("kd.verifier", kd["verifier"], "allowed: None (under train_v2: upstream's verification) or "
+                                                   "'kd_plugin' (kd_plugin's in its place)")
     if kd["teacher_amp"] not in (None,) + AMP_DTYPES:
         raise _fail("kd.teacher_amp", kd["teacher_amp"], f"allowed: None (float32), {', '.join(AMP_DTYPES)}")
     _check_unlabeled(kd, plan)

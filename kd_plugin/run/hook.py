@@ -38,8 +38,26 @@ from kd_plugin.normalization import InputNormalization
 from kd_plugin.training_log import LOG, console_figures
 
 PATCHED_NAMES = ("get_dataloader", "get_model", "PartialFC_V2")
+# arcface_torch's configs/base.py has save_all_states = False, and a job config rarely sets it
+SAVE_ALL_STATES_OFF = (
+    "kd_plugin: config.save_all_states is False (arcface_torch's default): train_v2 then writes no "
+    "checkpoint_gpu_{rank}.pt, so this run leaves no classifier shards and resume=True cannot bring back its KD state "
+    "(the head's centres, EKD's thresholds and memory, the KD step count). Set config.save_all_states = True in the "
+    "job config")
 SUPPORTED = ("insightface's recognition/arcface_torch train_v2.py with PartialFC_V2 (checked against insightface "
              "commit 7fadd42, 2026-07)")
+
+
+def _prerequisite_notes(config, cfg) -> list[str]:
+    """What the job would lose or where it would stop, said at train_v2's first call: `config` as the job config sets
+    it (upstream's base.py fills the rest: save_all_states False), `cfg` resolved."""
+    from kd_plugin.run.hook_verification import VERIFICATION_WILL_FAIL, upstream_verification_fails
+
+    notes = [] if config.get("save_all_states", False) else [SAVE_ALL_STATES_OFF]
+    targets = [t for t in config.get("val_targets") or [] if os.path.isfile(os.path.join(str(cfg.rec), f"{t}.bin"))]
+    if targets and cfg.kd.verifier is None and upstream_verification_fails():  # upstream skips absent .bin files
+        notes.append(VERIFICATION_WILL_FAIL)
+    return notes
 
 
 class _Shared:
@@ -206,6 +224,13 @@ def distill(config, teacher: str | None = None, method: str = "proxyless", centr
     if missing:
         raise KDPluginError(f"kd_plugin.distill: {script} has no {missing[0]!r} to replace; the hook supports "
                             f"{SUPPORTED}. Update kd_plugin, or train with `kd-plugin train CONFIG` instead")
+    if block.get("verifier") == "kd_plugin":  # checked again by resolve (allowed values) at the first call
+        if "CallBackVerification" not in names:
+            raise KDPluginError(f"kd_plugin.distill: verifier='kd_plugin' but {script} has no CallBackVerification to "
+                                f"replace; the hook supports {SUPPORTED}")
+        from kd_plugin.run.hook_verification import KDPluginVerification
+
+        names["CallBackVerification"] = KDPluginVerification
     from kd_plugin.distributed import settle_at_exit
     settle_at_exit()  # train_v2 ends without destroy_process_group: gloo's threads settle before the interpreter ends
     if config.get("output") is None:  # what upstream's get_config does after importing this job config
@@ -229,6 +254,11 @@ def distill(config, teacher: str | None = None, method: str = "proxyless", centr
         if differs:
             raise KDPluginError(f"kd_plugin.distill: train_v2 asks for a loader with {differs}, the config says "
                                 f"{ {k: cfg[k] for k in differs} }; the hook supports {SUPPORTED}")
+        from kd_plugin.distributed import get_rank
+
+        if get_rank() == 0:  # at train_v2's first call, once its logging reaches training.log
+            for note in _prerequisite_notes(shared.config, cfg):
+                LOG.warning(note)
         return HookLoader(shared, torch.device("cuda", int(local_rank)), num_workers)
 
     def partial_fc(margin_loss, embedding_size, num_classes, sample_rate=1.0, fp16=False):
