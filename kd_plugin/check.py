@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from kd_plugin.embeddings import embedding_width
 from kd_plugin.errors import KDPluginError
 
-STAGES = ("config", "hook", "build", "steps")
 ONNX_BATCHES = 3  # measured batches an ONNX teacher is also compared with onnxruntime on
 
 
