@@ -278,8 +278,11 @@ def _cache_command(cfg) -> str:
     kd = cfg.kd
     flags = "".join(f" --{name} {value}" for name, value in (("mean", kd.teacher_mean), ("std", kd.teacher_std))
                     if value) + (" --bgr" if kd.teacher_bgr else "")
-    data = cfg.rec if isinstance(cfg.rec, str) else cfg.rec[0]
-    return f"kd-plugin cache --teacher {kd.teacher}{flags} --data {data} --out DIR, then config.kd.cache = DIR"
+    def listed(sets) -> str:  # config.rec and kd.unlabeled.data: one set or a list, as --data / --unlabeled take them
+        return " ".join(map(str, [sets] if isinstance(sets, (str, os.PathLike)) else sets))
+    unlabeled = f" --unlabeled {listed(kd.unlabeled.data)}" if kd.unlabeled.data else ""
+    return (f"kd-plugin cache --teacher {kd.teacher}{flags} --data {listed(cfg.rec)}{unlabeled} --out DIR, then "
+            f"config.kd.cache = DIR")
 
 
 def _job_report(trainer, measured: dict, source: str | None, stand_in: bool) -> dict:

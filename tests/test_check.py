@@ -126,3 +126,18 @@ def test_the_hook_line_and_the_train_v2_it_runs_under(tmp_path, needs_upstream_s
     (tmp_path / "train_v2.py").write_text("from backbones import get_model\n")  # beside configs/: found and read
     with pytest.raises(KDPluginError, match=r"train_v2.py: does not name get_dataloader, PartialFC_V2"):
         hook_report(str(config), None)
+
+
+def test_the_cache_line_names_every_training_set_and_the_unlabelled_faces():
+    from easydict import EasyDict
+
+    from kd_plugin.check import _cache_command
+
+    kd = EasyDict(teacher="t.onnx", teacher_mean=MEAN, teacher_std=STD, teacher_bgr=True,
+                  unlabeled=EasyDict(data=["u1", "u2"]))
+    assert _cache_command(EasyDict(rec=["a.rec", "b.rec"], kd=kd)) == (
+        f"kd-plugin cache --teacher t.onnx --mean {MEAN} --std {STD} --bgr --data a.rec b.rec --unlabeled u1 u2 "
+        f"--out DIR, then config.kd.cache = DIR")
+    kd.update(teacher_mean=None, teacher_std=None, teacher_bgr=False, unlabeled=EasyDict(data=None))
+    assert _cache_command(EasyDict(rec="a.rec", kd=kd)) == (
+        "kd-plugin cache --teacher t.onnx --data a.rec --out DIR, then config.kd.cache = DIR")
