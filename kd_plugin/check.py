@@ -25,6 +25,7 @@ passed, 1 when one failed. Cost: the build and `warmup + steps` steps, no reads 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -136,8 +137,9 @@ def _teacher_report(trainer) -> dict | None:
         return {"spec": trainer.cfg.kd.teacher, "cached": trainer.cfg.kd.cache, "device": None}
     embedder = feed.embedder
     module = getattr(embedder, "module", None)
-    params = next(iter(module.parameters()), None) if module is not None else None
-    device = str(params.device) if params is not None else str(getattr(embedder, "device", "cpu"))
+    # where its weights are (a converted ONNX graph holds them as buffers), not where it was asked to be
+    held = next(itertools.chain(module.parameters(), module.buffers()), None) if module is not None else None
+    device = str(held.device) if held is not None else str(getattr(embedder, "device", "cpu"))
     norm = embedder.normalization
     return {"spec": embedder.spec or trainer.cfg.kd.teacher, "cached": trainer.cfg.kd.cache or None,
             "device": device, "on_training_device": torch.device(device) == trainer.device,
@@ -165,9 +167,9 @@ def sync_budget(cfg) -> int:
     views = cfg.kd.views
     budget = PER_STEP_BUDGET["other step"]
     budget += PER_STEP_BUDGET["adadistill"] if cfg.kd.plan.head == "adadistill" else 0
-    budget += 1 if (cfg.sample_rate < 1 or cfg.kd.unlabeled.per_batch > 0
-                    or (views.enabled and views.mixup > 0)) else 0
-    budget += 1 if cfg.fp16 and cfg.amp_dtype == "float16" else 0
+    counted_rows = cfg.sample_rate < 1 or cfg.kd.unlabeled.per_batch > 0 or (views.enabled and views.mixup > 0)
+    budget += PER_STEP_BUDGET["counted rows"] if counted_rows else 0
+    budget += PER_STEP_BUDGET["grad scaler"] if cfg.fp16 and cfg.amp_dtype == "float16" else 0
     return budget
 
 
@@ -193,8 +195,7 @@ def _memory_model(trainer) -> dict:
     per_parameter = 3 if cfg.optimizer == "sgd" else 4  # weights, gradients, momentum (AdamW: two moments)
     student = sum(p.numel() * p.element_size() for p in trainer.student.parameters()) * per_parameter
     classifier = head.num_local * head.embedding_size * head.weight.element_size() * (3 if head.trainable else 1)
-    activations = activation_bytes_per_image(trainer.student) * int(cfg.batch_size)
-    trainer.student.train()
+    activations = activation_bytes_per_image(trainer.student) * int(cfg.batch_size)  # leaves it in train mode
     return {"classifier": int(classifier), "student_and_optimizer": int(student), "activations": int(activations),
             "total": int(classifier + student + activations)}
 

@@ -28,7 +28,8 @@ from collections.abc import Iterator
 
 import torch
 
-PER_STEP_BUDGET = {"logging step": 1, "other step": 0, "adadistill": 1}
+PER_STEP_BUDGET = {"logging step": 1, "other step": 0, "adadistill": 1, "counted rows": 1,
+                   "grad scaler": 1}  # the last: torch's own (fp16), counted by the spy on a CPU
 TENSOR_METHODS = ("item", "tolist", "cpu", "numpy", "nonzero", "__float__", "__int__", "__bool__", "__index__")
 
 
